@@ -1,0 +1,112 @@
+"""Config machinery: typed dotted overrides, validation errors that name the key, JSON round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+
+from fastllm import config as cfg
+
+
+@dataclass(frozen=True)
+class Inner:
+    theta: float = 10000.0
+    names: tuple[str, ...] = ("a", "b")
+
+    def __post_init__(self):
+        cfg.require(self.theta > 0, "theta", f"must be > 0, got {self.theta}")
+
+
+@dataclass(frozen=True)
+class Outer:
+    steps: int = 10
+    lr: float = 1e-3
+    flag: bool = False
+    name: str = "x"
+    mode: Literal["fast", "slow"] = "fast"
+    stage: Literal[0, 1, 2] = 0
+    window: Optional[int] = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    inner: Inner = field(default_factory=Inner)
+    extra: Optional[Inner] = None
+
+
+def test_overrides_parse_by_field_type():
+    out = cfg.apply_overrides(Outer(), [
+        "steps=1e3", "lr=3e-4", "flag=true", "name=hello=world", "mode=slow", "stage=2",
+        "window=128", "betas=0.8,0.99", "inner.theta=5e5", "inner.names=[p, q, r]",
+    ])
+    assert out.steps == 1000 and isinstance(out.steps, int)
+    assert out.lr == 3e-4 and out.flag is True and out.name == "hello=world"
+    assert out.mode == "slow" and out.stage == 2 and out.window == 128
+    assert out.betas == (0.8, 0.99) and out.inner == Inner(5e5, ("p", "q", "r"))
+    assert cfg.apply_overrides(out, ["window=none"]).window is None
+
+
+def test_optional_section_comes_alive_when_a_field_is_set():
+    out = cfg.apply_overrides(Outer(), ["extra.theta=2"])
+    assert out.extra == Inner(theta=2.0)
+    assert cfg.apply_overrides(out, ["extra=null"]).extra is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("stepz=1", "unknown config key 'stepz'"),
+    ("inner.thta=1", "unknown config key 'inner.thta'"),
+    ("steps.sub=1", "'steps' is a value, not a section"),
+    ("steps=ten", "bad value for steps='ten'"),
+    ("steps=1.5", "expected an integer"),
+    ("flag=maybe", "expected a boolean"),
+    ("mode=medium", "must be one of \\['fast', 'slow'\\]"),
+    ("stage=3", "bad value for stage"),
+    ("betas=0.9", "expected 2 comma-separated values"),
+    ("inner=3", "is a section"),
+    ("inner.theta=-1", "invalid inner.theta='-1': theta: must be > 0"),
+    ("steps", "must look like key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.apply_overrides(Outer(), [override])
+
+
+def test_json_round_trip_and_unknown_keys():
+    original = cfg.apply_overrides(Outer(), ["extra.theta=3", "window=7"])
+    data = json.loads(json.dumps(cfg.to_dict(original)))
+    assert cfg.from_dict(Outer, data) == original
+    with pytest.raises(cfg.ConfigError, match="unknown config key 'inner.bogus'"):
+        cfg.from_dict(Outer, {"inner": {"bogus": 1}})
+
+
+def test_partial_merge_keeps_unset_fields():
+    partial_cls = dataclasses.make_dataclass("P", cfg.partial_fields(Outer), frozen=True)
+    partial = cfg.apply_overrides(partial_cls(), ["steps=5", "inner.theta=7"])
+    merged = cfg.merge_partial(Outer(name="base", inner=Inner(names=("z",))), partial)
+    assert merged.steps == 5 and merged.name == "base"
+    assert merged.inner == Inner(theta=7.0, names=("z",))
+
+
+def test_schema_lists_leaf_keys_with_defaults():
+    rows = {key: (tp, default) for key, tp, default in cfg.schema(Outer)}
+    assert rows["inner.theta"] == ("float", 10000.0)
+    assert rows["extra.theta"][1] == 10000.0
+    assert "inner" not in rows
+
+
+def test_load_recipe_from_file(tmp_path):
+    recipe = tmp_path / "my_recipe.py"
+    recipe.write_text(
+        "from dataclasses import dataclass\n"
+        "@dataclass(frozen=True)\n"
+        "class C:\n    steps: int = 1\n    name: str = 'r'\n"
+        "def config():\n    return C(steps=4)\n"
+    )
+    module, config = cfg.load_recipe(recipe, ["name=s"])
+    assert config.steps == 4 and config.name == "s" and hasattr(module, "config")
+    with pytest.raises(cfg.ConfigError, match="does not exist"):
+        cfg.load_recipe(tmp_path / "missing.py")
+    (tmp_path / "empty.py").write_text("x = 1\n")
+    with pytest.raises(cfg.ConfigError, match="must define a function config"):
+        cfg.load_recipe(tmp_path / "empty.py")
