@@ -78,7 +78,8 @@ class ModelConfig:
     mlp_bias: bool = False
     tie_embeddings: bool = False
     sliding_window: Optional[int] = None  # tokens a query may look back, itself included
-    sliding_window_layers: Optional[int] = None  # None: every layer; n: only layers < n (Qwen2)
+    # None: the window applies to every layer; n: only to layers i >= n (Qwen2's max_window_layers)
+    sliding_window_layers: Optional[int] = None
     moe: Optional[MoEConfig] = None
     init_std: float = 0.02
     family: str = "llama"  # which Hugging Face architecture save() writes

@@ -1,0 +1,134 @@
+"""Causal self-attention (Vaswani et al. 2017) with grouped-query heads (Ainslie et al. 2023).
+
+``n_kv_heads == n_heads`` is multi-head, ``1`` multi-query (Shazeer 2019), anything between is
+grouped-query: query head ``h`` reads key/value head ``h // (n_heads / n_kv_heads)``. Weights are
+3-D (``wq: [heads, head_dim, embed]``, ``wo: [embed, heads, head_dim]``) so sharding splits whole
+heads. The score is ``softmax(q k^T / sqrt(head_dim) + mask) v`` where key ``j`` is visible from
+query ``i`` iff ``j <= i``, ``i - j < window`` (sliding window, Mistral; the query itself counts)
+and both tokens share a segment id (packed documents). Everything the mask decides lives in
+:func:`dot_product_attention`, the one function a fused kernel replaces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from fastllm.nn import rotary
+from fastllm.nn.param import Param, normal, zeros
+
+__all__ = ["Attention", "params", "apply", "dot_product_attention", "mask"]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Shapes and options of one attention layer. ``out_std`` (default ``std``) inits ``wo``."""
+
+    embed_dim: int
+    n_heads: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    qkv_bias: bool = False
+    out_bias: bool = False
+    window: Optional[int] = None
+    std: float = 0.02
+    out_std: Optional[float] = None
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.embed_dim // self.n_heads)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+
+
+def params(layer: Attention) -> dict:
+    h, kv, d, e = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.embed_dim
+    out_std = layer.std if layer.out_std is None else layer.out_std
+    spec = {
+        "wq": Param((h, d, e), ("heads", "head_dim", "embed"), normal(layer.std)),
+        "wk": Param((kv, d, e), ("kv_heads", "head_dim", "embed"), normal(layer.std)),
+        "wv": Param((kv, d, e), ("kv_heads", "head_dim", "embed"), normal(layer.std)),
+        "wo": Param((e, h, d), ("embed", "heads", "head_dim"), normal(out_std)),
+    }
+    if layer.qkv_bias:
+        spec["bq"] = Param((h, d), ("heads", "head_dim"), zeros())
+        spec["bk"] = Param((kv, d), ("kv_heads", "head_dim"), zeros())
+        spec["bv"] = Param((kv, d), ("kv_heads", "head_dim"), zeros())
+    if layer.out_bias:
+        spec["bo"] = Param((e,), ("embed",), zeros())
+    return spec
+
+
+def mask(
+    seq_len: int,
+    *,
+    window: Optional[int] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    device: torch.device | str = "cpu",
+) -> Bool[Tensor, "#batch 1 seq seq"]:
+    """``True`` where query ``i`` may attend to key ``j``: causal, in window, same segment."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None, None]  # [1, 1, seq, seq]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq, seq]
+        allowed = allowed & same[:, None]
+    return allowed
+
+
+def dot_product_attention(
+    q: Float[Tensor, "batch heads seq head_dim"],
+    k: Float[Tensor, "batch kv_heads seq head_dim"],
+    v: Float[Tensor, "batch kv_heads seq head_dim"],
+    *,
+    window: Optional[int] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+) -> Float[Tensor, "batch heads seq head_dim"]:
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:
+        # Same head mapping as transformers' repeat_kv: kv head j serves query heads j*g..j*g+g-1.
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    if window is None and segment_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    allowed = mask(q.shape[2], window=window, segment_ids=segment_ids, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def _project_in(
+    x: Tensor, w: Tensor, b: Optional[Tensor]
+) -> Tensor:  # [batch, seq, embed] -> [batch, heads, seq, head_dim]
+    heads, head_dim, embed = w.shape
+    bias = None if b is None else b.reshape(heads * head_dim)
+    y = F.linear(x, w.reshape(heads * head_dim, embed), bias)
+    return y.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+
+def apply(
+    layer: Attention,
+    p: dict,
+    x: Float[Tensor, "batch seq embed"],
+    *,
+    rope: Optional[tuple[Tensor, Tensor]] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+) -> Float[Tensor, "batch seq embed"]:
+    """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`."""
+    q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]
+    k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
+    v = _project_in(x, p["wv"], p.get("bv"))
+    if rope is not None:
+        q, k = rotary.apply(q, *rope), rotary.apply(k, *rope)
+    out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids)
+    out = out.transpose(1, 2).flatten(2)  # [batch, seq, heads * head_dim]
+    wo = p["wo"]
+    return F.linear(out, wo.reshape(wo.shape[0], -1), p.get("bo"))

@@ -1,0 +1,59 @@
+"""The pre-norm decoder block (GPT-2, Radford et al. 2019; Llama, Touvron et al. 2023):
+
+    x = x + attention(norm(x))
+    x = x + mlp(norm(x))          # or a mixture of experts in place of the MLP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Union
+
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from fastllm.nn import attention, mlp, moe, norm
+from fastllm.nn.norm import NormKind
+
+__all__ = ["Block", "params", "apply"]
+
+
+@dataclass(frozen=True)
+class Block:
+    attention: attention.Attention
+    ffn: Union[mlp.MLP, moe.MoE]
+    norm: NormKind = "rmsnorm"
+    norm_eps: float = 1e-5
+
+    @property
+    def ffn_name(self) -> str:
+        return "moe" if isinstance(self.ffn, moe.MoE) else "mlp"
+
+
+def params(layer: Block) -> dict:
+    e = layer.attention.embed_dim
+    ffn = moe.params(layer.ffn) if layer.ffn_name == "moe" else mlp.params(layer.ffn)
+    return {
+        "attention_norm": norm.params(e, kind=layer.norm),
+        "attention": attention.params(layer.attention),
+        "mlp_norm": norm.params(e, kind=layer.norm),
+        layer.ffn_name: ffn,
+    }
+
+
+def apply(
+    layer: Block,
+    p: dict,
+    x: Float[Tensor, "batch seq embed"],
+    *,
+    rope: Optional[tuple[Tensor, Tensor]] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+) -> tuple[Float[Tensor, "batch seq embed"], Optional[Tensor]]:
+    """(new residual stream, router logits or ``None`` for a dense block)."""
+    h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps)
+    x = x + attention.apply(layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids)
+    h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps)
+    if layer.ffn_name == "moe":
+        out, router_logits = moe.apply(layer.ffn, p["moe"], h)
+        return x + out, router_logits
+    return x + mlp.apply(layer.ffn, p["mlp"], h), None
