@@ -1,0 +1,201 @@
+"""The training config: one frozen dataclass tree that a recipe builds and the Trainer runs.
+
+Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``, ``train``
+(steps, batch, precision, recomputation, logging/eval/checkpoint cadence), ``optim`` (AdamW and its
+schedule), ``mesh``/``zero`` (parallel layout) and ``sample`` (generation after training and the
+defaults of ``fastllm generate``). docs/config.md lists every key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from fastllm.config import merge_partial, partial_fields, require
+from fastllm.models.config import ModelConfig
+
+__all__ = [
+    "Config",
+    "RunConfig",
+    "ModelSection",
+    "DataSection",
+    "TrainSection",
+    "OptimSection",
+    "MeshSection",
+    "ZeroSection",
+    "SampleSection",
+    "resolve_model",
+]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = "runs/default"  # metrics.jsonl, checkpoints/, config.json and exports go here
+    seed: int = 0
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
+    resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
+    progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
+    export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
+
+    def __post_init__(self):
+        require(bool(self.dir), "run.dir", "must not be empty")
+        require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "run.device",
+                f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+def _model_section_post_init(self):
+    from fastllm import models  # models are heavy; import at validation time only
+
+    presets = getattr(models, "PRESETS", {})
+    require(self.preset in presets, "model.preset",
+            f"unknown preset {self.preset!r}; known presets: {', '.join(sorted(presets))}")
+    try:
+        resolve_model(self)
+    except ValueError as error:
+        raise ValueError(f"model.{error}") from None
+
+
+# ``model.preset`` names a preset; every other field of ModelConfig may be set on top of it and is
+# ``None`` ("keep the preset's value") by default.
+ModelSection = dataclasses.make_dataclass(
+    "ModelSection",
+    [("preset", str, field(default="tiny-llama"))] + partial_fields(ModelConfig),
+    frozen=True,
+    namespace={"__post_init__": _model_section_post_init, "__module__": __name__},
+)
+
+
+def resolve_model(section) -> ModelConfig:
+    """The ModelConfig a model section describes: the preset with the section's overrides on top."""
+    from fastllm import models
+
+    base = models.preset(section.preset)
+    names = [f.name for f in dataclasses.fields(section) if f.name != "preset"]
+    return merge_partial(base, section, names)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    seq_len: int = 256  # tokens per training sequence
+    train: str = ""  # prepared dataset (the output directory of `fastllm prepare`)
+    val: Optional[str] = None  # prepared validation dataset; None: no validation loss
+    tokenizer: Optional[str] = None  # tokenizer.json, used for samples and Hugging Face export
+
+    def __post_init__(self):
+        require(self.seq_len > 0, "data.seq_len", f"must be > 0, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    steps: int = 1000  # optimizer steps
+    micro_batch_size: int = 8  # sequences per forward/backward
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype; master weights stay fp32
+    remat: Literal["none", "block"] = "none"  # "block": recompute each block's activations in backward
+    grad_clip: Optional[float] = 1.0  # clip the global gradient norm; None: no clipping
+    loss_scale: float = 2.0**15  # fp16 only: initial dynamic loss scale
+    loss_scale_growth_interval: int = 2000  # fp16 only: good steps before the scale doubles
+    log_every: int = 10  # steps between lines of metrics.jsonl
+    eval_every: int = 0  # steps between validation losses; 0: only at the end (when data.val is set)
+    eval_batches: int = 8  # micro-batches per validation loss
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+
+    def __post_init__(self):
+        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches",
+                     "keep_checkpoints", "loss_scale_growth_interval"):
+            value = getattr(self, name)
+            require(value > 0, f"train.{name}", f"must be > 0, got {value}")
+        for name in ("eval_every", "checkpoint_every"):
+            value = getattr(self, name)
+            require(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
+        require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
+                f"must be > 0 or None, got {self.grad_clip}")
+        require(self.loss_scale > 0, "train.loss_scale", f"must be > 0, got {self.loss_scale}")
+
+    @property
+    def batch_size(self) -> int:
+        """Sequences per optimizer step."""
+        return self.micro_batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class OptimSection:
+    """AdamW (Loshchilov & Hutter 2019) with linear warmup then a decay schedule."""
+
+    lr: float = 3e-4  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (cosine, linear)
+
+    def __post_init__(self):
+        require(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        require(all(0 <= b < 1 for b in self.betas), "optim.betas", f"must be in [0, 1), got {self.betas}")
+        require(self.eps > 0, "optim.eps", f"must be > 0, got {self.eps}")
+        require(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        require(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class MeshSection:
+    """Process grid: data x tensor x pipe ranks (their product is the world size)."""
+
+    data: int = 1
+    tensor: int = 1
+    pipe: int = 1
+
+    def __post_init__(self):
+        for name in ("data", "tensor", "pipe"):
+            require(getattr(self, name) >= 1, f"mesh.{name}", f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def size(self) -> int:
+        return self.data * self.tensor * self.pipe
+
+
+@dataclass(frozen=True)
+class ZeroSection:
+    stage: Literal[0, 1, 2, 3] = 0  # shard optimizer state (1), + gradients (2), + parameters (3) over data
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    prompt: str = ""  # after training, print a sample continuing this prompt (needs data.tokenizer)
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+    def __post_init__(self):
+        require(self.max_new_tokens >= 0, "sample.max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
+        require(self.temperature >= 0, "sample.temperature", f"must be >= 0, got {self.temperature}")
+        require(self.top_k is None or self.top_k > 0, "sample.top_k", f"must be > 0, got {self.top_k}")
+        require(self.top_p is None or 0 < self.top_p <= 1, "sample.top_p", f"must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    mesh: MeshSection = field(default_factory=MeshSection)
+    zero: ZeroSection = field(default_factory=ZeroSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+
+    def __post_init__(self):
+        model = resolve_model(self.model)
+        require(self.data.seq_len <= model.max_seq_len, "data.seq_len",
+                f"{self.data.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        require(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
+                f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return resolve_model(self.model)
