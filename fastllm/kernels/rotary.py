@@ -1,0 +1,160 @@
+"""Rotary position embeddings (RoFormer, Su et al. 2021), "rotate_half" layout, q and k in one pass.
+
+With ``x = (x1, x2)`` the two halves of the first ``rot`` dims of a head and ``c = (c1, c2)``,
+``s = (s1, s2)`` the halves of cos/sin (transformers' layout repeats the angles, c1 == c2):
+
+    forward:   y1 = x1 c1 - x2 s1        y2 = x2 c2 + x1 s2
+    backward:  dx1 = dy1 c1 + dy2 s2     dx2 = dy2 c2 - dy1 s1     (the transposed rotation)
+
+so backward is the forward kernel with ``(s1, s2) -> (-s2, -s1)``. One program per token loads its
+cos/sin once and rotates every query and key head of that token (a ``[heads, rot/2]`` tile); dims
+past ``rot`` (partial rotary) pass through. Any strides work as long as the last dim is contiguous,
+so the ``[batch, heads, seq, head_dim]`` views out of the projections need no copy. ``cos``/``sin``
+are constants of the positions: they get no gradient.
+"""
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from fastllm.kernels import _triton
+from fastllm.kernels._triton import tl
+from fastllm.kernels.registry import Choice, resolve
+
+__all__ = ["apply_rotary", "apply_rotary_reference"]
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    rot = cos.shape[-1]
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    turned = x[..., :rot] * cos + _rotate_half(x[..., :rot]) * sin
+    return torch.cat((turned, x[..., rot:]), dim=-1) if rot < x.shape[-1] else turned
+
+
+def apply_rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+
+
+@_triton.jit
+def _rotate_heads(X, Y, c1, c2, s1, s2, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, s, half,
+                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ACC: tl.constexpr):
+    heads = tl.arange(0, BLOCK_H)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < n_heads) & (dims < half)
+    x_at = X + b * sx_b + s * sx_s + heads * sx_h + dims
+    y_at = Y + b * sy_b + s * sy_s + heads * sy_h + dims
+    x1 = tl.load(x_at, mask=mask, other=0.0).to(ACC)
+    x2 = tl.load(x_at + half, mask=mask, other=0.0).to(ACC)
+    tl.store(y_at, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=mask)
+    tl.store(y_at + half, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=mask)
+
+
+@_triton.jit
+def _rotary(Q, K, QO, KO, COS, SIN, seq, half, n_q, n_k,
+            sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
+            sc_b, sc_s, BACKWARD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
+            BLOCK_HALF: tl.constexpr, ACC: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    b = token // seq
+    s = token % seq
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    dmask = dims < half
+    angle_at = b * sc_b + s * sc_s + dims
+    c1 = tl.load(COS + angle_at, mask=dmask, other=0.0).to(ACC)
+    c2 = tl.load(COS + angle_at + half, mask=dmask, other=0.0).to(ACC)
+    s1 = tl.load(SIN + angle_at, mask=dmask, other=0.0).to(ACC)
+    s2 = tl.load(SIN + angle_at + half, mask=dmask, other=0.0).to(ACC)
+    if BACKWARD:
+        s1, s2 = -s2, -s1
+    _rotate_heads(Q, QO, c1, c2, s1, s2, n_q, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b, s, half,
+                  BLOCK_Q, BLOCK_HALF, ACC)
+    _rotate_heads(K, KO, c1, c2, s1, s2, n_k, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b, s, half,
+                  BLOCK_K, BLOCK_HALF, ACC)
+
+
+def _check(x: Tensor, name: str) -> None:
+    if x.dim() != 4 or x.stride(-1) != 1:
+        raise ValueError(f"apply_rotary: {name} must be [batch, heads, seq, head_dim] with a "
+                         f"contiguous last dim, got shape {tuple(x.shape)} strides {x.stride()}")
+
+
+def _output(x: Tensor, rot: int, inplace: bool) -> Tensor:
+    if inplace:
+        return x
+    out = torch.empty_like(x)
+    if rot < x.shape[-1]:
+        out[..., rot:] = x[..., rot:]  # partial rotary: the tail passes through
+    return out
+
+
+def _launch(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
+    batch, n_q, seq, _ = q.shape
+    half = cos.shape[-1] // 2
+    cos, sin = cos.expand(batch, seq, -1), sin.expand(batch, seq, -1)
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    block_half = _triton.row_block(half)
+    block_q, block_k = _triton.row_block(n_q), _triton.row_block(k.shape[1])
+    _triton.launch(
+        _rotary, (batch * seq,), q.device, q, k, q_out, k_out, cos, sin, seq, half, n_q, k.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        q_out.stride(0), q_out.stride(1), q_out.stride(2),
+        k_out.stride(0), k_out.stride(1), k_out.stride(2), cos.stride(0), cos.stride(1),
+        BACKWARD=backward, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_HALF=block_half,
+        ACC=_triton.accumulator(q.dtype),
+        num_warps=_triton.warps_for(block_q * block_half, q.element_size()),
+    )
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(q, k, cos, sin, inplace):
+        rot = cos.shape[-1]
+        q_out, k_out = _output(q, rot, inplace), _output(k, rot, inplace)
+        _launch(q, k, q_out, k_out, cos, sin, backward=False)
+        return q_out, k_out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, cos, sin, inplace = inputs
+        ctx.save_for_backward(cos, sin)
+        if inplace:
+            ctx.mark_dirty(q, k)
+
+    @staticmethod
+    def backward(ctx, dq, dk):
+        cos, sin = ctx.saved_tensors
+        rot = cos.shape[-1]
+        dq = dq if dq.stride(-1) == 1 else dq.contiguous()
+        dk = dk if dk.stride(-1) == 1 else dk.contiguous()
+        dq_in, dk_in = _output(dq, rot, False), _output(dk, rot, False)
+        _launch(dq, dk, dq_in, dk_in, cos, sin, backward=True)
+        return dq_in, dk_in, None, None, None
+
+
+def apply_rotary(
+    q: Float[Tensor, "batch heads seq head_dim"],
+    k: Float[Tensor, "batch kv_heads seq head_dim"],
+    cos: Float[Tensor, "#batch seq rot"],
+    sin: Float[Tensor, "#batch seq rot"],
+    *,
+    inplace: bool = False,
+    impl: Choice = "auto",
+) -> tuple[Float[Tensor, "batch heads seq head_dim"], Float[Tensor, "batch kv_heads seq head_dim"]]:
+    """Rotate the first ``rot`` dims of every query and key head; ``inplace`` overwrites q and k."""
+    _check(q, "q")
+    _check(k, "k")
+    if cos.shape != sin.shape or cos.shape[-1] % 2 or cos.shape[-1] > q.shape[-1]:
+        raise ValueError(f"apply_rotary: cos {tuple(cos.shape)} / sin {tuple(sin.shape)} must match "
+                         f"and rotate an even number of dims <= head_dim={q.shape[-1]}")
+    if resolve(impl, q.device) == "torch":
+        q_out, k_out = apply_rotary_reference(q, k, cos, sin)
+        if inplace:
+            return q.copy_(q_out), k.copy_(k_out)
+        return q_out, k_out
+    return _Rotary.apply(q, k, cos, sin, inplace)
