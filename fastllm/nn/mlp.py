@@ -8,7 +8,8 @@ approximation (GPT-2's ``gelu_new``, StarCoder's ``gelu_pytorch_tanh``), ``silu`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 import torch.nn.functional as F
 from jaxtyping import Float

@@ -16,7 +16,8 @@ Auxiliary losses over the router logits of all layers (concatenated along tokens
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -1,0 +1,79 @@
+"""Mixture of experts against transformers' Mixtral block and auxiliary-loss function."""
+
+import pytest
+import torch
+from transformers import MixtralConfig
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock, load_balancing_loss_func
+
+from fastllm import nn, random
+
+LAYER = nn.MoE(embed_dim=16, mlp_dim=24, n_experts=4, top_k=2)
+
+
+def _params(seed=0):
+    return nn.init(nn.moe.params(LAYER), random.key(seed))
+
+
+def test_moe_axes_follow_the_contract():
+    axes = nn.axes(nn.moe.params(LAYER))
+    assert axes == {
+        "router": ("experts", "embed"),
+        "w_up": ("experts", "mlp", "embed"),
+        "w_gate": ("experts", "mlp", "embed"),
+        "w_down": ("experts", "embed", "mlp"),
+    }
+
+
+def test_moe_matches_transformers_mixtral_block():
+    config = MixtralConfig(hidden_size=16, intermediate_size=24, num_local_experts=4,
+                           num_experts_per_tok=2, hidden_act="silu")
+    block = MixtralSparseMoeBlock(config).eval()
+    p = _params()
+    with torch.no_grad():
+        block.gate.weight.copy_(p["router"])
+        block.experts.gate_up_proj.copy_(torch.cat((p["w_gate"], p["w_up"]), dim=1))
+        block.experts.down_proj.copy_(p["w_down"])
+    x = torch.randn(3, 5, 16)
+    out, router_logits = nn.moe.apply(LAYER, p, x)
+    torch.testing.assert_close(out, block(x), atol=1e-6, rtol=1e-5)
+    assert router_logits.shape == (15, 4)
+
+
+def test_moe_equals_dense_loop_over_tokens():
+    p = _params(1)
+    x = torch.randn(7, 16)
+    out, logits = nn.moe.apply(LAYER, p, x)
+    probs = torch.softmax(logits.float(), -1)
+    for t in range(7):
+        weights, experts = probs[t].topk(2)
+        weights = weights / weights.sum()
+        expected = sum(
+            w * (torch.nn.functional.silu(p["w_gate"][e] @ x[t]) * (p["w_up"][e] @ x[t])) @ p["w_down"][e].T
+            for w, e in zip(weights, experts.tolist())
+        )
+        torch.testing.assert_close(out[t], expected, atol=1e-6, rtol=1e-5)
+
+
+def test_unnormalised_top_k_keeps_softmax_weights():
+    layer = nn.MoE(embed_dim=16, mlp_dim=24, n_experts=4, top_k=2, normalize_top_k=False)
+    logits = torch.randn(5, 4)
+    weights, _ = nn.moe.route(layer, logits)
+    torch.testing.assert_close(weights, torch.softmax(logits, -1).topk(2).values)
+
+
+def test_load_balancing_loss_matches_transformers():
+    layers = tuple(torch.randn(20, 4) for _ in range(3))
+    ours = nn.moe.load_balancing_loss(layers, n_experts=4, top_k=2)
+    theirs = load_balancing_loss_func(layers, num_experts=4, top_k=2)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_router_z_loss_is_mean_squared_logsumexp():
+    layers = [torch.randn(6, 4), torch.randn(6, 4)]
+    expected = torch.cat(layers).logsumexp(-1).pow(2).mean()
+    torch.testing.assert_close(nn.moe.router_z_loss(layers), expected)
+
+
+def test_moe_top_k_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="top_k"):
+        nn.MoE(embed_dim=8, mlp_dim=8, n_experts=2, top_k=3)
