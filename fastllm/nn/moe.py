@@ -9,7 +9,8 @@ capacity: the reference below loops over experts, gathers the tokens each one wa
 Auxiliary losses over the router logits of all layers (concatenated along tokens):
 * load balancing (Switch Transformer, Fedus et al. 2021, eqs. 4-6, as transformers'
   ``load_balancing_loss_func``): ``n_experts * sum_e f_e * P_e`` with ``f_e`` the number of top-k
-  assignments to expert ``e`` per token and ``P_e`` its mean router probability;
+  assignments to expert ``e`` per token and ``P_e`` its mean router probability (so perfectly
+  balanced routing scores ``top_k``);
 * router z-loss (ST-MoE, Zoph et al. 2022, eq. 5): ``mean_tokens(logsumexp(logits)^2)``.
 """
 
