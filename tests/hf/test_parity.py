@@ -86,3 +86,24 @@ def test_gradients_match_transformers(case):
     assert set(ours) == set(expected)
     for path_name, grad in ours.items():
         torch.testing.assert_close(grad, expected[path_name], atol=1e-5, rtol=1e-4, msg=path_name)
+
+
+# Each case's distinguishing feature must change the logits well beyond the tolerance above, or the
+# parity tests could not catch a converter that ignored it.
+FEATURE_OFF = {
+    "llama": lambda c: c.replace(rope=c.rope.__class__(theta=c.rope.theta)),  # llama3 scaling off
+    "llama_bias": lambda c: c.replace(rope=c.rope.__class__(theta=c.rope.theta)),  # linear scaling off
+    "mistral": lambda c: c.replace(sliding_window=None),
+    "qwen2": lambda c: c.replace(sliding_window_layers=None),  # window on layer 0 too
+    "mixtral": lambda c: c.replace(moe=c.moe.__class__(n_experts=4, top_k=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FEATURE_OFF))
+def test_case_features_change_the_logits(name, tmp_path):
+    model = build_hf_model(name)
+    model.save_pretrained(tmp_path)
+    config, params = fastllm.hf.load(tmp_path)
+    ids = tokens()
+    gap = (models.apply(FEATURE_OFF[name](config), params, ids) - _hf_logits(model, ids)).abs().max().item()
+    assert gap > 100 * FP32_TOL

@@ -1,0 +1,41 @@
+"""``fastllm convert SRC DST [--to hf|fastllm] [--dtype float32|bfloat16] [--max-shard-bytes N]``.
+
+A thin argparse front for :func:`fastllm.hf.convert`; ``fastllm/cli.py`` registers it with
+``add_parser(subparsers)`` and dispatches to ``run(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+__all__ = ["add_parser", "run", "DTYPES"]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert", help="convert a checkpoint between Hugging Face and fastllm formats",
+        description="Convert a model directory between Hugging Face (config.json + safetensors) and "
+                    "fastllm (fastllm.json + model.safetensors). The source format is detected from its files.")
+    parser.add_argument("src", help="source checkpoint directory")
+    parser.add_argument("dst", help="destination directory (must not exist or be empty)")
+    parser.add_argument("--to", choices=("hf", "fastllm"), default=None,
+                        help="target format (default: the other one)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="cast the weights (default: keep the stored dtype)")
+    parser.add_argument("--max-shard-bytes", type=int, default=None,
+                        help="split Hugging Face safetensors into shards of at most this size")
+    parser.set_defaults(run=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from fastllm.hf.api import DEFAULT_MAX_SHARD_BYTES, convert
+
+    written = convert(args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype] if args.dtype else None,
+                      max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
+    print(f"wrote {written} checkpoint to {args.dst}")
+    return 0
