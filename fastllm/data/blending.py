@@ -16,7 +16,7 @@ quantity is closed-form in k: no history, no precomputed index.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

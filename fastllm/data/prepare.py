@@ -18,7 +18,8 @@ import multiprocessing
 import os
 from collections import deque
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any, Optional
 
 import numpy as np
 

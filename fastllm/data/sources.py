@@ -14,7 +14,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Literal
 
 __all__ = ["Source", "resolve_inputs", "read_records", "file_sha256"]
 
