@@ -108,7 +108,7 @@ def _parse_scalar(text: str, tp: Any) -> Any:
     raise ValueError(f"cannot parse a value of type {tp!r} from text")
 
 
-def parse_value(text: str, tp: Any) -> Any:
+def parse_value(text: str, tp: Any, _in_container: bool = False) -> Any:
     """Parse override text as annotated type ``tp`` (raises ``ValueError`` saying what was expected)."""
     inner, nullable = _strip_optional(tp)
     if nullable and text.strip().lower() in _NONE_WORDS:
@@ -122,12 +122,14 @@ def parse_value(text: str, tp: Any) -> Any:
         raise ValueError(f"must be one of {list(choices)}, got {text!r}")
     if origin is tuple:
         args = typing.get_args(inner)
+        if text.strip().startswith("[{"):  # a JSON list of objects: dataclass items
+            return _from_json(json.loads(text), inner, "value")
         items = _split_items(text)
         if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(parse_value(item, args[0]) for item in items)
+            return tuple(parse_value(item, args[0], True) for item in items)
         if len(items) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values, got {text!r}")
-        return tuple(parse_value(item, arg) for item, arg in zip(items, args))
+        return tuple(parse_value(item, arg, True) for item, arg in zip(items, args))
     if origin in (Union, types.UnionType):
         errors = []
         for option in typing.get_args(inner):
@@ -141,6 +143,8 @@ def parse_value(text: str, tp: Any) -> Any:
         if not isinstance(value, dict):
             raise ValueError(f"expected a JSON object, got {text!r}")
         return value
+    if dataclasses.is_dataclass(inner) and _in_container:
+        return text  # a bare string standing for a dataclass item; its owner's __post_init__ coerces it
     if dataclasses.is_dataclass(inner):
         raise ValueError("is a section, not a value: set one of its fields, e.g. "
                          f"<key>.{next(iter(_fields(inner)))}=...")

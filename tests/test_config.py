@@ -110,3 +110,24 @@ def test_load_recipe_from_file(tmp_path):
     (tmp_path / "empty.py").write_text("x = 1\n")
     with pytest.raises(cfg.ConfigError, match="must define a function config"):
         cfg.load_recipe(tmp_path / "empty.py")
+
+
+@dataclass(frozen=True)
+class Item:
+    path: str
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
+class Holder:
+    items: tuple[Item, ...] = ()
+
+    def __post_init__(self):  # owners coerce bare strings into items, as DataConfig does
+        object.__setattr__(self, "items", tuple(Item(i) if isinstance(i, str) else i for i in self.items))
+
+
+def test_tuple_of_dataclasses_from_strings_or_json():
+    assert cfg.apply_overrides(Holder(), ["items=a,b"]).items == (Item("a"), Item("b"))
+    parsed = cfg.apply_overrides(Holder(), ['items=[{"path": "a", "weight": 0.5}]'])
+    assert parsed.items == (Item("a", 0.5),)
+    assert cfg.from_dict(Holder, cfg.to_dict(parsed)) == parsed

@@ -1,6 +1,7 @@
 """The training config: one frozen dataclass tree that a recipe builds and the Trainer runs.
 
-Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``, ``train``
+Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``
+(:class:`fastllm.data.DataConfig`: prepared datasets, blend, packing, validation split), ``train``
 (steps, batch, precision, recomputation, logging/eval/checkpoint cadence), ``optim`` (AdamW and its
 schedule), ``mesh``/``zero`` (parallel layout) and ``sample`` (generation after training and the
 defaults of ``fastllm generate``). docs/config.md lists every key.
@@ -13,13 +14,13 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from fastllm.config import merge_partial, partial_fields, require
+from fastllm.data.config import DataConfig
 from fastllm.models.config import ModelConfig
 
 __all__ = [
     "Config",
     "RunConfig",
     "ModelSection",
-    "DataSection",
     "TrainSection",
     "OptimSection",
     "MeshSection",
@@ -73,17 +74,6 @@ def resolve_model(section) -> ModelConfig:
     base = models.preset(section.preset)
     names = [f.name for f in dataclasses.fields(section) if f.name != "preset"]
     return merge_partial(base, section, names)
-
-
-@dataclass(frozen=True)
-class DataSection:
-    seq_len: int = 256  # tokens per training sequence
-    train: str = ""  # prepared dataset (the output directory of `fastllm prepare`)
-    val: Optional[str] = None  # prepared validation dataset; None: no validation loss
-    tokenizer: Optional[str] = None  # tokenizer.json, used for samples and Hugging Face export
-
-    def __post_init__(self):
-        require(self.seq_len > 0, "data.seq_len", f"must be > 0, got {self.seq_len}")
 
 
 @dataclass(frozen=True)
@@ -165,7 +155,7 @@ class ZeroSection:
 
 @dataclass(frozen=True)
 class SampleSection:
-    prompt: str = ""  # after training, print a sample continuing this prompt (needs data.tokenizer)
+    prompt: str = ""  # after training, print a sample continuing this prompt (needs the tokenizer)
     max_new_tokens: int = 64
     temperature: float = 0.0  # 0: greedy
     top_k: Optional[int] = None
@@ -182,7 +172,7 @@ class SampleSection:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
-    data: DataSection = field(default_factory=DataSection)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     mesh: MeshSection = field(default_factory=MeshSection)

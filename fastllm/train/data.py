@@ -1,0 +1,71 @@
+"""The Trainer's view of the data: one batch per optimizer step.
+
+:func:`fastllm.data.make_loader` yields micro-batches (``grad_accum`` per step); the train step
+takes the whole step's batch and splits it again itself, so :class:`StepBatches` concatenates the
+micro-batches of a step along the batch dimension. Positions resume through the loader's state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["StepBatches", "build_loaders", "tokenizer_path"]
+
+
+class StepBatches:
+    """Iterator of step batches ``[micro_batch_size * grad_accum, seq]`` over a micro-batch loader."""
+
+    def __init__(self, loader, grad_accum: int):
+        self.loader, self.grad_accum = loader, grad_accum
+
+    def __iter__(self) -> "StepBatches":
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        micro = [next(self.loader) for _ in range(self.grad_accum)]
+        return {name: torch.cat([m[name] for m in micro], dim=0) for name in micro[0]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
+def _data_config(config):
+    data = config.data
+    if data.vocab_size is None:  # refuse datasets whose ids the model's embedding cannot hold
+        data = data.replace(vocab_size=config.model_config.vocab_size)
+    return data
+
+
+def build_loaders(config) -> tuple[StepBatches, Optional[StepBatches]]:
+    """(train batches, validation micro-batches or ``None``) for a :class:`fastllm.train.Config`."""
+    from fastllm import data as fdata
+
+    data, t = _data_config(config), config.train
+    if not data.datasets:
+        raise ValueError("data.datasets: no prepared dataset given (prepare one with `fastllm prepare`)")
+    train = fdata.make_loader(data, micro_batch_size=t.micro_batch_size, grad_accumulation=t.grad_accum)
+    val = None
+    if data.validation or data.validation_fraction > 0:
+        val = StepBatches(fdata.make_loader(data, micro_batch_size=t.micro_batch_size, split="validation"), 1)
+    return StepBatches(train, t.grad_accum), val
+
+
+def tokenizer_path(config) -> Optional[Path]:
+    """The tokenizer the first training dataset was prepared with, when it still exists."""
+    from fastllm.data import read_manifest
+
+    if not config.data.datasets:
+        return None
+    recorded = read_manifest(config.data.datasets[0].path).get("tokenizer", {}).get("path")
+    if not recorded:
+        return None
+    path = Path(recorded)
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    return path if path.is_file() else None
