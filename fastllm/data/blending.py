@@ -29,7 +29,7 @@ __all__ = ["Blend"]
 class Blend:
     """Maps global sample indices to (dataset, index within that dataset)."""
 
-    def __init__(self, weights: Sequence[float], key: random.Key, block_size: int = 4096):
+    def __init__(self, weights: Sequence[float | int] | np.ndarray, key: random.Key, block_size: int = 4096):
         weights = np.asarray(weights, dtype=np.float64)
         if len(weights) == 0 or np.any(~np.isfinite(weights)) or np.any(weights <= 0):
             raise ValueError(f"blend weights must be positive and finite, got {weights.tolist()}")
