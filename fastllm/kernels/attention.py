@@ -1,0 +1,86 @@
+"""Causal attention on PyTorch's fused kernels: flash SDPA for plain causal, FlexAttention for masks.
+
+Mask semantics equal :func:`fastllm.nn.attention.mask`: key ``j`` is visible from query ``i`` iff
+``j <= i``, ``i - j < window`` (Mistral's sliding window, the query itself counted) and both share a
+segment id (packed documents). Where it runs (``impl`` resolved to "triton", i.e. fused):
+
+* causal only: ``scaled_dot_product_attention(is_causal=True, enable_gqa=True)``; on CUDA in
+  bf16/fp16 PyTorch picks FlashAttention-2 (Dao 2023) and never builds a mask or repeats k/v;
+* sliding window and/or segment ids: FlexAttention (``torch.compile``d on CUDA) with a block mask,
+  so fully masked tiles are skipped and the ``[seq, seq]`` mask is never materialised.
+
+The reference (``"torch"``) repeats k/v per query group and calls SDPA with a boolean mask.
+"""
+
+import functools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from fastllm.kernels.registry import Choice, resolve
+
+__all__ = ["attention", "attention_reference", "visible"]
+
+
+def visible(seq_len: int, window: Optional[int], segment_ids: Optional[Tensor], device) -> Tensor:
+    """``[#batch, 1, seq, seq]`` boolean: may query i see key j."""
+    i = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(seq_len, device=device)[None, :]
+    allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
+    allowed = allowed[None, None]
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return allowed
+
+
+def attention_reference(q, k, v, *, window=None, segment_ids=None):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=visible(q.shape[2], window, segment_ids, q.device))
+
+
+@functools.cache
+def _flex(compiled: bool):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
+
+
+def _flex_attention(q, k, v, window, segment_ids):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = kv_idx <= q_idx
+        if window is not None:
+            allowed = allowed & (q_idx - kv_idx < window)
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
+        return allowed
+
+    batch = None if segment_ids is None else q.shape[0]
+    seq = q.shape[2]
+    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=q.device)
+    return _flex(q.device.type == "cuda")(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def attention(
+    q: Float[Tensor, "batch heads seq head_dim"],
+    k: Float[Tensor, "batch kv_heads seq head_dim"],
+    v: Float[Tensor, "batch kv_heads seq head_dim"],
+    *,
+    window: Optional[int] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    impl: Choice = "auto",
+) -> Float[Tensor, "batch heads seq head_dim"]:
+    """``softmax(q k^T / sqrt(head_dim) + mask) v`` with grouped-query heads."""
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"attention: kv heads {k.shape[1]} must divide query heads {q.shape[1]}")
+    if resolve(impl, q.device) == "torch":
+        return attention_reference(q, k, v, window=window, segment_ids=segment_ids)
+    if window is None and segment_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    return _flex_attention(q, k, v, window, segment_ids)
