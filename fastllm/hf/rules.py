@@ -62,8 +62,8 @@ def load_tensors(rules: list[Rule], get: Callable[[str], torch.Tensor], availabl
                          f"missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
     flat = {}
     for rule in rules:
-        outputs = rule.to_ours(*(get(name) for name in rule.hf))
-        flat.update(zip(rule.ours, outputs))
+        inputs = [get(name) for name in rule.hf]
+        flat.update(zip(rule.ours, _run(rule.to_ours, inputs, rule.hf, rule.ours, source)))
     return flat
 
 
@@ -77,6 +77,16 @@ def save_tensors(rules: list[Rule], flat: dict[str, torch.Tensor], source: str) 
                          f"missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
     tensors = {}
     for rule in rules:
-        outputs = rule.to_hf(*(flat[path] for path in rule.ours))
+        outputs = _run(rule.to_hf, [flat[path] for path in rule.ours], rule.ours, rule.hf, source)
         tensors.update(zip(rule.hf, (t.contiguous() for t in outputs)))
     return tensors
+
+
+def _run(fn: Fn, inputs: list[torch.Tensor], names: tuple[str, ...], targets: tuple[str, ...],
+         source: str) -> Sequence[torch.Tensor]:
+    """A rule's reshapes, with a shape error turned into one that names the tensors."""
+    try:
+        return fn(*inputs)
+    except RuntimeError as error:
+        shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, inputs))
+        raise ValueError(f"{source}: cannot convert {shapes} into {list(targets)}: {error}") from None
