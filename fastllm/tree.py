@@ -38,8 +38,17 @@ def map(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf=None) -> Py
     return optree.tree_map(fn, tree, *rest, is_leaf=is_leaf, none_is_leaf=False)
 
 
+def _key_name(part: Any) -> str:
+    # Under torch.compile, dynamo swaps optree's path functions for torch.utils._pytree's, whose
+    # path entries are MappingKey(key=...) / SequenceKey(idx=...) objects rather than raw keys.
+    for attribute in ("key", "idx"):
+        if hasattr(part, attribute) and not isinstance(part, (str, int)):
+            return str(getattr(part, attribute))
+    return str(part)
+
+
 def _dotted(path: tuple) -> str:
-    return ".".join(str(part) for part in path)
+    return ".".join(_key_name(part) for part in path)
 
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf=None) -> PyTree:

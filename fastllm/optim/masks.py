@@ -35,7 +35,7 @@ _BIAS = re.compile(r"^(bias|b|b[qkvo]|b_\w+|\w+_bias)$")
 
 
 def _any_component(pattern: re.Pattern, path: str) -> bool:
-    return any(pattern.search(part) for part in path.split("."))
+    return any(pattern.search(part) is not None for part in path.split("."))
 
 
 def is_embedding(path: str) -> bool:
