@@ -10,6 +10,7 @@ The config goes through transformers' own config class (defaults, legacy ``rope_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -86,7 +87,20 @@ def _write_configs(config: ModelConfig, family: Family, dtype: torch.dtype, path
     hf_config = _hf_config_class(family)(**fields, architectures=[family.architecture], dtype=dtype,
                                          bos_token_id=None, eos_token_id=None, pad_token_id=None)
     hf_config.save_pretrained(path)
+    _add_legacy_fields(path / "config.json", dtype, fields.get("rope_parameters"))
     GenerationConfig.from_model_config(hf_config).save_pretrained(path)
+
+
+def _add_legacy_fields(config_path: Path, dtype: torch.dtype, rope: Optional[dict]) -> None:
+    """transformers 4 reads ``torch_dtype``, ``rope_theta`` and ``rope_scaling`` instead of ``dtype`` and
+    ``rope_parameters``; writing both keeps the checkpoint loadable (with the same maths) by either."""
+    raw = json.loads(config_path.read_text())
+    raw["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if rope is not None:
+        raw["rope_theta"] = rope["rope_theta"]
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
+        raw["rope_scaling"] = None if rope["rope_type"] == "default" else {"type": rope["rope_type"], **scaling}
+    config_path.write_text(json.dumps(dict(sorted(raw.items())), indent=2) + "\n")
 
 
 def save(config: ModelConfig, params, path: str | os.PathLike, *, tokenizer=None,

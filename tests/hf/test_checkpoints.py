@@ -7,6 +7,7 @@ import pytest
 import torch
 import transformers
 from hf_cases import VOCAB, build_hf_model, tokens
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models as tok_models, pre_tokenizers
 
 import fastllm.hf
@@ -114,3 +115,37 @@ def test_cli_convert_with_dtype(mixtral_dir, tmp_path, capsys):
     assert json.loads((tmp_path / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf16")
     assert next(reloaded.parameters()).dtype == torch.bfloat16
+
+
+def test_fused_mixtral_state_dict_loads(mixtral_dir, tmp_path):
+    """transformers 5 keeps experts fused in memory (mlp.experts.gate_up_proj); files may carry that too."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(mixtral_dir)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert "model.layers.0.mlp.experts.gate_up_proj" in state
+    (tmp_path / "config.json").write_text((mixtral_dir / "config.json").read_text())
+    save_file(state, tmp_path / "model.safetensors")
+    _flat_equal(fastllm.hf.load(tmp_path)[1], fastllm.hf.load(mixtral_dir)[1])
+
+
+def test_original_gpt2_layout_loads(tmp_path):
+    """The hub's gpt2 files name weights without 'transformer.' and carry causal-mask buffers."""
+    build_hf_model("gpt2").save_pretrained(tmp_path / "src")
+    state = load_file(tmp_path / "src" / "model.safetensors")
+    bare = {k.removeprefix("transformer."): v for k, v in state.items()}
+    bare["h.0.attn.bias"] = torch.ones(1, 1, 32, 32)
+    (tmp_path / "bare").mkdir()
+    (tmp_path / "bare" / "config.json").write_text((tmp_path / "src" / "config.json").read_text())
+    save_file(bare, tmp_path / "bare" / "model.safetensors")
+    _flat_equal(fastllm.hf.load(tmp_path / "bare")[1], fastllm.hf.load(tmp_path / "src")[1])
+
+
+def test_written_config_also_carries_transformers4_fields(tmp_path):
+    build_hf_model("llama").save_pretrained(tmp_path / "src")
+    config, params = fastllm.hf.load(tmp_path / "src")
+    fastllm.hf.save(config, params, tmp_path / "out")
+    raw = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert raw["architectures"] == ["LlamaForCausalLM"] and raw["model_type"] == "llama"
+    assert raw["dtype"] == raw["torch_dtype"] == "float32"
+    assert raw["rope_scaling"]["type"] == raw["rope_parameters"]["rope_type"] == "llama3"
+    assert raw["rope_theta"] == raw["rope_parameters"]["rope_theta"]
+    assert (tmp_path / "out" / "generation_config.json").is_file()
