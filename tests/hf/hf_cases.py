@@ -40,8 +40,8 @@ CASES = {
     "llama_bias": ("attention_bias, mlp_bias, linear rope, MQA", lambda: transformers.LlamaConfig(**_common(
         num_key_value_heads=1, attention_bias=True, mlp_bias=True,
         rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.0}))),
-    "mistral": ("sliding window 4 on every layer, GQA",
-                lambda: transformers.MistralConfig(**_common(num_key_value_heads=2, sliding_window=4))),
+    "mistral": ("sliding window 4 on every layer, GQA, head_dim 16 != hidden/heads",
+                lambda: transformers.MistralConfig(**_common(num_key_value_heads=2, sliding_window=4, head_dim=16))),
     "mixtral": ("MoE top-2 of 4 experts, GQA", lambda: transformers.MixtralConfig(**_common(
         num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_aux_loss_coef=0.02))),
     "qwen2": ("QKV bias, tied head, window on layers >= max_window_layers", lambda: transformers.Qwen2Config(**_common(
