@@ -50,7 +50,8 @@ def test_save_loads_in_transformers(case, tmp_path):
 
 def test_bfloat16_error_comparable_to_transformers(case):
     """bf16 has ~3 significant digits; ours must be as close to the fp32 logits as transformers'
-    own bf16 run is (within 2x, plus 0.05 absolute slack for rounding-order luck)."""
+    own bf16 run is (within 1.5x, plus 0.01 absolute slack for rounding-order luck; measured: both
+    about 0.02 on logits of magnitude ~2, ratio 0.9-1.1)."""
     name, model, path = case
     ids = tokens(seed=3)
     reference = _hf_logits(model, ids)
@@ -62,7 +63,7 @@ def test_bfloat16_error_comparable_to_transformers(case):
     theirs = _hf_logits(hf_bf16, ids).float()
     ours_error = (ours - reference).abs().max().item()
     their_error = (theirs - reference).abs().max().item()
-    assert ours_error <= 2 * their_error + 0.05, (ours_error, their_error)
+    assert ours_error <= 1.5 * their_error + 0.01, (ours_error, their_error)
 
 
 def test_gradients_match_transformers(case):
