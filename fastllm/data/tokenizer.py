@@ -83,7 +83,7 @@ def load_tokenizer(path: str | os.PathLike, eos_token: Optional[str] = None) -> 
                          "name one with eos_token= / --eos-token")
     serialized = tokenizer.to_str()
     info = TokenizerInfo(
-        path=str(path),
+        path=os.path.abspath(path),
         json=serialized,
         sha256=hashlib.sha256(serialized.encode()).hexdigest(),
         vocab_size=max(tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values()) + 1),
