@@ -1,7 +1,7 @@
 """Data pipeline throughput: ``prepare`` tokens/s and loader tokens/s, printed as JSON lines.
 
-    python benchmarks/data_throughput.py                  # ~8M tokens, a minute or two on 2 cores
-    python benchmarks/data_throughput.py --docs 5000      # quicker
+    python benchmarks/data_throughput.py                  # ~13M tokens; minutes on 2 cores
+    python benchmarks/data_throughput.py --docs 10000     # ~4.4M tokens (docs/performance.md)
 
 It generates a corpus of Zipf-distributed pseudo-words (nothing is downloaded), trains a byte-level
 BPE tokenizer on a sample of it, prepares three datasets, then reads blended, packed batches of
