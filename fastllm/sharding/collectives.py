@@ -55,10 +55,14 @@ def _gather0(x: Tensor, group, n: int) -> Tensor:
     except (RuntimeError, NotImplementedError) as error:
         if not _unsupported(error, group):
             raise
-        parts = [torch.empty_like(x) for _ in range(n)]
-        dist.all_gather(parts, x, group=group)
-        out = torch.cat(parts)
+        out = _gather0_by_list(x, group, n)
     return out
+
+
+def _gather0_by_list(x: Tensor, group, n: int) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(n)]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts)
 
 
 def _reduce_scatter0(x: Tensor, group, n: int) -> Tensor:
@@ -68,10 +72,15 @@ def _reduce_scatter0(x: Tensor, group, n: int) -> Tensor:
     except (RuntimeError, NotImplementedError) as error:
         if not _unsupported(error, group):
             raise
-        total = x.clone()
-        dist.all_reduce(total, group=group)
-        out = total.chunk(n)[dist.get_rank(group)].clone()
+        out = _reduce_scatter0_by_all_reduce(x, group, n)
     return out
+
+
+def _reduce_scatter0_by_all_reduce(x: Tensor, group, n: int) -> Tensor:
+    """n times the traffic of a reduce-scatter: only for backends without one."""
+    total = x.clone()
+    dist.all_reduce(total, group=group)
+    return total.chunk(n)[dist.get_rank(group)].clone()
 
 
 def _all_to_all0(x: Tensor, group, n: int) -> Tensor:
@@ -81,10 +90,14 @@ def _all_to_all0(x: Tensor, group, n: int) -> Tensor:
     except (RuntimeError, NotImplementedError) as error:
         if not _unsupported(error, group):
             raise
-        parts = [torch.empty_like(part) for part in x.chunk(n)]
-        dist.all_to_all(parts, [part.contiguous() for part in x.chunk(n)], group=group)
-        out = torch.cat(parts)
+        out = _all_to_all0_by_list(x, group, n)
     return out
+
+
+def _all_to_all0_by_list(x: Tensor, group, n: int) -> Tensor:
+    parts = [torch.empty_like(part) for part in x.chunk(n)]
+    dist.all_to_all(parts, [part.contiguous() for part in x.chunk(n)], group=group)
+    return torch.cat(parts)
 
 
 # --- the same along any dim ----------------------------------------------------------------------
