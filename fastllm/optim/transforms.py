@@ -134,11 +134,9 @@ def add_decayed_weights(weight_decay: float, mask: Mask = default_decay_mask) ->
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         if weight_decay == 0:
             return updates, state
-
-        def decay(path, u, p):
-            return u + weight_decay * p.float() if mask(path, p) else u
-
-        return tree.map_with_path(decay, updates, params), state
+        return tree.map_with_path(
+            lambda path, u, p: u + weight_decay * p.float() if mask(path, p) else u, updates, params
+        ), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 

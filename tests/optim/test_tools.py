@@ -1,11 +1,9 @@
 """Per-path scaling, state axes, loss scaling, tree helpers, and capture under torch.compile."""
 
-import os
-import subprocess
-import sys
-
+import jaxtyping
 import pytest
 import torch
+import torch._dynamo.testing
 
 from fastllm import optim, tree
 
@@ -83,39 +81,28 @@ def test_cast_tree_only_touches_floats():
     assert cast["step"] == 3
 
 
-COMPILE_SCRIPT = """
-import torch, torch._dynamo.testing
-from fastllm import optim, tree
-params = {"embed": {"tokens": torch.ones(5, 3)}, "layers": [{"w": torch.ones(3, 3)}],
-          "norm": {"scale": torch.ones(3)}}
-opt = optim.adamw(optim.schedules.cosine(1e-2, total_steps=100, warmup_steps=5),
-                  weight_decay=0.1, max_grad_norm=1.0)
-counter = torch._dynamo.testing.CompileCounter()
+def test_update_compiles_once_without_graph_breaks(monkeypatch):
+    # Training runs without the runtime shape checker, whose checks dynamo cannot trace: turn its
+    # wrappers into pass-throughs for this test.
+    monkeypatch.setattr(jaxtyping.config, "jaxtyping_disable", True)
+    params = small_params()
+    opt = optim.adamw(optim.schedules.cosine(1e-2, total_steps=100, warmup_steps=5),
+                      weight_decay=0.1, max_grad_norm=1.0)
+    counter = torch._dynamo.testing.CompileCounter()
 
-@torch.compile(backend=counter, fullgraph=True)  # fullgraph: a host sync would break the graph
-def step(params, grads, state):
-    updates, state = opt.update(grads, state, params)
-    return optim.apply_updates(params, updates), state
+    @torch.compile(backend=counter, fullgraph=True)  # fullgraph: a host sync would break the graph
+    def step(params, grads, state):
+        updates, state = opt.update(grads, state, params)
+        return optim.apply_updates(params, updates), state
 
-state = eager_state = opt.init(params)
-eager_params = params
-for seed in range(4):
-    gen = torch.Generator().manual_seed(seed)
-    grads = tree.map(lambda p: torch.randn(p.shape, generator=gen), params)
-    params, state = step(params, grads, state)
-    updates, eager_state = opt.update(grads, eager_state, eager_params)
-    eager_params = optim.apply_updates(eager_params, updates)
-assert counter.frame_count == 1, counter.frame_count  # the step is data: no recompilation
-for a, b in zip(tree.leaves(params), tree.leaves(eager_params)):
-    torch.testing.assert_close(a, b)
-print("ok")
-"""
-
-
-def test_update_compiles_once_without_graph_breaks():
-    # In a child without FASTLLM_TYPECHECK: dynamo cannot trace the runtime shape checker's
-    # wrappers, and training runs without them.
-    env = {**os.environ, "FASTLLM_TYPECHECK": "0"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_SCRIPT], env=env, capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+    state = eager_state = opt.init(params)
+    eager_params = params
+    for seed in range(4):
+        gen = torch.Generator().manual_seed(seed)
+        grads = tree.map(lambda p: torch.randn(p.shape, generator=gen), params)
+        params, state = step(params, grads, state)
+        updates, eager_state = opt.update(grads, eager_state, eager_params)
+        eager_params = optim.apply_updates(eager_params, updates)
+    assert counter.frame_count == 1  # the step count is data: no recompilation per step
+    for a, b in zip(tree.leaves(params), tree.leaves(eager_params)):  # masks see real paths
+        torch.testing.assert_close(a, b)
