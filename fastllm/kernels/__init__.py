@@ -1,9 +1,26 @@
-"""Triton kernels, each beside its pure-torch reference, chosen per op by a :class:`KernelConfig`."""
+"""Triton kernels, each beside its pure-torch reference, chosen per op by a :class:`KernelConfig`.
 
-from fastllm.kernels.norm import layer_norm, layer_norm_reference, rms_norm, rms_norm_reference
+Every public op takes ``impl`` ("auto" | "triton" | "torch"); pass ``select(config, op, device)`` or
+the config field itself. See docs/kernels.md for what each kernel fuses and how it is tested.
+"""
+
+from fastllm.kernels.activation import ACTIVATIONS, activation, geglu, gated, gelu, swiglu
+from fastllm.kernels.attention import attention
+from fastllm.kernels.cross_entropy import VocabShard, fused_linear_cross_entropy
+from fastllm.kernels.grouped_matmul import grouped_matmul
+from fastllm.kernels.moe import Routing, make_routing, moe_combine, moe_dispatch, moe_experts
+from fastllm.kernels.norm import layer_norm, rms_norm
+from fastllm.kernels.optim import adamw_step, global_norm
 from fastllm.kernels.registry import OPS, Choice, KernelConfig, resolve, select
+from fastllm.kernels.rotary import apply_rotary
 
 __all__ = [
     "Choice", "KernelConfig", "OPS", "resolve", "select",
-    "rms_norm", "layer_norm", "rms_norm_reference", "layer_norm_reference",
+    "rms_norm", "layer_norm",
+    "apply_rotary",
+    "ACTIVATIONS", "activation", "gated", "swiglu", "geglu", "gelu",
+    "fused_linear_cross_entropy", "VocabShard",
+    "adamw_step", "global_norm",
+    "Routing", "make_routing", "moe_dispatch", "moe_combine", "moe_experts", "grouped_matmul",
+    "attention",
 ]

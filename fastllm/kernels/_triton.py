@@ -9,6 +9,7 @@ by accident.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -43,7 +44,12 @@ def interpreting() -> bool:
 
 
 def jit(fn):
-    """``triton.jit`` when Triton is importable, else the plain function (never launched then)."""
+    """``triton.jit`` when Triton is importable, else the plain function (never launched then).
+
+    The runtime shape-check hook (``FASTLLM_TYPECHECK=1``) wraps every function of the package;
+    Triton must see the original, whose globals hold the other kernels, so we unwrap first.
+    """
+    fn = inspect.unwrap(fn)
     return triton.jit(fn) if triton is not None else fn
 
 
@@ -95,3 +101,25 @@ def accumulator(dtype: torch.dtype):
 def upcast(t: torch.Tensor) -> torch.Tensor:
     """The reference's arithmetic precision: at least fp32."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class _Plain(torch.autograd.Function):
+    """Calls ``fn`` on the tensors inside an autograd.Function: under ``torch.func`` transforms the
+    inputs of a Function's forward are unwrapped, so Triton sees real storage, not TensorWrappers."""
+
+    @staticmethod
+    def forward(fn, *tensors):
+        return fn(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError("fastllm kernels' backward passes are not differentiable again")
+
+
+def plain(fn, *tensors):
+    """``fn(*tensors)`` on plain tensors (use for kernel launches inside a backward)."""
+    return _Plain.apply(fn, *tensors)

@@ -11,6 +11,7 @@ default) backward recomputes act and act' from the saved inputs, storing nothing
 (two extra activation-sized tensors kept alive until backward).
 """
 
+import functools
 import math
 
 import torch
@@ -122,13 +123,19 @@ class _Activation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh, *_):
         x, up, a, da = ctx.saved_tensors
-        dh = dh.contiguous()
-        dx = torch.empty_like(x, memory_format=torch.contiguous_format)
-        dup = None if up is None else torch.empty_like(dx)
-        _launch(_backward, dx.numel(), dx, dh, x, dx if up is None else up,
-                dx if a is None else a, dx if da is None else da, dx, dx if dup is None else dup,
-                ACT=ctx.act_code, GATED=up is not None, STORED=not ctx.recompute)
+        dx, dup = _triton.plain(functools.partial(_backward_pass, act_code=ctx.act_code,
+                                                  recompute=ctx.recompute), dh, x, up, a, da)
         return dx, dup, None, None
+
+
+def _backward_pass(dh, x, up, a, da, *, act_code: int, recompute: bool):
+    dh = dh.contiguous()
+    dx = torch.empty_like(x, memory_format=torch.contiguous_format)
+    dup = None if up is None else torch.empty_like(dx)
+    _launch(_backward, dx.numel(), dx, dh, x, dx if up is None else up,
+            dx if a is None else a, dx if da is None else da, dx, dx if dup is None else dup,
+            ACT=act_code, GATED=up is not None, STORED=not recompute)
+    return dx, dup
 
 
 def _code(name: str) -> int:

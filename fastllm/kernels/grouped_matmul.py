@@ -11,6 +11,8 @@ programs past the last tile exit. So the launch needs no host sync and computes 
 (MegaBlocks, Gale et al. 2023, makes the same point with block-sparse kernels).
 """
 
+import functools
+
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
@@ -141,10 +143,17 @@ class _GroupedMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, w, offsets = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = _forward(dy, w, offsets, w.stride(2), w.stride(1), w.shape[2]) if ctx.needs_input_grad[0] else None
-        dw = _weight_grad(dy, x, offsets, w.shape[0]) if ctx.needs_input_grad[1] else None
+        want_dx, want_dw = ctx.needs_input_grad[:2]
+        dx, dw = _triton.plain(functools.partial(_backward, want_dx=want_dx, want_dw=want_dw),
+                               dy, x, w, offsets)
         return dx, dw, None
+
+
+def _backward(dy, x, w, offsets, *, want_dx: bool, want_dw: bool):
+    dy = dy.contiguous()
+    dx = _forward(dy, w, offsets, w.stride(2), w.stride(1), w.shape[2]) if want_dx else None
+    dw = _weight_grad(dy, x, offsets, w.shape[0]) if want_dw else None
+    return dx, dw
 
 
 def grouped_matmul(

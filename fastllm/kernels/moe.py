@@ -14,6 +14,7 @@ product with a second row) and a weighted k-way sum. Neither uses atomics, so re
 deterministic. :func:`moe_experts` strings them together into the SwiGLU experts of Mixtral.
 """
 
+import functools
 from typing import NamedTuple, Optional
 
 import torch
@@ -144,7 +145,8 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dxs):
         (row_of_slot,) = ctx.saved_tensors
-        return _sum(dxs.contiguous(), row_of_slot, ctx.k), None, None, None
+        dx = _triton.plain(lambda d, rows: _sum(d.contiguous(), rows, ctx.k), dxs, row_of_slot)
+        return dx, None, None, None
 
 
 class _Combine(torch.autograd.Function):
@@ -161,10 +163,15 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         ys, weights, order = ctx.saved_tensors
-        slot_weight = weights.reshape(-1).index_select(0, order)
-        dys, dot = _gather(dout.contiguous(), order // ctx.k, slot_weight, other=ys)
-        dweights = torch.empty_like(dot).index_put_((order,), dot).view(weights.shape)
-        return dys, dweights.to(weights.dtype), None, None, None
+        dys, dweights = _triton.plain(functools.partial(_combine_backward, k=ctx.k), dout, ys, weights, order)
+        return dys, dweights, None, None, None
+
+
+def _combine_backward(dout, ys, weights, order, *, k: int):
+    slot_weight = weights.reshape(-1).index_select(0, order)
+    dys, dot = _gather(dout.contiguous(), order // k, slot_weight, other=ys)
+    dweights = torch.empty_like(dot).index_put_((order,), dot).view(weights.shape)
+    return dys, dweights.to(weights.dtype)
 
 
 def moe_dispatch(x: Float[Tensor, "tokens embed"], routing: Routing, *, impl: Choice = "auto",

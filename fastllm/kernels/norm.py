@@ -11,6 +11,8 @@ slice of rows accumulating its partial sum in registers, and one small torch sum
 As in Hugging Face's Llama, RMSNorm rounds the normalised row to the input dtype before the scale.
 """
 
+import functools
+
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -136,22 +138,27 @@ class _Norm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
         x, scale, mean, rstd = ctx.saved_tensors
-        rows, dy_rows = _rows(x), _rows(dy)
-        n_rows, n_cols = rows.shape
-        programs = _triton.reduction_programs(x.device, n_rows)
-        dx = torch.empty_like(rows)
-        dw = torch.empty(programs, n_cols, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        db = torch.empty_like(dw) if ctx.has_bias else dw
-        block = _triton.row_block(n_cols)
-        _triton.launch(
-            _norm_backward, (programs,), x.device, dy_rows, rows, scale, mean, rstd, dx, dw, db,
-            dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols,
-            _triton.cdiv(n_rows, programs), RMS=ctx.rms, HAS_BIAS=ctx.has_bias, BLOCK=block,
-            ACC=_triton.accumulator(x.dtype),
-            num_warps=_triton.warps_for(block, x.element_size()),
-        )
-        dbias = db.sum(0).to(scale.dtype) if ctx.has_bias else None
-        return dx.view(x.shape), dw.sum(0).to(scale.dtype), dbias, None, None
+        dx, dw, db = _triton.plain(functools.partial(_backward, has_bias=ctx.has_bias, rms=ctx.rms),
+                                   dy, x, scale, mean, rstd)
+        return dx, dw, db, None, None
+
+
+def _backward(dy, x, scale, mean, rstd, *, has_bias: bool, rms: bool):
+    rows, dy_rows = _rows(x), _rows(dy)
+    n_rows, n_cols = rows.shape
+    programs = _triton.reduction_programs(x.device, n_rows)
+    dx = torch.empty_like(rows)
+    dw = torch.empty(programs, n_cols, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    db = torch.empty_like(dw) if has_bias else dw
+    block = _triton.row_block(n_cols)
+    _triton.launch(
+        _norm_backward, (programs,), x.device, dy_rows, rows, scale, mean, rstd, dx, dw, db,
+        dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols,
+        _triton.cdiv(n_rows, programs), RMS=rms, HAS_BIAS=has_bias, BLOCK=block,
+        ACC=_triton.accumulator(x.dtype), num_warps=_triton.warps_for(block, x.element_size()),
+    )
+    dbias = db.sum(0).to(scale.dtype) if has_bias else None
+    return dx.view(x.shape), dw.sum(0).to(scale.dtype), dbias
 
 
 def rms_norm(

@@ -129,12 +129,16 @@ class _Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        rot = cos.shape[-1]
-        dq = dq if dq.stride(-1) == 1 else dq.contiguous()
-        dk = dk if dk.stride(-1) == 1 else dk.contiguous()
-        dq_in, dk_in = _output(dq, rot, False), _output(dk, rot, False)
-        _launch(dq, dk, dq_in, dk_in, cos, sin, backward=True)
-        return dq_in, dk_in, None, None, None
+        return (*_triton.plain(_backward, dq, dk, cos, sin), None, None, None)
+
+
+def _backward(dq, dk, cos, sin):
+    rot = cos.shape[-1]
+    dq = dq if dq.stride(-1) == 1 else dq.contiguous()
+    dk = dk if dk.stride(-1) == 1 else dk.contiguous()
+    dq_in, dk_in = _output(dq, rot, False), _output(dk, rot, False)
+    _launch(dq, dk, dq_in, dk_in, cos, sin, backward=True)
+    return dq_in, dk_in
 
 
 def apply_rotary(

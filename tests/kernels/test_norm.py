@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from fastllm import nn
+from fastllm.kernels import layer_norm, rms_norm
+from helpers import compare
+
+SHAPES = [(3, 8), (2, 5, 37), (4, 130)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_matches_reference(shape, dtype):
+    x, scale = torch.randn(shape).to(dtype), (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    compare(lambda x, s, impl: rms_norm(x, s, 1e-6, impl=impl), (x, scale), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_layer_norm_matches_reference(shape, dtype):
+    x = (3 + torch.randn(shape)).to(dtype)
+    scale, bias = (1 + 0.1 * torch.randn(shape[-1])).to(dtype), torch.randn(shape[-1]).to(dtype)
+    compare(lambda x, s, b, impl: layer_norm(x, s, b, 1e-5, impl=impl), (x, scale, bias), dtype)
+
+
+def test_references_equal_the_nn_layers():
+    x, s, b = torch.randn(3, 37), torch.randn(37), torch.randn(37)
+    torch.testing.assert_close(rms_norm(x, s, 1e-6, impl="torch"), nn.norm.rms_norm(x, s, 1e-6))
+    torch.testing.assert_close(layer_norm(x, s, b, 1e-5, impl="torch"), nn.norm.layer_norm(x, s, b, 1e-5))
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, s: rms_norm(x, s, 1e-6, impl="triton"), (x, s))
+    assert torch.autograd.gradcheck(lambda x, s, b: layer_norm(x, s, b, 1e-5, impl="triton"), (x, s, b))
+
+
+def test_works_under_torch_func_grad():
+    x, s = torch.randn(4, 9), torch.randn(9)
+    grad = torch.func.grad(lambda s: rms_norm(x, s, 1e-6, impl="triton").square().sum())(s)
+    want = torch.func.grad(lambda s: rms_norm(x, s, 1e-6, impl="torch").square().sum())(s)
+    torch.testing.assert_close(grad, want)
