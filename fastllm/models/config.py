@@ -114,4 +114,12 @@ class ModelConfig:
         return self.n_heads // self.n_kv_heads
 
     def replace(self, **changes) -> "ModelConfig":
+        """A validated copy with ``changes``. ``head_dim`` and ``n_kv_heads`` that were derived
+        (``embed_dim // n_heads``, multi-head) are derived again from the new shapes unless given,
+        so ``preset("llama2-7b").replace(embed_dim=64, n_heads=4)`` gets ``head_dim=16``."""
+        reshaped = "embed_dim" in changes or "n_heads" in changes
+        if reshaped and "head_dim" not in changes and self.head_dim == self.embed_dim // self.n_heads:
+            changes["head_dim"] = None
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = None
         return dataclasses.replace(self, **changes)

@@ -85,3 +85,13 @@ def test_required_presets_exist_with_family_features():
         if name.startswith("tiny-"):
             base = models.preset(name)
             assert models.param_count(base) < 1_000_000 and base.family != "custom"
+
+
+def test_replace_derives_head_dim_and_kv_heads_again():
+    small = models.preset("llama2-7b", embed_dim=64, n_heads=4)
+    assert (small.head_dim, small.n_kv_heads) == (16, 4)
+    assert models.preset("tiny-llama").head_dim == 16
+    explicit = models.preset("llama2-7b", head_dim=64, embed_dim=1024)
+    assert explicit.head_dim == 64
+    gqa = models.preset("llama3-8b", n_heads=16)  # grouped-query heads are kept as given
+    assert gqa.n_kv_heads == 8 and gqa.head_dim == 256
