@@ -106,3 +106,19 @@ def test_update_compiles_once_without_graph_breaks(monkeypatch):
     assert counter.frame_count == 1  # the step count is data: no recompilation per step
     for a, b in zip(tree.leaves(params), tree.leaves(eager_params)):  # masks see real paths
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-mixtral"])
+def test_default_mask_on_the_real_parameter_trees(preset):
+    from fastllm.models import decoder, presets
+    from fastllm.nn import param
+
+    specs = decoder.param_specs(presets.preset(preset))
+    shapes = tree.map(lambda s: torch.empty(s.shape, device="meta"), specs, is_leaf=param.is_param)
+    decayed = {path for path, leaf in tree.leaves_with_path(shapes)
+               if optim.default_decay_mask(path, leaf)}
+    for path, leaf in tree.leaves_with_path(shapes):
+        name = path.split(".")[-1]
+        is_matrix_weight = leaf.ndim >= 2 and (name.startswith("w") or name == "router")
+        assert (path in decayed) == (is_matrix_weight and not path.startswith("embed")), path
+    assert ("lm_head.w" in decayed) == (preset == "tiny-mixtral")  # gpt2 ties the head to embed
