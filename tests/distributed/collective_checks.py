@@ -22,9 +22,17 @@ from fastllm.sharding import collectives as raw
 SHAPE = (4, 8, 12)  # every dim divisible by 2 and by 4
 
 
+def device() -> torch.device:
+    """The rank's device: its GPU under NCCL (nccl_checks.py), else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def rand(seed_name: str, global_rank: int, shape) -> torch.Tensor:
     seed = zlib.crc32(f"{seed_name}/{global_rank}".encode())
-    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    value = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return value.to(device())
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -136,9 +144,9 @@ def check_fallbacks(mesh: Mesh, axis: str) -> None:
 # --- layouts the rules will produce ------------------------------------------------------------
 def check_groups(mesh: Mesh, axis: str) -> None:
     """The group along ``axis`` holds exactly mesh.ranks(axis), in coordinate order."""
-    me = torch.tensor([float(mesh.global_rank)], dtype=torch.float64)
+    me = torch.tensor([float(mesh.global_rank)], dtype=torch.float64, device=device())
     got = C.all_gather(me, 0, axis, mesh)
-    close(got, torch.tensor(mesh.ranks(axis), dtype=torch.float64), "group members")
+    close(got, torch.tensor(mesh.ranks(axis), dtype=torch.float64, device=device()), "group members")
     assert mesh.rank_of(mesh.coords) == mesh.global_rank == dist.get_rank()
 
 
