@@ -12,6 +12,7 @@ A *recipe* is a plain Python file defining ``config()`` that returns the top-lev
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 import json
@@ -27,6 +28,7 @@ __all__ = [
     "require",
     "apply_overrides",
     "override",
+    "validate",
     "parse_value",
     "to_dict",
     "from_dict",
@@ -89,7 +91,10 @@ def _parse_scalar(text: str, tp: Any) -> Any:
         try:
             return int(text.replace("_", ""), 0)
         except ValueError:
-            number = float(text)  # "1e3" is a fine way to write 1000
+            try:
+                number = float(text)  # "1e3" is a fine way to write 1000
+            except ValueError:
+                raise ValueError(f"expected an integer, got {text!r}") from None
             if not number.is_integer():
                 raise ValueError(f"expected an integer, got {text!r}") from None
             return int(number)
@@ -151,8 +156,20 @@ def parse_value(text: str, tp: Any, _in_container: bool = False) -> Any:
     return _parse_scalar(text, inner)
 
 
-def override(config: Any, key: str, text: str, *, _prefix: str = "") -> Any:
-    """``config`` with the dotted ``key`` set from ``text``; errors name the full key."""
+def _with_field(config: Any, name: str, value: Any, check: bool) -> Any:
+    if check:
+        return dataclasses.replace(config, **{name: value})
+    unchecked = copy.copy(config)  # validated later, once every override is in (see apply_overrides)
+    object.__setattr__(unchecked, name, value)
+    return unchecked
+
+
+def override(config: Any, key: str, text: str, *, check: bool = True, _prefix: str = "") -> Any:
+    """``config`` with the dotted ``key`` set from ``text``; errors name the full key.
+
+    ``check=False`` parses the value but skips the dataclasses' validation (used between several
+    overrides, which may only be consistent together).
+    """
     head, _, rest = key.partition(".")
     full = f"{_prefix}{head}"
     fields = _fields(config)
@@ -167,18 +184,25 @@ def override(config: Any, key: str, text: str, *, _prefix: str = "") -> Any:
             current = inner()  # an unset optional section comes alive when a field of it is set
         if not dataclasses.is_dataclass(current):
             raise ConfigError(f"unknown config key {full + '.' + rest!r}: {full!r} is a value, not a section")
-        value = override(current, rest, text, _prefix=f"{full}.")
+        value = override(current, rest, text, check=check, _prefix=f"{full}.")
     else:
         try:
             value = parse_value(text, tp)
         except (ValueError, TypeError) as error:
             raise ConfigError(f"bad value for {full}={text!r}: {error}") from None
     try:
-        return dataclasses.replace(config, **{head: value})
+        return _with_field(config, head, value, check)
     except ConfigError:
         raise
     except (ValueError, TypeError) as error:
-        raise ConfigError(f"invalid {full}={text!r}: {error}") from None
+        raise ConfigError(f"invalid {_prefix}{key}={text!r}: {error}") from None
+
+
+def validate(config: Any) -> Any:
+    """Rebuild every dataclass of the tree bottom-up, running each ``__post_init__`` again."""
+    changes = {name: validate(getattr(config, name)) for name in _fields(config)
+               if dataclasses.is_dataclass(getattr(config, name))}
+    return dataclasses.replace(config, **changes)
 
 
 def _split_assignment(item: str) -> tuple[str, str]:
@@ -190,10 +214,17 @@ def _split_assignment(item: str) -> tuple[str, str]:
 
 def apply_overrides(config: Any, overrides: Iterable[str] | dict[str, Any]) -> Any:
     """Apply ``["a.b=1", ...]`` (or ``{"a.b": "1"}``) in order."""
-    pairs = overrides.items() if isinstance(overrides, dict) else map(_split_assignment, overrides)
+    pairs = list(overrides.items() if isinstance(overrides, dict) else map(_split_assignment, overrides))
+    pairs = [(key, text if isinstance(text, str) else json.dumps(text)) for key, text in pairs]
+    if len(pairs) == 1:
+        return override(config, *pairs[0])
     for key, text in pairs:
-        config = override(config, key, text if isinstance(text, str) else json.dumps(text))
-    return config
+        config = override(config, key, text, check=False)
+    try:
+        return validate(config)
+    except (ValueError, TypeError) as error:
+        applied = " ".join(f"{key}={text}" for key, text in pairs)
+        raise ConfigError(f"invalid config after overrides [{applied}]: {error}") from None
 
 
 def _jsonable(value: Any) -> Any:

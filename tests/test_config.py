@@ -131,3 +131,19 @@ def test_tuple_of_dataclasses_from_strings_or_json():
     parsed = cfg.apply_overrides(Holder(), ['items=[{"path": "a", "weight": 0.5}]'])
     assert parsed.items == (Item("a", 0.5),)
     assert cfg.from_dict(Holder, cfg.to_dict(parsed)) == parsed
+
+
+@dataclass(frozen=True)
+class Pair:
+    low: int = 0
+    high: int = 10
+
+    def __post_init__(self):
+        cfg.require(self.low <= self.high, "low", f"{self.low} exceeds high={self.high}")
+
+
+def test_overrides_are_validated_together_not_one_by_one():
+    assert cfg.apply_overrides(Pair(), ["high=30", "low=20"]) == Pair(20, 30)
+    assert cfg.apply_overrides(Pair(), ["low=20", "high=30"]) == Pair(20, 30)
+    with pytest.raises(cfg.ConfigError, match=r"after overrides \[low=20 high=15\]: low: 20 exceeds high=15"):
+        cfg.apply_overrides(Pair(), ["low=20", "high=15"])

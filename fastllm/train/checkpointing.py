@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from fastllm import random, tree
 from fastllm.train.state import TrainState
 
-__all__ = ["CheckpointError", "save", "load", "latest", "prune", "checkpoint_dir", "read_state_json"]
+__all__ = ["CheckpointError", "save", "load", "load_model", "latest", "prune", "checkpoint_dir", "read_state_json"]
 
 _NAME = re.compile(r"^step_(\d{8})$")
 TENSORS, STATE = "tensors.safetensors", "state.json"
@@ -142,3 +142,21 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
     """Delete all but the ``keep`` newest checkpoints."""
     for _, path in _complete(checkpoint_dir(run_dir))[:-keep]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dict[str, Any]]:
+    """(ModelConfig, params, saved config dict) of a training checkpoint, without its optimizer state.
+
+    ``path`` is a checkpoint directory or a run directory (its newest checkpoint is used).
+    """
+    from fastllm.config import from_dict
+    from fastllm.train.config import Config
+
+    path = Path(path)
+    if not (path / STATE).is_file() and latest(path) is not None:
+        path = latest(path)
+    meta = read_state_json(path)
+    config = from_dict(Config, meta["config"])
+    flat = {name[len("params."):]: t.to(device) for name, t in load_file(str(path / TENSORS)).items()
+            if name.startswith("params.")}
+    return config.model_config, tree.unflatten(flat), meta["config"]

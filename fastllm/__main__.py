@@ -1,0 +1,7 @@
+"""``python -m fastllm``: the same command line as ``fastllm``."""
+
+import sys
+
+from fastllm.cli import main
+
+sys.exit(main())

@@ -1,0 +1,43 @@
+"""Every recipe builds and validates; overrides are checked against the schema."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fastllm.config import ConfigError, load_recipe
+from fastllm.train.config import Config
+
+RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.py"))
+REQUIRED = {"quickstart", "smollm2_135m", "llama3_8b", "mistral_7b", "mixtral_8x7b", "starcoder", "gpt2"}
+
+
+def test_every_required_recipe_exists():
+    assert REQUIRED <= {path.stem for path in RECIPES}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_builds_and_validates(path):
+    _, config = load_recipe(path)
+    assert isinstance(config, Config)
+    model = config.model_config  # the preset resolves with the recipe's overrides
+    assert config.data.seq_len <= model.max_seq_len
+    assert config.train.steps > 0 and config.data.datasets
+    _, changed = load_recipe(path, ["train.steps=7", "optim.warmup_steps=1", "model.n_layers=2"])
+    assert changed.train.steps == 7 and changed.model_config.n_layers == 2
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stepz=3", "unknown config key 'train.stepz'"),
+    ("train.steps=many", "bad value for train.steps='many': expected an integer"),
+    ("train.precision=fp8", "train.precision='fp8': must be one of"),
+    ("model.preset=gpt5", "model.preset: unknown preset 'gpt5'"),
+    ("model.n_heads=5", "n_heads"),
+    ("zero.stage=4", "zero.stage"),
+    ("data.seq_len=100000", "data.seq_len: 100000 exceeds the model's max_seq_len"),
+    ("optim.betas=0.9", "optim.betas"),
+])
+def test_bad_override_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_recipe(RECIPES[0], [override])
