@@ -17,11 +17,12 @@ def params(
     in_dim: int,
     out_dim: int,
     *,
+    axes: tuple[str, str],
     bias: bool = False,
-    axes: tuple[str, str] = ("out", "in"),
     std: float = 0.02,
 ) -> dict:
-    """``{"w": [out, in], "b": [out]}``; ``axes`` names the (out, in) dimensions."""
+    """``{"w": [out, in], "b": [out]}``; ``axes`` names the (out, in) dimensions, e.g.
+    ``("mlp", "embed")``: required, because the sharding rules place weights by these names."""
     spec = {"w": Param((out_dim, in_dim), axes, normal(std))}
     if bias:
         spec["b"] = Param((out_dim,), axes[:1], zeros())

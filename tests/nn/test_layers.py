@@ -132,7 +132,7 @@ def test_block_is_two_pre_norm_residual_lines():
 def test_wrong_embed_size_is_a_type_check_error():
     from beartype.roar import BeartypeCallHintViolation
 
-    p = _init(nn.linear.params(16, 8))
+    p = _init(nn.linear.params(16, 8, axes=("mlp", "embed")))
     with pytest.raises((TypeCheckError, BeartypeCallHintViolation)):
         nn.linear.apply(p, torch.randn(2, 3, 12))  # the weight expects 16 input features
     layer = nn.Attention(embed_dim=16, n_heads=4)
