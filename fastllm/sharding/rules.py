@@ -97,7 +97,9 @@ def spec_for(
         raise ValueError(f"{path}: logical axes {axes} and shape {shape} differ in rank")
     unknown = sorted({name for name in axes if name is not None and name not in rules.names})
     if unknown:
-        raise ValueError(f"{path}: no rule for logical axes {unknown} (axes {axes}); add them to the rules table")
+        raise ValueError(
+            f"{path}: no rule for logical axes {unknown} (axes {axes}); add them to the rules table"
+        )
     decided: list[tuple[str, ...] | None] = [None if name is None else () for name in axes]
     undecided = {dim for dim, name in enumerate(axes) if name is not None}
     used: set[str] = set()
@@ -113,7 +115,9 @@ def spec_for(
     return _with_fallback(spec, shape, mesh, rules.fallback)
 
 
-def _with_fallback(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, axis: str | None) -> PartitionSpec:
+def _with_fallback(
+    spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh, axis: str | None
+) -> PartitionSpec:
     if axis is None or axis in spec.used_axes or mesh.size(axis) == 1:
         return spec
     local = local_shape(shape, spec, mesh)

@@ -75,7 +75,9 @@ def _as_axes(entry) -> tuple[str, ...]:
 
 def _check_rank(shape: tuple[int, ...], spec: PartitionSpec, name: str) -> None:
     if len(shape) != len(spec):
-        raise ValueError(f"{name}: spec {spec!r} has {len(spec)} entries but the shape {shape} has {len(shape)} dims")
+        raise ValueError(
+            f"{name}: spec {spec!r} has {len(spec)} entries but the shape {shape} has {len(shape)} dims"
+        )
 
 
 def local_shape(

@@ -23,6 +23,15 @@ def test_single_process_mesh_needs_no_distributed_init():
     assert torch.equal(unshard(shard(x, spec, mesh), spec, mesh), x)
 
 
+def test_from_env_without_torchrun_is_one_process(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    mesh = Mesh.from_env(data=-1, tensor=1, pipe=1)
+    assert mesh.world_size == 1 and not mesh.is_abstract and mesh.device.type == "cpu"
+    with pytest.raises(ValueError, match="multiply to 4 ranks"):
+        Mesh.from_env(data=2, tensor=2)
+
+
 def test_rank_order_is_tensor_fastest_then_data_then_pipe():
     shape = dict(pipe=2, data=3, tensor=2)
     grid = [Mesh.abstract(**shape, rank=r).coords for r in range(12)]
