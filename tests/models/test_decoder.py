@@ -209,3 +209,13 @@ def test_vmap_over_sequences_equals_batched_apply():
         warnings.simplefilter("ignore", UserWarning)
         per_row = torch.func.vmap(lambda row: models.apply(config, params, row[None])[0])(tokens)
     torch.testing.assert_close(per_row, models.apply(config, params, tokens), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-mixtral"])
+def test_bfloat16_layernorm_and_moe_families_run_in_bfloat16(name):
+    config = models.preset(name)
+    params = models.init(config, random.key(0), dtype=torch.bfloat16)
+    batch = _batch(config)
+    assert models.apply(config, params, batch["tokens"]).dtype == torch.bfloat16
+    loss, metrics = models.loss(config, params, batch)
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(config.vocab_size)) < 0.7
