@@ -51,12 +51,32 @@ def _all_reduce(t: Tensor, shard: Optional[VocabShard], op: str, differentiable:
 
     reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
     if differentiable:
-        from torch.distributed.nn.functional import all_reduce
-
-        return all_reduce(t, op=reduce_op, group=shard.group)
+        return _SumOverShards.apply(t, shard.group)
     t = t.clone()
     dist.all_reduce(t, op=reduce_op, group=shard.group)
     return t
+
+
+class _SumOverShards(torch.autograd.Function):
+    """All-reduce sum whose backward is the identity: every rank computes the same loss from the
+    summed statistics, so each shard's gradient is just the loss gradient (Megatron's convention;
+    ``torch.distributed.nn.all_reduce`` would sum it over ranks instead)."""
+
+    @staticmethod
+    def forward(t, group):
+        import torch.distributed as dist
+
+        t = t.clone()
+        dist.all_reduce(t, group=group)
+        return t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
 
 
 def _per_token_loss(lse, target_logit, logit_sum, vocab, z_loss, label_smoothing):
@@ -140,7 +160,7 @@ class _Options:
     z_loss: float
     label_smoothing: float
     reduction: Literal["mean", "sum"]
-    chunk_size: int
+    chunk_size: Optional[int]
     shard: Optional[VocabShard]
     grad_hidden: bool
     grad_weight: bool
