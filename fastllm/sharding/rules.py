@@ -111,7 +111,14 @@ def spec_for(
                 used.update(targets)
                 undecided.discard(dim)
     spec = PartitionSpec(*[entry or None for entry in decided])
-    local_shape(shape, spec, mesh, name=path)  # raises, naming path, dim and sizes
+    for dim, name in enumerate(axes):
+        parts = mesh.size(spec.axes(dim))
+        if shape[dim] % parts:
+            raise ValueError(
+                f"{path}: dim {dim} ({name!r}) of size {shape[dim]} cannot be split over mesh axes "
+                f"{spec.axes(dim)} ({parts} ranks): {shape[dim]} is not divisible by {parts}; pad it, "
+                f"or put a rule ({name!r}, None) before the one that splits it"
+            )
     return _with_fallback(spec, shape, mesh, rules.fallback)
 
 

@@ -54,7 +54,7 @@ def test_unknown_logical_name_is_an_error_naming_it():
 
 
 def test_indivisible_dim_is_an_error_naming_path_dim_and_sizes():
-    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wk: dim 0 of size 3 .*'tensor'.*2 ranks"):
+    with pytest.raises(ValueError, match=r"layers\.1\.attention\.wk: dim 0 \('kv_heads'\) of size 3 .*'tensor'.*2 ranks"):
         spec_for(("kv_heads", "head_dim", "embed"), (3, 4, 8), MESH, COMPUTE_RULES, path="layers.1.attention.wk")
 
 
@@ -150,3 +150,32 @@ def test_resolve_accepts_tensors_and_plain_tables_and_checks_structure():
         resolve(axes, {"w": (8, 4), "b": (8,), "c": (2,)}, MESH, COMPUTE_RULES)
     with pytest.raises(ValueError, match="w: logical axes .* differ in rank"):
         resolve(axes, {"w": (8,), "b": (8,)}, MESH, COMPUTE_RULES)
+
+
+def test_default_tables_cover_every_model_preset():
+    """Every logical name the models use has a rule; ZeRO-3 storage gives each weight a data shard."""
+    from fastllm import models
+
+    mesh = Mesh.abstract(data=2)
+    for name in models.PRESETS:
+        config = models.preset(name, n_layers=1)  # every block alike: one is enough, and fast
+        specs = models.param_specs(config)
+        for rules in (COMPUTE_RULES, STORAGE_RULES):
+            resolved = resolve(models.logical_axes(config), nn.shapes(specs), mesh, rules)
+            for (path, param), spec in zip(
+                tree.leaves_with_path(specs, is_leaf=nn.is_param), tree.leaves(resolved, is_leaf=is_spec)
+            ):
+                shardable = any(size % 2 == 0 for size in param.shape)
+                assert ("data" in spec.used_axes) == (rules is STORAGE_RULES and shardable), (name, path, spec)
+
+
+def test_kv_heads_fewer_than_tensor_ranks_can_be_replicated_by_a_rule():
+    from fastllm import models
+
+    config = models.PRESETS["starcoder-1b"]  # multi-query attention: one kv head
+    mesh = Mesh.abstract(tensor=2)
+    axes, shapes = models.logical_axes(config), nn.shapes(models.param_specs(config))
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.\w+: dim 0 \('kv_heads'\) of size 1 .*pad it, or put"):
+        resolve(axes, shapes, mesh, COMPUTE_RULES)
+    flat = tree.flatten(resolve(axes, shapes, mesh, Rules((("kv_heads", None),)) + COMPUTE_RULES), is_leaf=is_spec)
+    assert flat["layers.0.attention.wk"] == (None, None, None) and flat["layers.0.attention.wq"][0] == "tensor"
