@@ -119,7 +119,13 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may come before or after --options: argparse leaves the later ones unparsed.
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command == "train" and not any(item.startswith("-") for item in rest):
+        args.overrides = list(args.overrides) + rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return int(args._run(args) or 0)
 
 
