@@ -274,6 +274,9 @@ def all_to_all(x: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mesh
     """Re-shard: cut ``split_dim`` into one block per rank, send block ``j`` to rank ``j``, and
     concatenate the received blocks along ``concat_dim`` in rank order (Ulysses' sequence <->
     heads exchange, expert dispatch). Backward: the inverse ``all_to_all``.
+
+    With ``x`` this rank's block of a global tensor along ``concat_dim``, the result is its block
+    along ``split_dim``. (``split_dim == concat_dim`` is allowed but is a block transpose.)
     """
     if mesh.size(axis) == 1:
         return x
