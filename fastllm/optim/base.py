@@ -70,7 +70,11 @@ def chain(*transforms: GradientTransformation) -> GradientTransformation:
 
 def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     """``params + updates`` leaf by leaf, each update cast to its parameter's dtype."""
-    return tree.map(lambda p, u: p + u.to(p.dtype), params, updates)
+    leaves, spec = optree.tree_flatten(params)
+    if not leaves:
+        return params
+    deltas = [u.to(p.dtype) for p, u in zip(leaves, tree.leaves(updates))]
+    return optree.tree_unflatten(spec, list(torch._foreach_add(leaves, deltas)))
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:
@@ -79,9 +83,10 @@ def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:
     With sharded leaves pass ``reduce`` (e.g. an all-reduce over the shard group): it receives the
     local sum of squares.
     """
-    norms = [torch.linalg.vector_norm(x, dtype=torch.float32) for x in tree.leaves(updates)]
-    if not norms:
+    leaves = tree.leaves(updates)
+    if not leaves:
         return torch.zeros((), dtype=torch.float32)
+    norms = torch._foreach_norm(leaves, 2, dtype=torch.float32)  # one kernel for many leaves
     squares = torch.stack(norms).square().sum()
     if reduce is not None:
         squares = reduce(squares)

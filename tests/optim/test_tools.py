@@ -122,3 +122,16 @@ def test_default_mask_on_the_real_parameter_trees(preset):
         is_matrix_weight = leaf.ndim >= 2 and (name.startswith("w") or name == "router")
         assert (path in decayed) == (is_matrix_weight and not path.startswith("embed")), path
     assert ("lm_head.w" in decayed) == (preset == "tiny-mixtral")  # gpt2 ties the head to embed
+
+
+def test_bf16_gradients_use_fp32_moments():
+    params = {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(0))}
+    grads = {"w": torch.randn(4, 4, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)}
+    opt = optim.adamw(1e-2, mask=optim.decay_all)
+    from_bf16, state = opt.update(grads, opt.init(params), params)
+    from_fp32, _ = opt.update(optim.cast_tree(grads, torch.float32), opt.init(params), params)
+    assert optim.get_state(state, optim.ScaleByAdamState).mu["w"].dtype == torch.float32
+    assert from_bf16["w"].dtype == torch.float32
+    torch.testing.assert_close(from_bf16["w"], from_fp32["w"], rtol=0, atol=0)
+    bf16_params = optim.cast_tree(params, torch.bfloat16)
+    assert optim.apply_updates(bf16_params, from_bf16)["w"].dtype == torch.bfloat16
