@@ -94,14 +94,14 @@ def _find_tokenizer(checkpoint: Path, explicit: Optional[str]) -> Path:
 
 
 def _load_any(path: Path, device: str):
-    if (path / "config.json").is_file() and not (path / "state.json").is_file():
-        from fastllm import hf
-
-        return hf.load(path, device=device)
     from fastllm.train import checkpointing
 
-    config, params, _ = checkpointing.load_model(path, device=device)
-    return config, params
+    if (path / checkpointing.STATE).is_file() or checkpointing.latest(path) is not None:
+        config, params, _ = checkpointing.load_model(path, device=device)
+        return config, params
+    from fastllm import hf
+
+    return hf.load(path, device=device)
 
 
 def _run_generate(args: argparse.Namespace) -> int:

@@ -102,6 +102,9 @@ class Trainer:
         if found is None:
             return None
         state, extra = checkpointing.load(found, self.init_state(), device=self.device)
+        if extra.get("config") != to_dict(self.config):
+            print(f"note: resuming from {found}, written with a different config (run.resume=false starts afresh)")
+        print(f"resuming from {found} at step {state.step}")
         self.train_data.load_state_dict(extra["data"]["train"])
         return state
 
