@@ -173,11 +173,14 @@ def _attempt(fn: Callable[[], Any]) -> Any:
         return _Failed(error)
 
 
-def _all_ok(mesh: Mesh, outcome: Any, what: str) -> list[Any]:
-    """Every rank's outcome; raise on every rank when any failed (so none waits for the others)."""
+def _all_ok(mesh: Mesh, outcome: Any, what: str, cleanup: Callable[[], None] = lambda: None) -> list[Any]:
+    """Every rank's outcome; raise on every rank when any failed (so none waits for the others),
+    after ``cleanup`` has run on every rank."""
     outcomes = _gather(mesh, outcome)
     failed = [(rank, out) for rank, out in enumerate(outcomes) if isinstance(out, _Failed)]
     if failed:
+        cleanup()
+        _gather(mesh, None)  # barrier: no rank returns before the cleanup is done everywhere
         rank, failure = failed[0]
         mine = outcome.error if isinstance(outcome, _Failed) else None
         raise CheckpointError(f"sharded save ({what}) failed on rank {rank}: {failure.text}") from mine
@@ -201,38 +204,39 @@ def save(
     rank 0 has committed the directory (so any rank may load it right away).
     """
     path, hook = Path(path), _hook or (lambda stage: None)
-
-    def describe() -> tuple[dict, dict]:
-        if set(trees) != set(specs):
-            raise CheckpointError(f"trees {sorted(trees)} and specs {sorted(specs)} name different trees")
-        entries, mine = {}, {}
-        for name in trees:
-            entries[name], blocks = _describe(name, trees[name], specs[name], mesh)
-            mine.update(blocks)
-        return json.loads(json.dumps(entries)), mine
-
-    described = _attempt(describe)
+    described = _attempt(lambda: _describe_all(trees, specs, mesh))
     index = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe")
     if any(entry != index[0] for entry in index):
         rank = next(r for r, entry in enumerate(index) if entry != index[0])
         raise CheckpointError(f"sharded save: rank {rank} holds other paths, shapes, dtypes or specs "
                               "than rank 0")
-    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if mesh.global_rank == 0 else None,
-                  "create directory")[0]
-    try:
+    is_first = mesh.global_rank == 0
+    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create")[0]
+
+    def write() -> dict:  # hooks run inside the attempt, so a failing one aborts every rank
         hook("tmp_created")
-        files = _all_ok(mesh, _attempt(lambda: _write_shards(tmp, mesh.global_rank, described[1], checksum)),
-                        "write shards")
+        written = _write_shards(tmp, mesh.global_rank, described[1], checksum)
         hook("shards_written")
-    except BaseException:
-        if mesh.global_rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        return written
+
+    files = _all_ok(mesh, _attempt(write), "write shards",
+                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if is_first else None)
     outcome = None
-    if mesh.global_rank == 0:
+    if is_first:
         outcome = _attempt(lambda: _commit(tmp, path, index[0], files, mesh, metadata, checksum, hook))
     _all_ok(mesh, outcome, "commit")
     return path
+
+
+def _describe_all(trees: Mapping[str, PyTree], specs: Mapping[str, PyTree], mesh: Mesh) -> tuple[dict, dict]:
+    """(index entries of every tree, as JSON would return them; this rank's blocks to write)."""
+    if set(trees) != set(specs):
+        raise CheckpointError(f"trees {sorted(trees)} and specs {sorted(specs)} name different trees")
+    entries, mine = {}, {}
+    for name in trees:
+        entries[name], blocks = _describe(name, trees[name], specs[name], mesh)
+        mine.update(blocks)
+    return json.loads(json.dumps(entries)), mine
 
 
 def _make_tmp(path: Path, overwrite: bool) -> Path:
