@@ -21,6 +21,8 @@ from torch import Tensor
 
 from fastllm import nn, random
 from fastllm.models.config import ModelConfig
+from fastllm.nn import layout as L
+from fastllm.nn.layout import Layout
 
 __all__ = [
     "param_specs",
@@ -122,11 +124,12 @@ def logical_axes(config: ModelConfig) -> dict:
 
 
 def _embed(
-    config: ModelConfig, params: dict, tokens: Tensor, positions: Tensor
+    config: ModelConfig, params: dict, tokens: Tensor, positions: Tensor, layout: Optional[Layout]
 ) -> Float[Tensor, "batch seq embed"]:
-    h = nn.embedding.apply(params["embed"]["tokens"], tokens)
+    embed = L.params(layout, "embed", params["embed"])
+    h = L.embed(layout, embed["tokens"], tokens)
     if config.positions == "learned":
-        h = h + nn.embedding.apply(params["embed"]["positions"], positions)
+        h = h + nn.embedding.apply(embed["positions"], L.local_seq(layout, positions))
     return h
 
 
@@ -137,23 +140,32 @@ def forward(
     *,
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    layout: Optional[Layout] = None,
 ) -> tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]]:
-    """(logits in the params' dtype, aux) with aux ``moe_aux_loss`` and ``router_z_loss``."""
+    """(logits in the params' dtype, aux) with aux ``moe_aux_loss`` and ``router_z_loss``.
+
+    ``layout`` (a parallel layout from ``fastllm.sharding``; ``None``: one device): ``params`` are
+    this rank's shards and the logits this rank's block of the vocabulary.
+    """
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
-    h = _embed(config, params, tokens, positions)  # [batch, seq, embed]
+    h = _embed(config, params, tokens, positions, layout)  # [batch, seq, embed]
     rot = rotary_layer(config)
     rope = None if rot is None else nn.rotary.cos_sin(rot, positions, dtype=h.dtype)
     router_logits = []
     for index, layer_params in enumerate(params["layers"]):
         h, logits_of_router = nn.block.apply(
-            block_layer(config, index), layer_params, h, rope=rope, segment_ids=segment_ids
+            block_layer(config, index), L.params(layout, f"layers.{index}", layer_params), h,
+            rope=rope, segment_ids=segment_ids, layout=layout,
         )
         if logits_of_router is not None:
             router_logits.append(logits_of_router)
-    h = nn.norm.apply(params["final_norm"], h, eps=config.norm_eps)
-    head = params["embed"]["tokens"] if config.tie_embeddings else params["lm_head"]["w"]
-    logits = nn.linear.linear(h, head)  # [batch, seq, vocab]
+    h = nn.norm.apply(L.params(layout, "final_norm", params["final_norm"]), h, eps=config.norm_eps)
+    if config.tie_embeddings:
+        head = L.params(layout, "embed", params["embed"])["tokens"]
+    else:
+        head = L.params(layout, "lm_head", params["lm_head"])["w"]
+    logits = nn.linear.linear(L.enter_parallel(layout, h), head)  # [batch, seq, vocab]
     return logits, _aux_losses(config, router_logits, h)
 
 
@@ -174,12 +186,15 @@ def apply(
     *,
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    layout: Optional[Layout] = None,
 ) -> Float[Tensor, "batch seq vocab"]:
-    """Next-token logits ``[batch, seq, vocab]``."""
-    return forward(config, params, tokens, positions=positions, segment_ids=segment_ids)[0]
+    """Next-token logits ``[batch, seq, vocab]`` (this rank's vocab block under a ``layout``)."""
+    return forward(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout)[0]
 
 
-def loss(config: ModelConfig, params: dict, batch: dict) -> tuple[Tensor, dict[str, Tensor]]:
+def loss(
+    config: ModelConfig, params: dict, batch: dict, *, layout: Optional[Layout] = None
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean cross-entropy over valid targets plus the weighted MoE auxiliary losses.
 
     ``batch``: ``tokens`` and ``targets`` ``[batch, seq]`` int64 (-100 ignored), optional
@@ -190,9 +205,9 @@ def loss(config: ModelConfig, params: dict, batch: dict) -> tuple[Tensor, dict[s
             raise KeyError(f"loss: batch has no {name!r} (keys: {sorted(batch)})")
     logits, aux = forward(
         config, params, batch["tokens"],
-        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout,
     )
-    ce, valid = nn.cross_entropy(logits, batch["targets"], loss_mask=batch.get("loss_mask"))
+    ce, valid = L.cross_entropy(layout, logits, batch["targets"], batch.get("loss_mask"))
     total = ce
     if config.moe is not None:
         total = total + config.moe.aux_loss_coef * aux["moe_aux_loss"]

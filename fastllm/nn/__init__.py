@@ -9,7 +9,7 @@ never a model config, so new architectures compose them freely::
     y = nn.attention.apply(layer, p, x)
 """
 
-from fastllm.nn import attention, block, embedding, linear, loss, mlp, moe, norm, param, rotary
+from fastllm.nn import attention, block, embedding, layout, linear, loss, mlp, moe, norm, param, rotary
 from fastllm.nn.attention import Attention, dot_product_attention
 from fastllm.nn.block import Block
 from fastllm.nn.loss import IGNORE_INDEX, cross_entropy
@@ -28,6 +28,7 @@ __all__ = [
     "mlp",
     "moe",
     "block",
+    "layout",
     "loss",
     "Param",
     "axes",

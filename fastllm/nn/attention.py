@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from fastllm.nn import layout as _layout
 from fastllm.nn import rotary
 from fastllm.nn.param import Param, normal, zeros
 
@@ -121,8 +122,13 @@ def apply(
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    layout: Optional[_layout.Layout] = None,
 ) -> Float[Tensor, "batch seq embed"]:
-    """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`."""
+    """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`.
+
+    ``layout`` (see :mod:`fastllm.nn.layout`): the head counts come from the (local) weights.
+    """
+    x = _layout.enter_parallel(layout, x)  # [batch, seq, embed]: every token, this rank's heads
     q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]
     k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
     v = _project_in(x, p["wv"], p.get("bv"))
@@ -131,4 +137,4 @@ def apply(
     out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids)
     out = out.transpose(1, 2).flatten(2)  # [batch, seq, heads * head_dim]
     wo = p["wo"]
-    return F.linear(out, wo.reshape(wo.shape[0], -1), p.get("bo"))
+    return _layout.row_parallel_linear(layout, out, wo.reshape(wo.shape[0], -1), p.get("bo"))

@@ -13,6 +13,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastllm.nn import attention, mlp, moe, norm
+from fastllm.nn.layout import Layout
 from fastllm.nn.norm import NormKind
 
 __all__ = ["Block", "params", "apply"]
@@ -48,12 +49,19 @@ def apply(
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    layout: Optional[Layout] = None,
 ) -> tuple[Float[Tensor, "batch seq embed"], Optional[Tensor]]:
-    """(new residual stream, router logits or ``None`` for a dense block)."""
+    """(new residual stream, router logits or ``None`` for a dense block).
+
+    ``layout`` (see :mod:`fastllm.nn.layout`): ``x`` is the residual stream in its layout (a block
+    of ``seq`` under sequence parallelism); attention and MLP enter and leave their parallel regions.
+    """
     h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps)
-    x = x + attention.apply(layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids)
+    x = x + attention.apply(
+        layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids, layout=layout
+    )
     h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps)
     if layer.ffn_name == "moe":
         out, router_logits = moe.apply(layer.ffn, p["moe"], h)
         return x + out, router_logits
-    return x + mlp.apply(layer.ffn, p["mlp"], h), None
+    return x + mlp.apply(layer.ffn, p["mlp"], h, layout=layout), None

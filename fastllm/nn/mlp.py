@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from fastllm.nn import layout as _layout
 from fastllm.nn.param import Param, normal, zeros
 
 __all__ = ["MLP", "Activation", "activation", "params", "apply"]
@@ -66,11 +67,15 @@ def params(layer: MLP) -> dict:
     return spec
 
 
-def apply(layer: MLP, p: dict, x: Float[Tensor, "*batch embed"]) -> Float[Tensor, "*batch embed"]:
+def apply(
+    layer: MLP, p: dict, x: Float[Tensor, "*batch embed"], *, layout: Optional[_layout.Layout] = None
+) -> Float[Tensor, "*batch embed"]:
+    """``layout`` (see :mod:`fastllm.nn.layout`): ``mlp`` may be this rank's shard of the units."""
     act = activation(layer.activation)
+    x = _layout.enter_parallel(layout, x)  # column parallel: w_up/w_gate split along mlp
     up = F.linear(x, p["w_up"], p.get("b_up"))  # [..., mlp]
     if "w_gate" in p:
         hidden = act(F.linear(x, p["w_gate"], p.get("b_gate"))) * up
     else:
         hidden = act(up)
-    return F.linear(hidden, p["w_down"], p.get("b_down"))
+    return _layout.row_parallel_linear(layout, hidden, p["w_down"], p.get("b_down"))

@@ -14,7 +14,9 @@ from fastllm.sharding.collectives import (
     reduce_scatter,
     split,
 )
+from fastllm.sharding.describe import Description, describe
 from fastllm.sharding.mesh import AXES, Mesh
+from fastllm.sharding.partitioner import Partitioner, Plan
 from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rule, Rules, resolve, spec_for
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard, unshard
 
@@ -32,6 +34,10 @@ __all__ = [
     "STORAGE_RULES",
     "resolve",
     "spec_for",
+    "Partitioner",
+    "Plan",
+    "describe",
+    "Description",
     "collectives",
     "all_gather",
     "reduce_scatter",

@@ -1,0 +1,149 @@
+"""The distributed train step: the single-process step of ``fastllm.train.step`` on local shards.
+
+Each data rank takes its own rows of the batch; each micro-batch's mean loss is weighted by its
+share of the valid target tokens of the *global* batch (all data ranks), so the gradients summed
+over ``data`` are the gradient of the global mean loss, as one process computes it:
+
+    grad = sum_ranks sum_i (n_i / N) grad(loss_i),     N = sum over ranks and micro-batches of n_i
+
+Then (see fastllm/sharding/zero.py) the gradients are reduced into the gradient layout of the ZeRO
+stage, clipped by their global norm over all shards, and the functional optimizer updates the
+shards it owns (the storage blocks from stage 1 on), whose new values are gathered back into the
+compute layout (stages 1 and 2). Clipping belongs to the step, not the optimizer: the optimizer's
+``clip_by_global_norm`` would see one rank's shards only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from fastllm import models, optim, random, tree
+from fastllm.sharding import zero
+from fastllm.sharding.partitioner import Partitioner
+from fastllm.train.state import TrainState
+from fastllm.train.step import COMPUTE_DTYPES, split_micro_batches, target_weight
+
+__all__ = ["ShardedTrainStep", "make_sharded_train_step", "init_sharded_state"]
+
+Batch = dict[str, Tensor]
+
+
+def _sum_over(value: Tensor, axis: str, partitioner: Partitioner) -> Tensor:
+    mesh = partitioner.mesh
+    if mesh.size(axis) == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, group=mesh.group(axis))
+    return value
+
+
+def _opt_view(partitioner: Partitioner, values: Any, data_dims: dict) -> Any:
+    """The blocks the optimizer owns: storage slices at stages 1-2 (stage 3 stores only those)."""
+    if partitioner.zero_stage in (1, 2):
+        return zero.to_storage(values, data_dims, partitioner.mesh)
+    return values
+
+
+def init_sharded_state(
+    config, partitioner: Partitioner, optimizer: optim.GradientTransformation, key: random.Key
+) -> TrainState:
+    """This rank's train state: its parameter shards and the optimizer state of the blocks it owns
+    (keys derived from ``key`` as the single-process Trainer derives them)."""
+    plan = partitioner.plan(config)
+    params = partitioner.init_params(config, random.fold_in(key, "params"))
+    opt_state = optimizer.init(_opt_view(partitioner, params, plan.data_dims))
+    return TrainState(params, opt_state, 0, random.fold_in(key, "train"), None)
+
+
+class ShardedTrainStep:
+    """``step(state, batch) -> (state, metrics)`` on this rank's shards; ``batch`` holds this data
+    rank's rows (``[micro_batch_size * grad_accum, seq]``), the same on every tensor rank."""
+
+    def __init__(
+        self,
+        config,
+        partitioner: Partitioner,
+        optimizer: optim.GradientTransformation,
+        *,
+        grad_accum: int = 1,
+        precision: Literal["fp32", "bf16"] = "fp32",
+        max_grad_norm: Optional[float] = None,
+        learning_rate: Callable[[int], float] | None = None,
+    ):
+        if precision not in ("fp32", "bf16"):
+            raise NotImplementedError(f"precision {precision!r} under a mesh: use fp32 or bf16 "
+                                      "(fp16 loss scaling is not sharded yet)")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        self.config, self.partitioner, self.optimizer = config, partitioner, optimizer
+        self.grad_accum, self.dtype = grad_accum, COMPUTE_DTYPES[precision]
+        self.max_grad_norm, self.learning_rate = max_grad_norm, learning_rate
+        self.plan = partitioner.plan(config)
+        self.layout = partitioner.layout(config)
+
+    def gradients(self, state: TrainState, batch: Batch) -> tuple[Any, Tensor, Tensor]:
+        """(gradients in the stage's gradient layout, global mean loss, global valid tokens)."""
+        p, mesh = self.partitioner, self.partitioner.mesh
+        micro_batches = split_micro_batches(batch, self.grad_accum)
+        local_tokens = sum(target_weight(m) for m in micro_batches)
+        tokens = _sum_over(local_tokens, "data", p)
+        total = tokens.clamp(min=1.0)
+        masters = tree.map(lambda x: x.detach().requires_grad_(True), state.params)
+        leaves = tree.leaves(masters)
+        grads = [torch.zeros_like(x) for x in leaves]
+        loss_sum = torch.zeros((), dtype=torch.float32, device=mesh.device)
+        for micro in micro_batches:
+            loss, _ = models.loss(self.config, optim.cast_tree(masters, self.dtype), micro, layout=self.layout)
+            share = target_weight(micro) / total
+            micro_grads = torch.autograd.grad(loss.float() * share, leaves, allow_unused=True)
+            for acc, g in zip(grads, micro_grads):
+                if g is not None:
+                    acc.add_(g)
+            loss_sum = loss_sum + loss.detach().float() * share
+        grads = zero.reduce_gradients(
+            _like(state.params, grads), zero_stage=p.zero_stage, data_dims=self.plan.data_dims,
+            compute_specs=self.plan.flat_compute, mesh=mesh, sequence_parallel=p.sequence_parallel,
+            dtype=p.reduce_dtype, limit_bytes=p.bucket_bytes,
+        )
+        return grads, _sum_over(loss_sum, "data", p), tokens
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        if state.loss_scale is not None:
+            raise NotImplementedError("fp16 loss scaling is not supported under a mesh yet")
+        p = self.partitioner
+        if p.mesh.world_size > 1 and optim.get_state(state.opt_state, optim.ClipByGlobalNormState):
+            raise ValueError("the optimizer clips by global norm, which on shards sees one rank's "
+                             "part only: build it without clipping and pass max_grad_norm to the step")
+        grads, loss, tokens = self.gradients(state, batch)
+        grads = _opt_view(p, grads, self.plan.data_dims) if p.zero_stage == 1 else grads
+        owned = _opt_view(p, state.params, self.plan.data_dims)
+        grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh)
+        if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor
+            factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+            grads = tree.map(lambda g: g * factor, grads)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)
+        owned = optim.apply_updates(owned, updates)
+        if p.zero_stage in (1, 2):
+            params = zero.to_compute(owned, self.plan.data_dims, p.mesh, p.bucket_bytes)
+        else:
+            params = owned
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        if self.learning_rate is not None:
+            metrics["lr"] = torch.tensor(float(self.learning_rate(state.step)))
+        return TrainState(params, opt_state, state.step + 1, state.key, None), metrics
+
+
+def _like(values: Any, leaves: list[Tensor]) -> Any:
+    it = iter(leaves)
+    return tree.map(lambda _: next(it), values)
+
+
+def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **options) -> ShardedTrainStep:
+    """:class:`ShardedTrainStep` (options: ``grad_accum``, ``precision``, ``max_grad_norm``,
+    ``learning_rate``)."""
+    return ShardedTrainStep(config, partitioner, optimizer, **options)

@@ -1,0 +1,134 @@
+"""The parallel activation layout: Megatron's collectives at the hooks of :mod:`fastllm.nn.layout`.
+
+Tensor parallelism (Shoeybi et al. 2019, "Megatron-LM", sec. 3): attention heads and MLP units are
+split over the ``tensor`` axis. A column-parallel matmul's input enters through *f* (identity
+forward, all-reduce backward) and a row-parallel matmul's partial sums leave through *g*
+(all-reduce forward, identity backward). With sequence parallelism (Korthikanti et al. 2022,
+sec. 4.2.2) the residual stream between the parallel regions holds a block of the sequence: *f*
+becomes an all-gather over ``seq`` (backward reduce-scatter) and *g* a reduce-scatter (backward
+all-gather), so norms and residual adds run on ``seq / tensor`` tokens.
+
+Vocab-parallel embedding: each rank looks up the ids that fall in its block of rows (zeros
+elsewhere) and *g* sums the blocks. Vocab-parallel cross-entropy: with local logits ``x`` over the
+rank's vocab block, ``lse = m + log sum_ranks sum_j exp(x_j - m)`` with ``m`` the all-reduced max
+(no gradient: the result does not depend on it), the target logit is taken by the one rank whose
+block holds it, and both sums are all-reduced with identity backward: the full ``[tokens, vocab]``
+logits are never gathered.
+
+ZeRO-3 (Rajbhandari et al. 2020): ``params(path, p)`` all-gathers a part of the model's parameters
+over ``data`` just before it is used (``unshard``'s backward reduce-scatters their gradients).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastllm import tree
+from fastllm.sharding import collectives as C
+from fastllm.sharding.mesh import Mesh
+
+__all__ = ["ParallelLayout", "vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
+
+SEQ_DIM = 1  # activations are [batch, seq, ...]
+
+
+def vocab_parallel_embedding(table: Tensor, ids: Tensor, mesh: Mesh) -> Tensor:
+    """``table`` is this rank's block of rows ``[vocab / tensor, embed]``; the result holds the
+    partial lookup (zeros for ids outside the block), to be summed over ``tensor``."""
+    rows = table.shape[0]
+    local = ids - mesh.rank("tensor") * rows
+    inside = (local >= 0) & (local < rows)
+    out = F.embedding(torch.where(inside, local, 0), table)  # [batch, seq, embed]
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def _max_over_tensor(x: Tensor, mesh: Mesh) -> Tensor:
+    if mesh.size("tensor") == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=mesh.group("tensor"))
+    return x
+
+
+def vocab_parallel_cross_entropy(
+    logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor], mesh: Mesh, ignore_index: int = -100
+) -> tuple[Tensor, Tensor]:
+    """:func:`fastllm.nn.cross_entropy` of logits whose last dim is this rank's vocab block."""
+    x = logits.reshape(-1, logits.shape[-1]).float()  # [tokens, vocab / tensor]
+    targets = targets.reshape(-1)
+    top = _max_over_tensor(x.detach().amax(-1), mesh)  # [tokens]
+    sum_exp = C.all_reduce((x - top[:, None]).exp().sum(-1), "tensor", mesh)
+    local = targets - mesh.rank("tensor") * x.shape[-1]
+    inside = (local >= 0) & (local < x.shape[-1])
+    picked = x.gather(1, torch.where(inside, local, 0)[:, None])[:, 0] * inside
+    picked = C.all_reduce(picked, "tensor", mesh)
+    per_token = top + sum_exp.log() - picked
+    weight = (targets != ignore_index).float()
+    if loss_mask is not None:
+        weight = weight * loss_mask.reshape(-1).float()
+    total = weight.sum()
+    return (per_token * weight).sum() / total.clamp(min=torch.finfo(torch.float32).tiny), total
+
+
+class ParallelLayout:
+    """Implements :class:`fastllm.nn.layout.Layout` for a mesh (see the module docstring).
+
+    ``gather`` maps a params part's path (``"embed"``, ``"layers.3"``...) to a function that turns
+    the stored part into the compute layout (ZeRO-3), or is ``None`` when params are stored as
+    they are used.
+    """
+
+    def __init__(self, mesh: Mesh, *, sequence_parallel: bool = False, gather=None):
+        self.mesh = mesh
+        self.sequence_parallel = sequence_parallel and mesh.size("tensor") > 1
+        self.gather = gather
+
+    def params(self, path: str, p: Any) -> Any:
+        return p if self.gather is None else self.gather(path, p)
+
+    def embed(self, table: Tensor, ids: Tensor) -> Tensor:
+        if self.mesh.size("tensor") == 1:
+            return F.embedding(ids, table)
+        return self.exit_parallel(vocab_parallel_embedding(table, ids, self.mesh))
+
+    def local_seq(self, x: Tensor) -> Tensor:
+        if not self.sequence_parallel:
+            return x
+        n, me = self.mesh.size("tensor"), self.mesh.rank("tensor")
+        return x.chunk(n, SEQ_DIM)[me]
+
+    def enter_parallel(self, x: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            return C.all_gather(x, SEQ_DIM, "tensor", self.mesh)
+        return C.copy_to_parallel(x, "tensor", self.mesh)
+
+    def exit_parallel(self, y: Tensor) -> Tensor:
+        if self.sequence_parallel:
+            return C.reduce_scatter(y, SEQ_DIM, "tensor", self.mesh)
+        return C.all_reduce(y, "tensor", self.mesh)
+
+    def cross_entropy(self, logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor]):
+        return vocab_parallel_cross_entropy(logits, targets, loss_mask, self.mesh)
+
+
+def parts(params: Any) -> list[str]:
+    """The paths the model asks its layout for: ``embed``, ``layers.i``, ``final_norm``, ``lm_head``."""
+    names = [name for name in params if name != "layers"]
+    return names + [f"layers.{i}" for i in range(len(params.get("layers", [])))]
+
+
+def subtree(params: Any, path: str) -> Any:
+    node = params
+    for part in path.split("."):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    return node
+
+
+def map_part(fn, path: str, part: Any, specs: Any) -> Any:
+    """``fn(leaf, spec, dotted_path)`` over one part of the params, with its specs."""
+    return tree.map_with_path(lambda sub, x, s: fn(x, s, f"{path}.{sub}"), part, specs)

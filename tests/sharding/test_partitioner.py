@@ -1,0 +1,86 @@
+"""Single-process partitioner tests on abstract meshes: sharded init, describe vs allocation, errors."""
+
+import math
+
+import pytest
+import torch
+
+from fastllm import models, optim, random, tree
+from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, Rules, describe, shard
+from fastllm.sharding.spec import is_spec
+from fastllm.sharding.step import init_sharded_state
+
+CONFIG = models.preset("tiny-qwen2")  # tied embeddings, qkv biases, 2 KV heads
+
+
+def nbytes(values) -> int:
+    return sum(t.numel() * t.element_size() for t in tree.leaves(values) if t.ndim > 0)
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_sharded_init_is_the_slice_of_the_full_init_on_every_rank(stage):
+    key = random.key(3)
+    full = tree.flatten(models.init(CONFIG, key))
+    pieces = {}
+    for rank in range(4):
+        mesh = Mesh.abstract(data=2, tensor=2, rank=rank)
+        partitioner = Partitioner(mesh, zero_stage=stage)
+        specs = tree.flatten(partitioner.param_specs(CONFIG), is_leaf=is_spec)
+        local = tree.flatten(partitioner.init_params(CONFIG, key))
+        for path, value in local.items():
+            assert torch.equal(value, shard(full[path], specs[path], mesh)), path
+            pieces.setdefault(path, []).append(value)
+    for path, value in full.items():  # the shards cover the tensor: 4 ranks hold numel * replicas
+        spec = specs[path]
+        replicas = 4 // Mesh.abstract(data=2, tensor=2).size(spec.used_axes)
+        assert sum(p.numel() for p in pieces[path]) == value.numel() * replicas, path
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_describe_matches_what_a_rank_allocates(stage):
+    mesh = Mesh.abstract(data=2, tensor=2, rank=3)
+    partitioner = Partitioner(mesh, zero_stage=stage)
+    opt = optim.adamw(1e-3)
+    state = init_sharded_state(CONFIG, partitioner, opt, random.key(0))
+    totals = partitioner.describe(CONFIG).totals
+    assert totals["params"] == nbytes(state.params)
+    assert totals["optimizer"] == nbytes(state.opt_state)
+    full = models.param_count(CONFIG) * 4
+    assert totals["grads"] == (nbytes(state.params) if stage != 2 else totals["optimizer"] // 2)
+    if stage == 3:  # everything is split 4 ways but the 64-wide norms and biases over data only
+        assert full / 4 <= totals["params"] < full / 3.5
+
+
+def test_describe_table_names_every_parameter():
+    text = str(describe(models.preset("llama3-8b"), Mesh.abstract(data=8, tensor=8), zero_stage=3))
+    assert "layers.31.attention.wq" in text and "(tensor, None, data)" in text
+    assert "per rank: params" in text and "optimizer" in text
+    d = describe(models.preset("llama3-8b"), Mesh.abstract(data=8, tensor=8), zero_stage=3)
+    assert d.totals["params"] == sum(math.prod(r.local_shape) * 4 for r in d.rows)
+    assert d.totals["optimizer"] == 2 * d.totals["grads"] == 2 * d.totals["params"]
+
+
+def test_errors_name_the_problem():
+    with pytest.raises(NotImplementedError, match="pipeline parallelism.*not supported yet"):
+        Partitioner(Mesh.abstract(pipe=2))
+    with pytest.raises(ValueError, match="zero_stage"):
+        Partitioner(Mesh.abstract(data=2), zero_stage=4)
+    with pytest.raises(NotImplementedError, match="experts.*tensor=1"):
+        Partitioner(Mesh.abstract(tensor=2)).plan(models.preset("tiny-mixtral"))
+    bad_storage = Rules((("heads", "data"),), fallback=None) + COMPUTE_RULES
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.b?q: storage spec .* must be the compute spec"):
+        Partitioner(Mesh.abstract(data=2, tensor=2), storage_rules=bad_storage).plan(CONFIG)
+    with pytest.raises(ValueError, match="kv_heads"):
+        Partitioner(Mesh.abstract(tensor=4)).plan(CONFIG)  # 2 KV heads over 4 ranks
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-mixtral"])
+def test_one_process_layout_computes_the_same_loss(name):
+    config = models.preset(name)
+    params = models.init(config, random.key(0))
+    tokens = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
+    layout = Partitioner(Mesh(), zero_stage=3, sequence_parallel=True).layout(config)
+    expected, _ = models.loss(config, params, batch)
+    actual, _ = models.loss(config, params, batch, layout=layout)
+    torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
