@@ -96,7 +96,7 @@ def _find_tokenizer(checkpoint: Path, explicit: Optional[str]) -> Path:
 def _load_any(path: Path, device: str):
     from fastllm.train import checkpointing
 
-    if (path / checkpointing.STATE).is_file() or checkpointing.latest(path) is not None:
+    if checkpointing.is_training_checkpoint(path):
         config, params, _ = checkpointing.load_model(path, device=device)
         return config, params
     from fastllm import hf

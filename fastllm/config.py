@@ -20,6 +20,7 @@ import sys
 import types
 import typing
 from pathlib import Path
+import collections.abc
 from collections.abc import Iterable
 from typing import Any, Literal, Union
 
@@ -41,6 +42,9 @@ __all__ = [
 _NONE_WORDS = ("none", "null")
 _TRUE_WORDS = ("true", "yes", "on", "1")
 _FALSE_WORDS = ("false", "no", "off", "0")
+
+
+_SEQUENCES = (tuple, list, collections.abc.Sequence)
 
 
 class ConfigError(ValueError):
@@ -125,10 +129,12 @@ def parse_value(text: str, tp: Any, _in_container: bool = False) -> Any:
             if text == str(choice) or (isinstance(choice, bool) and text.lower() == str(choice).lower()):
                 return choice
         raise ValueError(f"must be one of {list(choices)}, got {text!r}")
-    if origin is tuple:
-        args = typing.get_args(inner)
+    if origin in _SEQUENCES:
+        args = typing.get_args(inner) or (Any, Ellipsis)
+        if origin is not tuple:
+            args = (args[0], Ellipsis)  # Sequence[X] / list[X]: any length, kept as a tuple
         if text.strip().startswith("[{"):  # a JSON list of objects: dataclass items
-            return _from_json(json.loads(text), inner, "value")
+            return _from_json(json.loads(text), tuple[args], "value")
         items = _split_items(text)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(parse_value(item, args[0], True) for item in items)
@@ -250,9 +256,9 @@ def _from_json(value: Any, tp: Any, key: str) -> Any:
         return None
     if dataclasses.is_dataclass(inner):
         return from_dict(inner, value, _prefix=f"{key}.")
-    if typing.get_origin(inner) is tuple and isinstance(value, list):
-        args = typing.get_args(inner)
-        item_types = [args[0]] * len(value) if args[1:] == (Ellipsis,) else list(args)
+    if typing.get_origin(inner) in _SEQUENCES and isinstance(value, list):
+        args = typing.get_args(inner) or (Any, Ellipsis)
+        item_types = list(args) if typing.get_origin(inner) is tuple and args[1:] != (Ellipsis,) else [args[0]] * len(value)
         return tuple(_from_json(v, t, key) for v, t in zip(value, item_types))
     return value
 

@@ -24,8 +24,10 @@ def test_recipe_builds_and_validates(path):
     model = config.model_config  # the preset resolves with the recipe's overrides
     assert config.data.seq_len <= model.max_seq_len
     assert config.train.steps > 0 and config.data.datasets
-    _, changed = load_recipe(path, ["train.steps=7", "optim.warmup_steps=1", "model.n_layers=2"])
+    _, changed = load_recipe(path, ["train.steps=7", "optim.warmup_steps=1", "model.n_layers=2",
+                                    "data.datasets=data/a,data/b"])
     assert changed.train.steps == 7 and changed.model_config.n_layers == 2
+    assert [spec.path for spec in changed.data.datasets] == ["data/a", "data/b"]
 
 
 @pytest.mark.parametrize("override, message", [

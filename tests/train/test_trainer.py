@@ -56,7 +56,7 @@ def test_metrics_log_validation_and_final_checkpoint(tmp_path, dataset):
     assert [r["step"] for r in records if "val_loss" in r] == [3, 6]
     assert result.val_loss == records[-1]["val_loss"]
     assert train_records[-1]["loss"] < train_records[0]["loss"]
-    assert checkpointing.latest(tmp_path).name == "step_00000006"
+    assert checkpointing.latest(tmp_path).name == "step-00000006"
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["train"]["grad_accum"] == 2 and (tmp_path / "tokenizer.json").is_file()
 
@@ -78,21 +78,21 @@ def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path, dataset):
     Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run(stop_at=3)  # saves at 2 and 3
     checkpointing.prune(tmp_path, keep=1)
     state_3 = checkpointing.latest(tmp_path)
-    os.rename(state_3, state_3.with_name(".tmp-step_00000003-crashed"))  # as if step 3 never landed
+    os.rename(state_3, state_3.with_name("step-00000003.tmp-12345"))  # as if step 3 never landed
     Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run()
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
 _KILL_DURING_SAVE = """
 import os, sys
-from fastllm.train import checkpointing
-import safetensors.torch as st
-real = st.save_file
-def dying_save(tensors, filename, *a, **k):
-    real(tensors, filename, *a, **k)
-    if "step_00000004" in filename:
-        os._exit(9)  # killed mid-checkpoint: tensors written, metadata not, directory not renamed
-checkpointing.save_file = dying_save
+import fastllm.checkpoint as store
+real_save = store.save
+def dying_save(path, trees, metadata=None, **options):
+    def hook(stage):  # killed mid-checkpoint: tensors written, completion marker not, not renamed
+        if stage == "before_complete" and "step-00000004" in str(path):
+            os._exit(9)
+    return real_save(path, trees, metadata, _hook=hook, **options)
+store.save = dying_save
 sys.path.insert(0, {tests!r})
 from test_trainer import make_config
 from fastllm.train.trainer import Trainer
@@ -104,18 +104,19 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, data
     script = _KILL_DURING_SAVE.format(tests=os.path.dirname(__file__), run=str(tmp_path), data=dataset)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
-    assert checkpointing.latest(tmp_path).name == "step_00000002"
-    assert list((tmp_path / "checkpoints").glob(".tmp-step_00000004-*"))
-    with pytest.raises(checkpointing.CheckpointError, match="not a complete checkpoint"):
-        checkpointing.read_state_json(next((tmp_path / "checkpoints").glob(".tmp-*")))
+    assert checkpointing.latest(tmp_path).name == "step-00000002"
+    leftovers = list((tmp_path / "checkpoints").glob("step-00000004.tmp-*"))
+    assert leftovers and not (tmp_path / "checkpoints" / "step-00000004").exists()
+    with pytest.raises(checkpointing.CheckpointError, match="incomplete"):
+        checkpointing.load(leftovers[0], Trainer(make_config(tmp_path, dataset)).init_state())
     result = Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run()  # resumes from step 2
-    assert result.state.step == 6 and not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    assert result.state.step == 6 and not list((tmp_path / "checkpoints").glob("*.tmp-*"))
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, dataset):
     Trainer(make_config(tmp_path, dataset, steps=2)).run()
     wider = apply_overrides(make_config(tmp_path, dataset, steps=4), ["model.embed_dim=32"])
-    with pytest.raises(checkpointing.CheckpointError, match="checkpoint shape"):
+    with pytest.raises(checkpointing.CheckpointError, match="expects shape"):
         Trainer(wider).run()
 
 
