@@ -180,7 +180,7 @@ def override(config: Any, key: str, text: str, *, check: bool = True, _prefix: s
     full = f"{_prefix}{head}"
     fields = _fields(config)
     if head not in fields:
-        raise ConfigError(f"unknown config key {full!r}; {_prefix or 'top level '}keys are: "
+        raise ConfigError(f"unknown config key {full!r}; {_prefix[:-1] + ' has' if _prefix else 'top-level'} keys: "
                           f"{', '.join(sorted(fields))}")
     tp = _hints(type(config))[head]
     if rest:
