@@ -1,0 +1,288 @@
+"""Training throughput of a Llama-3.1-8B-shaped model: fastllm beside an FSDP2 peer, one JSON line each.
+
+    torchrun --nproc-per-node 4 benchmarks/llama_8b.py                   # both systems, 4 GPUs
+    torchrun --nproc-per-node 4 benchmarks/llama_8b.py --layers 4 --steps 3   # a quick check
+    torchrun --nproc-per-node 2 benchmarks/llama_8b.py --tiny --no-compile    # CPU + gloo smoke test
+
+Both systems train the same shapes on the same tokens (random ids; a batch per step and data
+rank, identical for the two) with AdamW, bf16 compute and fp32 gradient reduction:
+
+* **peer**: Hugging Face transformers' ``LlamaForCausalLM`` from a ``LlamaConfig`` of the preset
+  (random init: built on the meta device, sharded, then materialised on each rank's GPU), torch
+  FSDP2 ``fully_shard`` per decoder layer and at the root with
+  ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``, each decoder layer wrapped
+  in ``torch.compile`` before sharding (torchtitan's order), ``torch.optim.AdamW`` (fused on GPU),
+  SDPA attention, no activation checkpointing (``--peer-ac`` turns it on);
+* **fastllm**: the partitioner's sharded train step at ZeRO-3 over ``data`` = the world
+  (:func:`build_fastllm_step`, the one place to adapt as the partitioner evolves).
+
+A step is forward, backward, gradient reduction and the optimizer update of ``--micro-batch``
+sequences of ``--seq-len`` tokens per GPU. Reported per system: the median step time over
+``--steps`` measured steps after ``--warmup`` (each step timed on every rank, the slowest rank
+counts), tokens/s/GPU, MFU = tokens/s/GPU x FLOPs/token / 989e12 with FLOPs/token from
+``fastllm.models.flops_per_token`` (DESIGN.md), the peak GPU memory (max over ranks) and the losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+import traceback
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+PEAK_FLOPS = 989e12  # H100/H200 dense bf16 (DESIGN.md)
+StepFn = Callable[[dict], torch.Tensor]  # one training step on this rank's batch -> its loss
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--system", choices=("peer", "fastllm", "both"), default="both")
+    parser.add_argument("--preset", default="llama3.1-8b", help="fastllm.models preset (default llama3.1-8b)")
+    parser.add_argument("--tiny", action="store_true", help="tiny-llama shapes (CPU smoke test)")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--seq-len", type=int, default=None, help="default 4096 (128 with --tiny)")
+    parser.add_argument("--micro-batch", type=int, default=2, help="sequences per GPU per step")
+    parser.add_argument("--steps", type=int, default=8, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="peer without torch.compile")
+    parser.add_argument("--peer-ac", action="store_true", help="activation checkpointing per peer layer")
+    parser.add_argument("--zero-stage", type=int, default=3, help="fastllm ZeRO stage (default 3)")
+    args = parser.parse_args(argv)
+    if args.seq_len is None:
+        args.seq_len = 128 if args.tiny else 4096
+    return args
+
+
+def model_config(args):
+    from fastllm import models
+
+    config = models.preset("tiny-llama" if args.tiny else args.preset)
+    if args.layers is not None:
+        config = config.replace(n_layers=args.layers)
+    if config.max_seq_len < args.seq_len:
+        config = config.replace(max_seq_len=args.seq_len)
+    return config
+
+
+def setup() -> torch.device:
+    """Process group from torchrun's variables (NCCL on GPUs, gloo on CPU); this rank's device."""
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29517")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=5))
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def batch_for(step: int, args, vocab_size: int, device: torch.device) -> dict:
+    """This data rank's rows for ``step``: the same for both systems."""
+    gen = torch.Generator().manual_seed(1_000_003 * step + dist.get_rank())
+    ids = torch.randint(0, vocab_size, (args.micro_batch, args.seq_len + 1), generator=gen)
+    return {"tokens": ids[:, :-1].contiguous().to(device), "targets": ids[:, 1:].contiguous().to(device)}
+
+
+# --- the peer: transformers Llama + FSDP2 ---------------------------------------------------------
+def build_peer_step(args, config, device: torch.device) -> StepFn:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastllm.hf.families import by_family
+
+    fields = by_family(config.family).mapping.config_to_hf(config)
+    hf_config = LlamaConfig(**fields, use_cache=False, attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(hf_config)
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        if args.peer_ac:
+            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+            layer = checkpoint_wrapper(layer)
+        if args.compile:
+            layer = torch.compile(layer)
+        layers[i] = layer
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    model.to_empty(device=device)
+    _init_peer(model, hf_config, config.init_std, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
+                                  fused=device.type == "cuda")
+
+    def step(batch: dict) -> torch.Tensor:
+        logits = model(input_ids=batch["tokens"]).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return step
+
+
+@torch.no_grad()
+def _init_peer(model, hf_config, std: float, device: torch.device) -> None:
+    """Random weights on the (sharded) parameters; the rotary buffers recomputed (``to_empty``
+    leaves buffers uninitialised)."""
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std)
+    rotary = model.model.rotary_emb
+    model.model.rotary_emb = type(rotary)(config=hf_config).to(device)
+
+
+# --- ours: the partitioner's sharded train step ---------------------------------------------------
+def build_fastllm_step(args, config, device: torch.device) -> StepFn:
+    """fastllm at ZeRO-``args.zero_stage`` over ``data`` = the world, bf16 compute, fp32 reduce.
+
+    Parameters are materialised from the meta device with random normals on the GPU (an exact
+    sharded init draws on the CPU, which costs minutes at 8B and does not change the speed).
+    """
+    from fastllm import optim, random, tree
+    from fastllm.sharding import Mesh, Partitioner
+    from fastllm.sharding.step import make_sharded_train_step
+    from fastllm.train.state import TrainState
+
+    mesh = Mesh(data=dist.get_world_size())
+    partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)
+    meta = partitioner.init_params(config, random.key(0), device="meta")
+    params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
+    opt = optim.adamw(args.lr, weight_decay=0.1)
+    owned = params if args.zero_stage in (0, 3) else None  # stages 1-2 own storage slices only
+    if owned is None:
+        from fastllm.sharding.step import init_sharded_state
+
+        state = init_sharded_state(config, partitioner, opt, random.key(0))
+    else:
+        state = TrainState(params, opt.init(owned), 0, random.key(0), None)
+    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16")
+    holder = {"state": state}
+
+    def step(batch: dict) -> torch.Tensor:
+        holder["state"], metrics = train_step(holder["state"], batch)
+        return metrics["loss"].detach()
+
+    return step
+
+
+def _random_like(path: str, meta: torch.Tensor, std: float, device: torch.device) -> torch.Tensor:
+    value = torch.empty(meta.shape, dtype=torch.float32, device=device)
+    return value.fill_(1.0) if path.endswith(("norm.scale", "final_norm.scale")) else value.normal_(0.0, std)
+
+
+# --- measuring --------------------------------------------------------------------------------
+def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    step = build()
+    log(f"{name}: built in {time.perf_counter() - started:.1f} s")
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        batch = batch_for(i, args, config.vocab_size, device)
+        _sync(device)
+        begin = time.perf_counter()
+        loss = step(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - begin
+        losses.append(float(loss))
+        if i >= args.warmup:
+            times.append(elapsed)
+        log(f"{name}: step {i + 1}/{args.warmup + args.steps} {'warmup' if i < args.warmup else ''} "
+            f"{elapsed:.3f} s loss {losses[-1]:.4f}")
+    slowest = torch.tensor(times, dtype=torch.float64, device=device)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    step_time = statistics.median(slowest.tolist())
+    tokens_per_gpu = args.micro_batch * args.seq_len / step_time
+    return {"system": name, "step_time_s": round(step_time, 4), "tokens_per_s_per_gpu": round(tokens_per_gpu, 1),
+            "mfu": round(tokens_per_gpu * flops_per_token(config, args) / PEAK_FLOPS, 4),
+            "peak_memory_gib": _peak_memory_gib(device), "losses": [round(x, 4) for x in losses]}
+
+
+def flops_per_token(config, args) -> float:
+    from fastllm import models
+
+    return models.flops_per_token(config, args.seq_len)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory_gib(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return round(peak.item() / 2**30, 2)
+
+
+def log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def common_fields(args, config, device: torch.device) -> dict:
+    import transformers
+
+    return {"preset": "tiny-llama" if args.tiny else args.preset, "layers": config.n_layers,
+            "seq_len": args.seq_len, "micro_batch": args.micro_batch, "world_size": dist.get_world_size(),
+            "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops_per_token(config, args),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = setup()
+    config = model_config(args)
+    builders = {
+        "peer": lambda: build_peer_step(args, config, device),
+        "fastllm": lambda: build_fastllm_step(args, config, device),
+    }
+    systems = ["peer", "fastllm"] if args.system == "both" else [args.system]
+    failed = False
+    for name in systems:
+        fields = {**common_fields(args, config, device), "system": name}
+        if name == "peer":
+            fields.update(compile=args.compile, activation_checkpointing=args.peer_ac)
+        else:
+            fields.update(zero_stage=args.zero_stage)
+        try:
+            fields.update(measure(name, builders[name], args, config, device))
+        except Exception as error:  # noqa: BLE001 - report and go on with the other system
+            failed = True
+            fields["error"] = f"{type(error).__name__}: {error}"
+            if dist.get_rank() == 0:
+                traceback.print_exc()
+        if dist.get_rank() == 0:
+            print(json.dumps(fields), flush=True)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    dist.destroy_process_group()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
