@@ -73,7 +73,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     leaves, spec = optree.tree_flatten(params)
     if not leaves:
         return params
-    deltas = [u.to(p.dtype) for p, u in zip(leaves, tree.leaves(updates))]
+    deltas = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(leaves, tree.leaves(updates))]
     return optree.tree_unflatten(spec, list(torch._foreach_add(leaves, deltas)))
 
 

@@ -171,9 +171,16 @@ def add_decayed_weights(weight_decay: float, mask: Mask = default_decay_mask) ->
             raise ValueError("add_decayed_weights needs params: call update(grads, state, params)")
         if weight_decay == 0:
             return updates, state
-        return tree.map_with_path(
-            lambda path, u, p: u + weight_decay * p.float() if mask(path, p) else u, updates, params
-        ), state
+        leaves, spec = optree.tree_flatten(updates)
+        chosen = [(i, p) for i, (path, p) in enumerate(tree.leaves_with_path(params)) if mask(path, p)]
+        if not chosen:
+            return updates, state
+        decayed = torch._foreach_add(
+            _fp32([leaves[i] for i, _ in chosen]), _fp32([p for _, p in chosen]), alpha=weight_decay
+        )
+        for (i, _), value in zip(chosen, decayed):
+            leaves[i] = value
+        return optree.tree_unflatten(spec, leaves), state
 
     return GradientTransformation(lambda params: EmptyState(), update)
 
