@@ -45,18 +45,23 @@ def _act_and_grad(x, ACT: tl.constexpr):
     """(act(x), act'(x)) in the arithmetic dtype; ACT: 0 silu, 1 gelu, 2 gelu_tanh, 3 relu."""
     if ACT == 0:
         s = tl.sigmoid(x)
-        return x * s, s * (1.0 + x * (1.0 - s))
+        a = x * s
+        da = s * (1.0 + x * (1.0 - s))
     elif ACT == 1:
         cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        return x * cdf, cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+        a = x * cdf
+        da = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
     elif ACT == 2:
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner)
         dinner = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x)
-        return 0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
+        a = 0.5 * x * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner
     else:
         positive = x > 0
-        return tl.where(positive, x, 0.0), tl.where(positive, 1.0, 0.0)
+        a = tl.where(positive, x, 0.0)
+        da = tl.where(positive, 1.0, 0.0)
+    return a, da
 
 
 @_triton.jit

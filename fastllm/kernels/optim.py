@@ -27,8 +27,7 @@ __all__ = ["adamw_step", "adamw_step_reference", "global_norm", "global_norm_ref
 
 _CHUNK = 1 << 16
 _BLOCK = 1024
-_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16",
-              torch.float64: "float64"}
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, master, *, lr, beta1, beta2, eps,
@@ -51,24 +50,24 @@ def global_norm_reference(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @_triton.jit
-def _typed(table, index, DTYPE: tl.constexpr):
-    return tl.load(table + index).to(tl.pointer_type(DTYPE))
+def _typed(table, index, LIKE):
+    """The address ``table[index]`` as a pointer of the same type as the pointer ``LIKE``."""
+    return tl.load(table + index).to(LIKE.dtype)
 
 
 @_triton.jit
 def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, GRAD_SCALE,
-           lr, beta1, beta2, eps, decay, bias1, bias2,
-           P_DTYPE: tl.constexpr, G_DTYPE: tl.constexpr, W_DTYPE: tl.constexpr,
+           P_LIKE, G_LIKE, W_LIKE, lr, beta1, beta2, eps, decay, bias1, bias2,
            HAS_MASTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(CHUNK_TENSOR + chunk)
     start = tl.load(CHUNK_START + chunk)
     size = tl.load(SIZES + tensor)
-    p_ptr = _typed(PARAMS, tensor, P_DTYPE)
-    g_ptr = _typed(GRADS, tensor, G_DTYPE)
-    w_ptr = _typed(MASTER, tensor, W_DTYPE)
-    m_ptr = _typed(M, tensor, W_DTYPE)
-    v_ptr = _typed(V, tensor, W_DTYPE)
+    p_ptr = _typed(PARAMS, tensor, P_LIKE)
+    g_ptr = _typed(GRADS, tensor, G_LIKE)
+    w_ptr = _typed(MASTER, tensor, W_LIKE)
+    m_ptr = _typed(M, tensor, W_LIKE)
+    v_ptr = _typed(V, tensor, W_LIKE)
     scale = tl.load(GRAD_SCALE)
     for offset in range(0, CHUNK, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
@@ -78,21 +77,21 @@ def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, GRAD_S
         m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0) + (1.0 - beta1) * g
         v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + (1.0 - beta2) * g * g
         w -= lr * (m / bias1) / (tl.sqrt(v / bias2) + eps)
-        tl.store(m_ptr + idx, m.to(W_DTYPE), mask=mask)
-        tl.store(v_ptr + idx, v.to(W_DTYPE), mask=mask)
-        tl.store(w_ptr + idx, w.to(W_DTYPE), mask=mask)
+        tl.store(m_ptr + idx, m.to(W_LIKE.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + idx, v.to(W_LIKE.dtype.element_ty), mask=mask)
+        tl.store(w_ptr + idx, w.to(W_LIKE.dtype.element_ty), mask=mask)
         if HAS_MASTER:
-            tl.store(p_ptr + idx, w.to(P_DTYPE), mask=mask)
+            tl.store(p_ptr + idx, w.to(P_LIKE.dtype.element_ty), mask=mask)
 
 
 @_triton.jit
-def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, DTYPE: tl.constexpr,
+def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, LIKE,
                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(CHUNK_TENSOR + chunk)
     start = tl.load(CHUNK_START + chunk)
     size = tl.load(SIZES + tensor)
-    ptr = _typed(TENSORS, tensor, DTYPE)
+    ptr = _typed(TENSORS, tensor, LIKE)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for offset in range(0, CHUNK, BLOCK):
         idx = start + offset + tl.arange(0, BLOCK)
@@ -101,12 +100,13 @@ def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, DTYPE: tl.c
     tl.store(PARTIAL + chunk, tl.sum(acc, axis=0))
 
 
-def _tl_dtype(tensors: Sequence[Tensor], role: str):
+def _witness(tensors: Sequence[Tensor], role: str) -> Tensor:
+    """A tensor of the role's one dtype: its pointer tells the kernel how to type the addresses."""
     dtypes = {t.dtype for t in tensors}
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _TL_DTYPES:
+    if len(dtypes) != 1 or next(iter(dtypes)) not in _FLOATS:
         raise ValueError(f"multi-tensor kernel: all {role} need one dtype among "
-                         f"{list(_TL_DTYPES)}, got {sorted(map(str, dtypes))}")
-    return getattr(tl, _TL_DTYPES[dtypes.pop()])
+                         f"{list(_FLOATS)}, got {sorted(map(str, dtypes))}")
+    return tensors[0]
 
 
 def _tables(device, *roles: Sequence[Tensor]):
@@ -151,11 +151,10 @@ def adamw_step(
         device, params, grads, weights, exp_avgs, exp_avg_sqs)
     scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=device).reshape(1)
     _triton.launch(_adamw, (chunk_tensor.numel(),), device, p_t, g_t, w_t, m_t, v_t, sizes,
-                   chunk_tensor, chunk_start, scale, float(lr), float(beta1), float(beta2), float(eps),
-                   1.0 - lr * weight_decay, 1.0 - beta1**step, 1.0 - beta2**step,
-                   P_DTYPE=_tl_dtype(params, "params"), G_DTYPE=_tl_dtype(grads, "grads"),
-                   W_DTYPE=_tl_dtype(list(weights) + list(exp_avgs) + list(exp_avg_sqs), "master/moments"),
-                   HAS_MASTER=master is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
+                   chunk_tensor, chunk_start, scale, _witness(params, "params"), _witness(grads, "grads"),
+                   _witness(list(weights) + list(exp_avgs) + list(exp_avg_sqs), "master/moments"),
+                   float(lr), float(beta1), float(beta2), float(eps),
+                   1.0 - lr * weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, HAS_MASTER=master is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
 
 
 def global_norm(tensors: Sequence[Tensor], *, impl: Choice = "auto") -> Tensor:
@@ -168,5 +167,5 @@ def global_norm(tensors: Sequence[Tensor], *, impl: Choice = "auto") -> Tensor:
     (table,), sizes, chunk_tensor, chunk_start = _tables(device, tensors)
     partial = torch.empty(chunk_tensor.numel(), device=device, dtype=torch.float32)
     _triton.launch(_sum_squares, (partial.numel(),), device, table, sizes, chunk_tensor, chunk_start,
-                   partial, DTYPE=_tl_dtype(tensors, "tensors"), CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
+                   partial, _witness(tensors, "tensors"), CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
     return partial.sum().sqrt()
