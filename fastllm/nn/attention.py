@@ -118,15 +118,16 @@ def _project_in(
 def apply(
     layer: Attention,
     p: dict,
-    x: Float[Tensor, "batch seq embed"],
+    x: Float[Tensor, "batch local_seq embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[_layout.Layout] = None,
-) -> Float[Tensor, "batch seq embed"]:
+) -> Float[Tensor, "batch local_seq embed"]:
     """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`.
 
-    ``layout`` (see :mod:`fastllm.nn.layout`): the head counts come from the (local) weights.
+    ``layout`` (see :mod:`fastllm.nn.layout`): the head counts come from the (local) weights;
+    ``x`` may be a block of the sequence (``local_seq``) that the layout gathers.
     """
     x = _layout.enter_parallel(layout, x)  # [batch, seq, embed]: every token, this rank's heads
     q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]

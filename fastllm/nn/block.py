@@ -45,16 +45,16 @@ def params(layer: Block) -> dict:
 def apply(
     layer: Block,
     p: dict,
-    x: Float[Tensor, "batch seq embed"],
+    x: Float[Tensor, "batch local_seq embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-) -> tuple[Float[Tensor, "batch seq embed"], Optional[Tensor]]:
+) -> tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor]]:
     """(new residual stream, router logits or ``None`` for a dense block).
 
     ``layout`` (see :mod:`fastllm.nn.layout`): ``x`` is the residual stream in its layout (a block
-    of ``seq`` under sequence parallelism); attention and MLP enter and leave their parallel regions.
+    of ``seq``, ``local_seq``, under sequence parallelism; ``segment_ids`` cover the whole ``seq``); attention and MLP enter and leave their parallel regions.
     """
     h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps)
     x = x + attention.apply(

@@ -28,7 +28,7 @@ from fastllm.sharding.partitioner import Partitioner
 from fastllm.train.state import TrainState
 from fastllm.train.step import COMPUTE_DTYPES, split_micro_batches, target_weight
 
-__all__ = ["ShardedTrainStep", "make_sharded_train_step", "init_sharded_state"]
+__all__ = ["ShardedTrainStep", "make_sharded_train_step", "make_sharded_eval_step", "init_sharded_state"]
 
 Batch = dict[str, Tensor]
 
@@ -147,3 +147,19 @@ def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **optio
     """:class:`ShardedTrainStep` (options: ``grad_accum``, ``precision``, ``max_grad_norm``,
     ``learning_rate``)."""
     return ShardedTrainStep(config, partitioner, optimizer, **options)
+
+
+def make_sharded_eval_step(config, partitioner: Partitioner, *, precision: Literal["fp32", "bf16"] = "fp32"):
+    """``eval_step(params, batch) -> {"loss", "tokens"}`` over the global batch (all data ranks),
+    without gradients; ``params`` and ``batch`` as for :class:`ShardedTrainStep`."""
+    dtype, layout = COMPUTE_DTYPES[precision], partitioner.layout(config)
+
+    def eval_step(params: Any, batch: Batch) -> dict[str, Tensor]:
+        with torch.no_grad():
+            loss, _ = models.loss(config, optim.cast_tree(params, dtype), batch, layout=layout)
+        tokens = target_weight(batch)
+        total = _sum_over(tokens, "data", partitioner)
+        loss = _sum_over(loss.float() * tokens, "data", partitioner) / total.clamp(min=1.0)
+        return {"loss": loss, "tokens": total}
+
+    return eval_step

@@ -28,7 +28,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastllm import tree
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import Mesh
 
@@ -115,20 +114,3 @@ class ParallelLayout:
     def cross_entropy(self, logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor]):
         return vocab_parallel_cross_entropy(logits, targets, loss_mask, self.mesh)
 
-
-def parts(params: Any) -> list[str]:
-    """The paths the model asks its layout for: ``embed``, ``layers.i``, ``final_norm``, ``lm_head``."""
-    names = [name for name in params if name != "layers"]
-    return names + [f"layers.{i}" for i in range(len(params.get("layers", [])))]
-
-
-def subtree(params: Any, path: str) -> Any:
-    node = params
-    for part in path.split("."):
-        node = node[int(part)] if isinstance(node, list) else node[part]
-    return node
-
-
-def map_part(fn, path: str, part: Any, specs: Any) -> Any:
-    """``fn(leaf, spec, dotted_path)`` over one part of the params, with its specs."""
-    return tree.map_with_path(lambda sub, x, s: fn(x, s, f"{path}.{sub}"), part, specs)

@@ -25,14 +25,17 @@ RTOL = 1e-5
 
 
 def batches(config, seed: int = 0) -> list[dict]:
-    """STEPS global batches with some ignored targets (uneven valid tokens per rank)."""
+    """STEPS global batches with some ignored targets (uneven valid tokens per rank) and packed
+    documents (segment ids)."""
     out = []
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(seed * 100 + step)
         tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=gen)
         targets = tokens[:, 1:].clone()
         targets[torch.rand(targets.shape, generator=gen) < 0.2] = -100
-        out.append({"tokens": tokens[:, :-1].contiguous(), "targets": targets})
+        boundary = torch.randint(1, SEQ, (BATCH, 1), generator=gen)  # two packed documents a row
+        segment_ids = (torch.arange(SEQ)[None, :] >= boundary).long()
+        out.append({"tokens": tokens[:, :-1].contiguous(), "targets": targets, "segment_ids": segment_ids})
     return out
 
 
