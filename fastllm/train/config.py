@@ -138,6 +138,7 @@ class MeshSection:
     data: int = 1
     tensor: int = 1
     pipe: int = 1
+    sequence_parallel: bool = False  # partitioner: residual stream split over seq between TP regions
 
     def __post_init__(self):
         for name in ("data", "tensor", "pipe"):

@@ -42,17 +42,20 @@ def _data_config(config):
     return data
 
 
-def build_loaders(config) -> tuple[StepBatches, Optional[StepBatches]]:
-    """(train batches, validation micro-batches or ``None``) for a :class:`fastllm.train.Config`."""
+def build_loaders(config, *, dp_rank: int = 0, dp_size: int = 1) -> tuple[StepBatches, Optional[StepBatches]]:
+    """(train batches, validation micro-batches or ``None``) for a :class:`fastllm.train.Config`;
+    under a mesh, this data rank's share (``dp_rank`` of ``dp_size``)."""
     from fastllm import data as fdata
 
     data, t = _data_config(config), config.train
     if not data.datasets:
         raise ValueError("data.datasets: no prepared dataset given (prepare one with `fastllm prepare`)")
-    train = fdata.make_loader(data, micro_batch_size=t.micro_batch_size, grad_accumulation=t.grad_accum)
+    train = fdata.make_loader(data, micro_batch_size=t.micro_batch_size, grad_accumulation=t.grad_accum,
+                               dp_rank=dp_rank, dp_size=dp_size)
     val = None
     if data.validation or data.validation_fraction > 0:
-        val = StepBatches(fdata.make_loader(data, micro_batch_size=t.micro_batch_size, split="validation"), 1)
+        val = StepBatches(fdata.make_loader(data, micro_batch_size=t.micro_batch_size, split="validation",
+                                            dp_rank=dp_rank, dp_size=dp_size), 1)
     return StepBatches(train, t.grad_accum), val
 
 

@@ -18,12 +18,14 @@ def learning_rate_schedule(config) -> Schedule:
     return optim.schedules.warmup_constant(o.lr, o.warmup_steps)
 
 
-def build_optimizer(config) -> tuple[optim.GradientTransformation, Schedule]:
-    """(AdamW over fp32 masters, its learning-rate schedule) for a :class:`fastllm.train.Config`."""
+def build_optimizer(config, *, clip: bool = True) -> tuple[optim.GradientTransformation, Schedule]:
+    """(AdamW over fp32 masters, its learning-rate schedule) for a :class:`fastllm.train.Config`.
+
+    ``clip=False`` leaves out gradient clipping (a sharded step clips over all shards itself)."""
     o = config.optim
     schedule = learning_rate_schedule(config)
     transform = optim.adamw(
         schedule, b1=o.betas[0], b2=o.betas[1], eps=o.eps, weight_decay=o.weight_decay,
-        max_grad_norm=config.train.grad_clip,
+        max_grad_norm=config.train.grad_clip if clip else None,
     )
     return transform, schedule

@@ -53,7 +53,13 @@ def sample_text(model_config, params, tokenizer_file: str | Path, prompt: str, *
 def train(config, *, recipe: Optional[ModuleType] = None, print_fn=print) -> TrainResult:
     if recipe is not None and hasattr(recipe, "before_train"):
         config = recipe.before_train(config) or config
-    result = Trainer(config).run()
+    trainer = Trainer(config)
+    result = trainer.run()
+    if trainer.partitioner is not None:  # partitioner: the state holds shards; export from a checkpoint
+        if trainer.is_main:
+            print_fn(f"step {result.state.step}: loss {result.final_loss:.4f} (sharded over "
+                     f"{trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)")
+        return result
     print_fn(f"step {result.state.step}: loss {result.final_loss:.4f}"
              + ("" if result.val_loss is None else f", validation loss {result.val_loss:.4f}"))
     if config.run.export_hf:

@@ -20,6 +20,7 @@ import torch
 
 from fastllm import models, random
 from fastllm.config import to_dict
+from fastllm.sharding import training as sharded
 from fastllm.train import checkpointing
 from fastllm.train.config import Config
 from fastllm.train.data import build_loaders, tokenizer_path
@@ -60,24 +61,34 @@ class TrainResult:
 class Trainer:
     """``Trainer(config).run()``. ``train_data``/``val_data`` override the loaders the config's
     ``data`` section would build (each: an iterator of batch dicts with ``state_dict()`` and
-    ``load_state_dict()``). ``mesh``: a :class:`fastllm.sharding.Mesh`; only size 1 for now."""
+    ``load_state_dict()``). ``mesh``: a :class:`fastllm.sharding.Mesh` (default: built from
+    ``config.mesh`` under torchrun); with more than one rank the steps run on shards."""
 
     def __init__(self, config: Config, *, train_data=None, val_data=None, mesh=None):
         self.config = config
         self.model_config = config.model_config
         self.run_dir = Path(config.run.dir)
         self.device = resolve_device(config.run.device)
-        self.mesh = mesh
-        _check_single_process(config, mesh)
-        self.optimizer, self.schedule = build_optimizer(config)
-        t = config.train
-        self.train_step = make_train_step(
-            self.model_config, self.optimizer, grad_accum=t.grad_accum, precision=t.precision,
-            remat=t.remat, learning_rate=self.schedule,
-        )
-        self.eval_step = make_eval_step(self.model_config, precision=t.precision)
+        # partitioner: a mesh of more than one rank trains on shards (fastllm.sharding.training)
+        self.partitioner = sharded.partitioner_from_config(config, mesh)
+        self.mesh = mesh if self.partitioner is None else self.partitioner.mesh
+        if self.partitioner is not None:
+            self.device = self.partitioner.mesh.device
+            self.optimizer, self.schedule = build_optimizer(config, clip=False)
+            self.train_step, self.eval_step = sharded.build_steps(config, self.partitioner, self.optimizer, self.schedule)
+        else:
+            self.optimizer, self.schedule = build_optimizer(config)
+            t = config.train
+            self.train_step = make_train_step(
+                self.model_config, self.optimizer, grad_accum=t.grad_accum, precision=t.precision,
+                remat=t.remat, learning_rate=self.schedule,
+            )
+            self.eval_step = make_eval_step(self.model_config, precision=t.precision)
+        self.is_main = sharded.is_main_rank()
         if train_data is None:
-            train_data, built_val = build_loaders(config)
+            dp = {} if self.partitioner is None else dict(
+                dp_rank=self.partitioner.mesh.rank("data"), dp_size=self.partitioner.mesh.size("data"))
+            train_data, built_val = build_loaders(config, **dp)
             val_data = built_val if val_data is None else val_data
         self.train_data, self.val_data = train_data, val_data
         # Validation always reads the same batches, from the validation loader's starting position.
@@ -85,6 +96,8 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def init_state(self) -> TrainState:
+        if self.partitioner is not None:  # partitioner: each rank initialises its shards only
+            return sharded.init_state(self.config, self.partitioner, self.optimizer)
         key = random.key(self.config.run.seed)
         params = models.init(self.model_config, random.fold_in(key, "params"), device=self.device)
         loss_scale = None
@@ -101,7 +114,10 @@ class Trainer:
         found = checkpointing.latest(self.run_dir)
         if found is None:
             return None
-        state, extra = checkpointing.load(found, self.init_state(), device=self.device)
+        if self.partitioner is not None:  # partitioner: resharded onto this mesh
+            state, extra = sharded.restore(found, self.config, self.partitioner, self.init_state())
+        else:
+            state, extra = checkpointing.load(found, self.init_state(), device=self.device)
         if extra.get("config") != to_dict(self.config):
             print(f"note: resuming from {found}, written with a different config (run.resume=false starts afresh)")
         print(f"resuming from {found} at step {state.step}")
@@ -113,7 +129,15 @@ class Trainer:
             "config": to_dict(self.config),
             "data": {"train": self.train_data.state_dict()},
         }
-        path = checkpointing.save(self.run_dir, state, extra)
+        if self.partitioner is not None:  # partitioner: every rank writes its shards
+            from fastllm import checkpoint
+
+            path = checkpoint.step_dir(checkpointing.checkpoint_dir(self.run_dir), state.step)
+            sharded.save(path, self.config, self.partitioner, state, extra)
+            if not self.is_main:
+                return path
+        else:
+            path = checkpointing.save(self.run_dir, state, extra)
         checkpointing.prune(self.run_dir, keep=self.config.train.keep_checkpoints)
         return path
 
@@ -133,6 +157,8 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not self.is_main:  # partitioner: one rank writes the run's files
+            return
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
         tokenizer = tokenizer_path(self.config) if self.config.data.datasets else None
         if tokenizer is not None:
@@ -145,10 +171,11 @@ class Trainer:
         state = self.restore() if cfg.run.resume else None
         resumed = state is not None
         state = state if resumed else self.init_state()
-        log = MetricsLog(self.run_dir / "metrics.jsonl", resume_step=state.step if resumed else None)
+        log_name = "metrics.jsonl" if self.is_main else f"metrics.rank{self.mesh.global_rank}.jsonl"
+        log = MetricsLog(self.run_dir / log_name, resume_step=state.step if resumed else None)
         last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         result = TrainResult(state)
-        bar = ProgressBar(cfg.train.steps, start=state.step, enabled=_progress_enabled(cfg.run.progress))
+        bar = ProgressBar(cfg.train.steps, start=state.step, enabled=_progress_enabled(cfg.run.progress) if self.is_main else False)
         flops = models.flops_per_token(self.model_config, cfg.data.seq_len)
         meter = Throughput(self.device)
         saved_at = state.step if resumed else None
@@ -188,12 +215,3 @@ def _due(step: int, every: int, last: int) -> bool:
 def _progress_enabled(mode: str) -> Optional[bool]:
     return None if mode == "auto" else mode == "on"
 
-
-def _check_single_process(config: Config, mesh) -> None:
-    size = config.mesh.size if mesh is None else getattr(mesh, "size", 1)
-    if size != 1:
-        m = config.mesh
-        raise NotImplementedError(
-            f"mesh.data={m.data} mesh.tensor={m.tensor} mesh.pipe={m.pipe}: the Trainer runs one "
-            "process for now (a mesh of size 1); multi-process layouts arrive with the partitioner"
-        )

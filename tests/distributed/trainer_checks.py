@@ -1,0 +1,27 @@
+"""The Trainer on a mesh, inside spawned gloo ranks (see test_trainer_mesh.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastllm.config import apply_overrides
+from fastllm.train.metrics import read_metrics
+from fastllm.train.trainer import Trainer
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+def train(config, overrides: list[str], stop_at=None) -> list[float]:
+    config = apply_overrides(config, overrides)
+    Trainer(config).run(stop_at=stop_at)
+    return losses(Path(config.run.dir)) if (Path(config.run.dir) / "metrics.jsonl").exists() else []
+
+
+def interrupted_and_resumed(config, overrides: list[str]) -> tuple[list[float], list[float]]:
+    """(losses of an uninterrupted run, losses of a run stopped after step 2 and resumed)."""
+    whole = train(config, overrides + [f"run.dir={config.run.dir}/whole"])
+    train(config, overrides + [f"run.dir={config.run.dir}/resumed"], stop_at=2)
+    resumed = train(config, overrides + [f"run.dir={config.run.dir}/resumed"])
+    return whole, resumed
