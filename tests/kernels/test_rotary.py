@@ -47,4 +47,4 @@ def test_inplace_overwrites_and_backpropagates():
 def test_gradcheck_float64():
     q, k, cos, sin = _inputs(torch.float64, 8, 0.5, batch=1, heads=2, kv_heads=1, seq=3)
     q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, impl="triton"), (q, k))
+    assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, impl="triton"), (q, k), fast_mode=True)
