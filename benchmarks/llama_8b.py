@@ -157,9 +157,9 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     sharded init draws on the CPU, which costs minutes at 8B and does not change the speed).
     """
     from fastllm import optim, random, tree
+    from fastllm.train.state import TrainState  # first: fastllm.train imports fastllm.sharding.step
     from fastllm.sharding import Mesh, Partitioner
     from fastllm.sharding.step import make_sharded_train_step
-    from fastllm.train.state import TrainState
 
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)

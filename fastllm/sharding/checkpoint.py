@@ -56,7 +56,17 @@ from fastllm.sharding.mesh import AXES, Mesh
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape
 from fastllm.tree import PyTree
 
-__all__ = ["FORMAT", "INDEX", "save", "load", "load_full", "is_sharded", "read_index", "CheckpointError"]
+__all__ = [
+    "FORMAT",
+    "INDEX",
+    "save",
+    "load",
+    "load_full",
+    "is_sharded",
+    "read_index",
+    "state_specs",
+    "CheckpointError",
+]
 
 FORMAT = "fastllm.sharded-checkpoint/1"
 INDEX = "sharded.json"
@@ -90,6 +100,29 @@ def _writer_ranks(spec: PartitionSpec, mesh_shape: dict[str, int]) -> list[int]:
 
 def _shard_file(rank: int) -> str:
     return f"shard-{rank:05d}.safetensors"
+
+
+def state_specs(state: PyTree, param_specs: PyTree) -> PyTree:
+    """The spec tree of an optimizer state: ``param_specs`` for each params-shaped subtree (the
+    moments), replicated specs for the other tensors (the step count) and for Python scalars."""
+    params_def = optree.tree_structure(param_specs, is_leaf=is_spec)
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, Tensor):
+            return PartitionSpec(*[None] * node.ndim)
+        if isinstance(node, _SCALARS) or node is None:
+            return PartitionSpec()
+        if optree.tree_structure(node) == params_def:
+            return param_specs
+        if isinstance(node, tuple) and hasattr(node, "_fields"):
+            return type(node)(*(walk(child) for child in node))
+        if isinstance(node, (tuple, list)):
+            return type(node)(walk(child) for child in node)
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        raise TypeError(f"optimizer state node of type {type(node).__name__} is not a tensor, scalar or container")
+
+    return walk(state)
 
 
 # --- save ---------------------------------------------------------------------------------------

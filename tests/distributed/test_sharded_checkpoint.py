@@ -8,7 +8,6 @@ many checks per spawn (startup costs seconds) and report each one.
 
 import multiprocessing
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -128,6 +127,7 @@ def save_and_reshard_world_4(root: str) -> dict:
     fewer = {**specs, "params": {k: v for k, v in specs["params"].items() if k != "final_norm"}}
     check(report, "load rejects a param tree without a stored path", lambda: expect_error(
         lambda: sharded.load(path, fewer, mesh), "'params'", "final_norm.scale"))
+    report.update(resume_world_4(os.path.join(root, "resume-00000002")))
     return report
 
 
@@ -145,8 +145,12 @@ def assert_all_ok(reports: list[dict]) -> None:
     assert not failures, "\n".join(failures)
 
 
-def test_save_at_2x2_load_at_data_4_tensor_4_world_2_and_one_process(tmp_path):
-    assert_all_ok(testing.run(save_and_reshard_world_4, 4, str(tmp_path)))
+def test_save_at_2x2_reshard_to_data_4_tensor_4_world_2_one_process_and_resume(tmp_path):
+    """One 4-rank spawn (save, errors, loads, the resumed training of the partitioner's step), one
+    2-rank spawn, then one process."""
+    reports = testing.run(save_and_reshard_world_4, 4, str(tmp_path))
+    full = [report.pop("losses") for report in reports][0]
+    assert_all_ok(reports)
     path = tmp_path / "step-00000007"
     files = sorted(p.name for p in path.iterdir())
     # data=2 x tensor=2: ranks 0..3 each hold some block no other rank writes (tensor- and data-split)
@@ -154,18 +158,18 @@ def test_save_at_2x2_load_at_data_4_tensor_4_world_2_and_one_process(tmp_path):
                      "shard-00002.safetensors", "shard-00003.safetensors", "sharded.json"]
     assert_all_ok(testing.run(reshard_world_2, 2, str(path)))
 
-    one = Mesh()
-    assert load_under(str(path), one, STORAGE_RULES) == []  # world 1: whole tensors
-    metadata, full = sharded.load_full(path)
+    assert load_under(str(path), Mesh(), STORAGE_RULES) == []  # world 1: whole tensors
+    metadata, whole = sharded.load_full(path)
     expected = global_trees()
     assert metadata == {"step": 7}
-    # load_full rebuilds nested dicts/lists only: compare leaf by leaf along the flat paths
-    for name in expected:
-        want, got = tree.flatten(expected[name]), tree.flatten(full[name])
-        assert list(got) == list(want) or sorted(got) == sorted(want), name
+    for name in expected:  # load_full rebuilds dicts and lists only: compare along the flat paths
+        want, got = tree.flatten(expected[name]), tree.flatten(whole[name])
+        assert sorted(got) == sorted(want), name
         for p, value in want.items():
-            assert (torch.equal(got[p], value) and got[p].dtype == value.dtype) if isinstance(value, torch.Tensor) \
-                else got[p] == value, f"{name}.{p}"
+            same = (torch.equal(got[p], value) and got[p].dtype == value.dtype) if isinstance(value, torch.Tensor) \
+                else got[p] == value
+            assert same, f"{name}.{p}"
+    resume_one_process(str(tmp_path / "resume-00000002"), full)
 
 
 def test_replicas_are_written_once(tmp_path):
@@ -202,3 +206,85 @@ def test_interrupted_save_never_looks_complete(tmp_path, stage):
     with pytest.raises(sharded.CheckpointError, match="does not exist"):
         sharded.load_full(path)
     assert checkpoint.prune(tmp_path, keep=1, remove_partial=True) == leftovers
+
+
+# --- resume under another layout (the partitioner's sharded train step) ------------------------
+RESUME_STEPS, RESUME_AT, BATCH, SEQ, LR = 4, 2, 8, 16, 3e-3
+
+
+def resume_config():
+    return models.preset("tiny-llama", n_kv_heads=4)  # 4 KV heads: tensor=4 splits whole heads
+
+
+def resume_batches(config) -> list[dict]:
+    out = []
+    for step in range(RESUME_STEPS):
+        gen = torch.Generator().manual_seed(50 + step)
+        tokens = torch.randint(0, config.vocab_size, (BATCH, SEQ + 1), generator=gen)
+        out.append({"tokens": tokens[:, :-1].contiguous(), "targets": tokens[:, 1:].contiguous()})
+    return out
+
+
+def rows(batch: dict, mesh: Mesh) -> dict:
+    return {name: value.chunk(mesh.size("data"))[mesh.rank("data")] for name, value in batch.items()}
+
+
+def sharded_run(mesh: Mesh, zero_stage: int, path: str, *, save_at: int | None, resume: bool) -> list[float]:
+    """Losses of steps ``RESUME_AT..`` (resumed from ``path``) or of every step (saving at ``save_at``)."""
+    from fastllm.train.state import TrainState  # first: fastllm.train imports fastllm.sharding.step
+    from fastllm.sharding import Partitioner
+    from fastllm.sharding.step import init_sharded_state, make_sharded_train_step
+
+    config, opt, key = resume_config(), optim.adamw(LR, weight_decay=0.1), random.key(3)
+    partitioner = Partitioner(mesh, zero_stage=zero_stage)
+    plan = partitioner.plan(config)
+    state = init_sharded_state(config, partitioner, opt, key)
+    specs = {"params": plan.params, "opt_state": sharded.state_specs(state.opt_state, plan.opt_state)}
+    first = 0
+    if resume:
+        trees, metadata = sharded.load(path, specs, mesh, like={"params": state.params, "opt_state": state.opt_state})
+        state, first = TrainState(trees["params"], trees["opt_state"], metadata["step"], key, None), metadata["step"]
+    step, losses = make_sharded_train_step(config, partitioner, opt), []
+    for i, batch in enumerate(resume_batches(config)[first:], start=first):
+        if i == save_at:
+            sharded.save(path, {"params": state.params, "opt_state": state.opt_state}, specs, mesh, {"step": i})
+        state, metrics = step(state, rows(batch, mesh))
+        losses.append(float(metrics["loss"]))
+    return losses
+
+
+def resume_world_4(path: str) -> dict:
+    """Train at data=2 x tensor=2 ZeRO-3 saving after step 2; resume at data=4 ZeRO-1 and tensor=4."""
+    report = {}
+    full = sharded_run(Mesh(data=2, tensor=2), 3, path, save_at=RESUME_AT, resume=False)
+
+    def resumed(mesh, stage):
+        losses = sharded_run(mesh, stage, path, save_at=None, resume=True)
+        return None if close_losses(losses, full[RESUME_AT:]) else f"{losses} vs {full[RESUME_AT:]}"
+
+    check(report, "resume at data=4 ZeRO-1", lambda: resumed(Mesh(data=4), 1))
+    check(report, "resume at tensor=4", lambda: resumed(Mesh(data=1, tensor=4), 0))
+    report["losses"] = full
+    return report
+
+
+def close_losses(a: list[float], b: list[float]) -> bool:
+    return len(a) == len(b) and all(abs(x - y) <= 1e-5 * abs(y) for x, y in zip(a, b))
+
+
+def resume_one_process(path: str, full: list[float]) -> None:
+    """The plain (unsharded) train step of one process continues from the sharded checkpoint."""
+    from fastllm.train.state import TrainState
+    from fastllm.train.step import make_train_step
+
+    config, opt = resume_config(), optim.adamw(LR, weight_decay=0.1)
+    params = models.init(config, random.key(0))
+    template = {"params": params, "opt_state": opt.init(params)}
+    replicated = {name: tree.map(lambda t: PartitionSpec(*[None] * t.ndim), value) for name, value in template.items()}
+    trees, metadata = sharded.load(path, replicated, Mesh(), like=template)
+    state = TrainState(trees["params"], trees["opt_state"], metadata["step"], random.key(3))
+    step, losses = make_train_step(config, opt), []
+    for batch in resume_batches(config)[RESUME_AT:]:
+        state, metrics = step(state, batch)
+        losses.append(float(metrics["loss"]))
+    assert close_losses(losses, full[RESUME_AT:]), (losses, full)
