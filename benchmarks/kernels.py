@@ -140,13 +140,29 @@ def grad_of(fn, inputs):
     return lambda: torch.autograd.grad(outs, leaves, cotangents, retain_graph=True)
 
 
+def max_error(fn, reference, inputs) -> str:
+    """A correctness note for the table: largest |fastllm - reference| relative to max |reference|."""
+    try:
+        with torch.no_grad():
+            got, want = fn(*inputs), reference(*inputs)
+        got = got if isinstance(got, tuple) else (got,)
+        want = want if isinstance(want, tuple) else (want,)
+        errors = [((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-30)).item()
+                  for g, w in zip(got, want)]
+        return f"rel. err vs eager {max(errors):.1e}"
+    except Exception as error:
+        return f"check failed: {type(error).__name__}: {error}"[:200]
+
+
 def fwd_bwd_cases(bench, kernel, shape, impls: dict, inputs, fwd_bytes, bwd_bytes):
     """fwd and bwd cases for each implementation ``impls[name] = fn(*inputs)``."""
+    check = max_error(impls["fastllm"], impls["eager"], inputs) if "eager" in impls else ""
     for name, fn in impls.items():
         if fn is None:
             bench.skip(kernel, "fwd", name, "not available")
             continue
-        bench.record(Case(kernel, "fwd", name, lambda fn=fn: fn(*inputs), bytes=fwd_bytes, shape=shape))
+        bench.record(Case(kernel, "fwd", name, lambda fn=fn: fn(*inputs), bytes=fwd_bytes, shape=shape),
+                     note=check if name == "fastllm" else "")
         try:
             backward = grad_of(fn, inputs)
         except Exception as error:
@@ -271,11 +287,13 @@ def bench_cross_entropy(bench: Bench, tokens: int, embed: int, vocab: int):
         "liger": (lambda h, w: lig.liger_fused_linear_cross_entropy(h, w, t)) if lig else None,
     }
     shape = f"tokens={tokens} embed={embed} vocab={vocab} bf16"
+    check = max_error(impls["fastllm"], unfused, (h, w))
     for name, fn in impls.items():
         if fn is None:
             bench.skip("linear_cross_entropy", "fwd+bwd", name, "not available")
             continue
-        bench.record(Case("linear_cross_entropy", "fwd+bwd", name, step(fn), flops=flops, shape=shape))
+        bench.record(Case("linear_cross_entropy", "fwd+bwd", name, step(fn), flops=flops, shape=shape),
+                     note=check if name == "fastllm" else "")
 
 
 def bench_optim(bench: Bench, n_tensors: int, numel: int):
@@ -289,10 +307,16 @@ def bench_optim(bench: Bench, n_tensors: int, numel: int):
     v = [torch.zeros_like(x) for x in master]
     total = n_tensors * numel
     shape = f"{n_tensors} x {numel} (bf16 params, fp32 master/moments)"
+    copies = {impl: [[t.clone() for t in ts[:2]] for ts in (params, grads, m, v, master)]
+              for impl in ("triton", "torch")}
+    for impl, (p_, g_, m_, v_, w_) in copies.items():
+        kernels.adamw_step(p_, g_, m_, v_, w_, lr=1e-2, weight_decay=0.1, step=3, impl=impl)
+    adam_check = max_error(lambda: tuple(copies["triton"][4]), lambda: tuple(copies["torch"][4]), ())
+    del copies
     # read g(2) w(4) m(4) v(4), write w m v (12) and the bf16 copy (2)
     bench.record(Case("adamw", "step", "fastllm", lambda: kernels.adamw_step(
         params, grads, m, v, master, lr=1e-4, weight_decay=0.1, step=10, impl="triton"),
-        bytes=28 * total, shape=shape))
+        bytes=28 * total, shape=shape), note=adam_check)
     fp32 = [torch.nn.Parameter(x.clone()) for x in master]
     for p, g in zip(fp32, grads):
         p.grad = g.float()
@@ -305,7 +329,8 @@ def bench_optim(bench: Bench, n_tensors: int, numel: int):
         # fp32 params and grads: read p g m v (16), write p m v (12): the same 28 bytes/element
         bench.record(Case("adamw", "step", name, opt.step, bytes=28 * total, shape=shape + " [fp32 p/g]"))
     bench.record(Case("grad_norm", "norm", "fastllm", lambda: kernels.global_norm(grads, impl="triton"),
-                      bytes=2 * total, shape=f"{n_tensors} x {numel} bf16"))
+                      bytes=2 * total, shape=f"{n_tensors} x {numel} bf16"), note=max_error(
+        lambda: kernels.global_norm(grads, impl="triton"), lambda: kernels.global_norm(grads, impl="torch"), ()))
     bench.record(Case("grad_norm", "norm", "torch foreach", lambda: torch.linalg.vector_norm(
         torch.stack(torch._foreach_norm(grads))), bytes=2 * total, shape=f"{n_tensors} x {numel} bf16"))
 
@@ -329,8 +354,10 @@ def bench_moe(bench: Bench, tokens: int, top_k: int, experts: int, embed: int, m
     if grouped_mm is not None and dev.type == "cuda":
         ends = routing.offsets[1:].to(torch.int32)
         impls["torch._grouped_mm"] = lambda xs, w: grouped_mm(xs, w.transpose(-2, -1), offs=ends)
+    check = max_error(impls["fastllm"], impls["eager loop"], (xs, w))
     for name, fn in impls.items():
-        bench.record(Case("grouped_matmul", "fwd", name, lambda fn=fn: fn(xs, w), flops=flops, shape=shape))
+        bench.record(Case("grouped_matmul", "fwd", name, lambda fn=fn: fn(xs, w), flops=flops, shape=shape),
+                     note=check if name == "fastllm" else "")
         try:
             bench.record(Case("grouped_matmul", "bwd", name, grad_of(fn, (xs, w)), flops=2 * flops, shape=shape))
         except Exception as error:
@@ -338,13 +365,17 @@ def bench_moe(bench: Bench, tokens: int, top_k: int, experts: int, embed: int, m
     weights = torch.rand(tokens, top_k, device=dev)
     moved = 2 * rows * embed * x.element_size()  # read + write every dispatched row
     bench.record(Case("moe_dispatch", "fwd", "fastllm", lambda: kernels.moe_dispatch(x, routing, impl="triton"),
-                      bytes=moved, shape=shape))
+                      bytes=moved, shape=shape), note=max_error(
+        lambda x: kernels.moe_dispatch(x, routing, impl="triton"),
+        lambda x: kernels.moe_dispatch(x, routing, impl="torch"), (x,)))
     bench.record(Case("moe_dispatch", "fwd", "eager", lambda: kernels.moe_dispatch(x, routing, impl="torch"),
                       bytes=moved, shape=shape))
     ys = xs.detach()
     combined = (rows + tokens) * embed * x.element_size()
     bench.record(Case("moe_combine", "fwd", "fastllm", lambda: kernels.moe_combine(ys, weights, routing, impl="triton"),
-                      bytes=combined, shape=shape))
+                      bytes=combined, shape=shape), note=max_error(
+        lambda y: kernels.moe_combine(y, weights, routing, impl="triton"),
+        lambda y: kernels.moe_combine(y, weights, routing, impl="torch"), (ys,)))
     bench.record(Case("moe_combine", "fwd", "eager", lambda: kernels.moe_combine(ys, weights, routing, impl="torch"),
                       bytes=combined, shape=shape))
 
@@ -367,9 +398,12 @@ def bench_attention(bench: Bench, batch: int, heads: int, kv_heads: int, seq: in
         if dev.type != "cuda" and mask != "causal":
             bench.skip("attention", "fwd+bwd", "fastllm", "FlexAttention has no CPU backward")
             continue
+        check = max_error(lambda: kernels.attention(q, k, v, impl="triton", **kwargs),
+                          lambda: kernels.attention(q, k, v, impl="torch", **kwargs), ())
         for name, impl in (("fastllm", "triton"), ("eager masked SDPA", "torch")):
             fn = lambda impl=impl, kw=kwargs: kernels.attention(q, k, v, impl=impl, **kw)  # noqa: E731
-            bench.record(Case(f"attention[{mask}]", "fwd", name, fn, flops=flops, shape=shape))
+            bench.record(Case(f"attention[{mask}]", "fwd", name, fn, flops=flops, shape=shape),
+                         note=check if name == "fastllm" else "")
             try:
                 bench.record(Case(f"attention[{mask}]", "bwd", name, grad_of(lambda q, k, v: fn(), (q, k, v)),
                                   flops=2.5 * flops, shape=shape))
