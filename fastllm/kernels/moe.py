@@ -70,7 +70,9 @@ def _gather_rows(SRC, DST, SOURCE_ROW, SCALE, OTHER, DOT, n_cols, stride_src, st
     """DST[r] = SRC[SOURCE_ROW[r]] (* SCALE[r]); DOT[r] = <SRC[SOURCE_ROW[r]], OTHER[r]>."""
     row = tl.program_id(0).to(tl.int64)
     src = SRC + tl.load(SOURCE_ROW + row).to(tl.int64) * stride_src
-    scale = tl.load(SCALE + row).to(ACC) if HAS_SCALE else 1.0
+    scale = 1.0
+    if HAS_SCALE:
+        scale = tl.load(SCALE + row).to(ACC)
     dot = tl.zeros([BLOCK], dtype=ACC)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
