@@ -137,6 +137,8 @@ def save(config: ModelConfig, params, path: str | os.PathLike, *, tokenizer=None
 def _detect(path: Path) -> str:
     if serialize.is_model_dir(path):
         return "fastllm"
+    if _is_sharded(path):
+        return "fastllm-sharded"
     if (path / "config.json").is_file():
         return "hf"
     raise FileNotFoundError(f"{path}: neither a fastllm model ({serialize.CONFIG_FILE}) nor a Hugging Face "
@@ -152,11 +154,13 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: Optional[str]
     """
     src, dst = Path(src), Path(dst)
     source = _detect(src)
-    to = to or ("hf" if source == "fastllm" else "fastllm")
+    to = to or ("fastllm" if source == "hf" else "hf")
     if to not in ("hf", "fastllm"):
         raise ValueError(f"to must be 'hf' or 'fastllm', got {to!r}")
     if source == "hf":
         config, params = load(src, dtype=dtype or _stored_dtype(src))
+    elif source == "fastllm-sharded":
+        config, params = _load_sharded(src, dtype)
     else:
         config, params = serialize.load_model(src, dtype=dtype)
     if to == "hf":
@@ -172,3 +176,37 @@ def _stored_dtype(path: Path) -> torch.dtype:
     reader = checkpoint.SafetensorsReader(path)
     stored = reader.get(reader.names()[0]).dtype
     return stored if stored.is_floating_point else torch.float32
+
+
+# --- sharded training checkpoints (added by the sharded-checkpoint owner; see docs/checkpoints.md) ---
+def _is_sharded(path: Path) -> bool:
+    from fastllm.sharding import checkpoint as sharded
+
+    return sharded.is_sharded(path)
+
+
+def _load_sharded(path: Path, dtype: Optional[torch.dtype]) -> tuple[ModelConfig, dict]:
+    """(config, whole params) of a ``fastllm.sharding.checkpoint`` directory, in one process.
+
+    The model config comes from the checkpoint's metadata: ``"model_config"`` (a ModelConfig as
+    ``serialize.config_to_dict`` writes it) or ``"config"`` (a training config dict, as the trainer
+    writes it).
+    """
+    from fastllm.sharding import checkpoint as sharded
+
+    metadata, trees = sharded.load_full(path, names=["params"])
+    if "model_config" in metadata:
+        config = serialize.config_from_dict(metadata["model_config"])
+    elif "config" in metadata:
+        from fastllm.config import from_dict
+        from fastllm.train.config import Config
+
+        config = from_dict(Config, metadata["config"]).model_config
+    else:
+        raise ValueError(f"{path}: sharded checkpoint metadata has no 'model_config' or 'config' "
+                         f"(it has {sorted(metadata)}); cannot tell the model")
+    params = trees["params"]
+    if dtype is not None:
+        params = tree.map(lambda t: t.to(dtype), params)
+    serialize.check_params(config, tree.flatten(params), str(path))
+    return config, params

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastllm import checkpoint, models, optim, random, tree
+from fastllm import checkpoint, hf, models, optim, random, tree
+from fastllm.models import serialize
 from fastllm.sharding import COMPUTE_RULES, STORAGE_RULES, Mesh, PartitionSpec, Rules, is_spec, resolve, shard
 from fastllm.sharding import checkpoint as sharded
 from fastllm.sharding import testing
@@ -171,6 +172,13 @@ def test_save_at_2x2_reshard_to_data_4_tensor_4_world_2_one_process_and_resume(t
             assert same, f"{name}.{p}"
     resume_one_process(str(tmp_path / "resume-00000002"), full)
 
+    # fastllm convert: a sharded checkpoint (saved by 4 ranks) to Hugging Face, whole tensors
+    assert hf.convert(tmp_path / "resume-00000002", tmp_path / "hf") == "hf"
+    config, params = hf.load(tmp_path / "hf")
+    _, trees = sharded.load_full(tmp_path / "resume-00000002", names=["params"])
+    assert config == resume_config()
+    assert mismatches({"params": params}, {"params": trees["params"]}) == []
+
 
 def test_replicas_are_written_once(tmp_path):
     """A replicated tensor (spec None everywhere) goes into rank 0's file only."""
@@ -247,7 +255,8 @@ def sharded_run(mesh: Mesh, zero_stage: int, path: str, *, save_at: int | None, 
     step, losses = make_sharded_train_step(config, partitioner, opt), []
     for i, batch in enumerate(resume_batches(config)[first:], start=first):
         if i == save_at:
-            sharded.save(path, {"params": state.params, "opt_state": state.opt_state}, specs, mesh, {"step": i})
+            metadata = {"step": i, "model_config": serialize.config_to_dict(config)}
+            sharded.save(path, {"params": state.params, "opt_state": state.opt_state}, specs, mesh, metadata)
         state, metrics = step(state, rows(batch, mesh))
         losses.append(float(metrics["loss"]))
     return losses
