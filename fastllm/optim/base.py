@@ -21,6 +21,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from fastllm import tree
+from fastllm.optim import _multi
 from fastllm.tree import PyTree
 
 __all__ = [
@@ -74,7 +75,7 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
     if not leaves:
         return params
     deltas = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(leaves, tree.leaves(updates))]
-    return optree.tree_unflatten(spec, list(torch._foreach_add(leaves, deltas)))
+    return optree.tree_unflatten(spec, _multi.add(leaves, deltas))
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:
@@ -86,8 +87,7 @@ def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:
     leaves = tree.leaves(updates)
     if not leaves:
         return torch.zeros((), dtype=torch.float32)
-    norms = torch._foreach_norm(leaves, 2, dtype=torch.float32)  # one kernel for many leaves
-    squares = torch.stack(norms).square().sum()
+    squares = torch.stack(_multi.norms(leaves)).square().sum()
     if reduce is not None:
         squares = reduce(squares)
     return squares.sqrt()
