@@ -22,7 +22,7 @@ from typing import Any, Literal, Optional
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from fastllm.kernels import _triton
@@ -85,17 +85,24 @@ def _per_token_loss(lse, target_logit, logit_sum, vocab, z_loss, label_smoothing
     return loss + z_loss * lse.square() if z_loss else loss
 
 
-def _reduce(per_token: Tensor, valid: Tensor, reduction: str) -> Tensor:
-    total = (per_token * valid).sum()
-    return total / valid.sum().clamp(min=1) if reduction == "mean" else total
+def _token_weights(targets: Tensor, ignore_index: int, loss_mask: Optional[Tensor], dtype) -> Tensor:
+    """Each token's weight in the loss: 0 where ignored, else the (bool or float) loss mask."""
+    weight = (targets != ignore_index).to(dtype)
+    return weight if loss_mask is None else weight * loss_mask.reshape(-1).to(dtype)
+
+
+def _normalised(weight: Tensor, reduction: str) -> Tensor:
+    """Weights that turn a weighted sum into the requested reduction (0/0 counts as 0)."""
+    if reduction == "sum":
+        return weight
+    return weight / weight.sum().clamp(min=torch.finfo(weight.dtype).tiny)
 
 
 def linear_cross_entropy_reference(hidden, weight, targets, *, ignore_index=-100, z_loss=0.0,
-                                   label_smoothing=0.0, reduction="mean", shard=None):
+                                   label_smoothing=0.0, reduction="mean", shard=None, loss_mask=None):
     """Unfused: full logits in fp32; on a vocab shard the same stats go through all-reduces."""
     logits = _triton.upcast(F.linear(hidden.reshape(-1, hidden.shape[-1]), weight))  # [tokens, V_local]
     targets = targets.reshape(-1)
-    valid = (targets != ignore_index).to(logits.dtype)
     local = targets - (shard.start if shard else 0)
     in_shard = (local >= 0) & (local < weight.shape[0]) & (targets != ignore_index)
     top = _all_reduce(logits.detach().amax(-1), shard, "max")
@@ -106,7 +113,8 @@ def linear_cross_entropy_reference(hidden, weight, targets, *, ignore_index=-100
     logit_sum = _all_reduce(logits.sum(-1), shard, "sum", differentiable=True)
     vocab = shard.size if shard else weight.shape[0]
     per_token = _per_token_loss(lse, picked, logit_sum, vocab, z_loss, label_smoothing)
-    return _reduce(per_token, valid, reduction)
+    token_weight = _normalised(_token_weights(targets, ignore_index, loss_mask, logits.dtype), reduction)
+    return (per_token * token_weight).sum()
 
 
 @_triton.jit
@@ -188,16 +196,14 @@ def _chunk_lse(logits: Tensor, local: Tensor, shard: Optional[VocabShard]):
     return top + sum_exp.log(), picked, total
 
 
-def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, o: _Options):
+def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: Optional[Tensor], o: _Options):
     n_rows, n_vocab = hidden.shape[0], weight.shape[0]
     vocab = o.shard.size if o.shard is not None else n_vocab
     valid = targets != o.ignore_index
     local = targets - (o.shard.start if o.shard is not None else 0)
     local = torch.where(valid & (local >= 0) & (local < n_vocab), local, -1)  # -1: not in this shard
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    weight_of_row = valid.to(acc)
-    if o.reduction == "mean":
-        weight_of_row = weight_of_row / weight_of_row.sum().clamp(min=1)
+    weight_of_row = _normalised(_token_weights(targets, o.ignore_index, loss_mask, acc), o.reduction)
     per_token = torch.empty(n_rows, device=hidden.device, dtype=acc)
     grad_hidden = torch.empty_like(hidden) if o.grad_hidden else None
     grad_weight = torch.zeros_like(weight) if o.grad_weight else None
@@ -224,8 +230,8 @@ def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, o: _Options)
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(hidden, weight, targets, options):
-        return _fused_forward(hidden, weight, targets, options)
+    def forward(hidden, weight, targets, loss_mask, options):
+        return _fused_forward(hidden, weight, targets, loss_mask, options)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -237,7 +243,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
-        return scale(grad_hidden), scale(grad_weight), None, None
+        return scale(grad_hidden), scale(grad_weight), None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -251,6 +257,7 @@ def fused_linear_cross_entropy(
     reduction: Literal["mean", "sum"] = "mean",
     chunk_size: Optional[int] = None,
     shard: Optional[VocabShard] = None,
+    loss_mask: Optional[Shaped[Tensor, "*batch"]] = None,
     impl: Choice = "auto",
 ) -> Float[Tensor, ""]:
     """Cross-entropy of ``hidden @ weight.T`` against ``targets``, mean (or sum) over valid targets.
@@ -269,11 +276,12 @@ def fused_linear_cross_entropy(
     if resolve(impl, hidden.device) == "torch":
         return linear_cross_entropy_reference(
             hidden, weight, targets, ignore_index=ignore_index, z_loss=z_loss,
-            label_smoothing=label_smoothing, reduction=reduction, shard=shard)
+            label_smoothing=label_smoothing, reduction=reduction, shard=shard, loss_mask=loss_mask)
     grad_on = torch.is_grad_enabled()
     options = _Options(ignore_index, float(z_loss), float(label_smoothing), reduction, chunk_size,
                        shard, grad_on and hidden.requires_grad, grad_on and weight.requires_grad)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     if hidden2d.stride(-1) != 1:
         hidden2d = hidden2d.contiguous()
-    return _FusedLinearCrossEntropy.apply(hidden2d, weight, targets.reshape(-1), options)[0]
+    mask = None if loss_mask is None else loss_mask.reshape(-1)
+    return _FusedLinearCrossEntropy.apply(hidden2d, weight, targets.reshape(-1), mask, options)[0]

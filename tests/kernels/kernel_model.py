@@ -73,7 +73,8 @@ def loss(config, params, batch, k: KernelConfig):
         h = h + out
     h = _norm(params["final_norm"], h, config.norm_eps, k)
     head = params["embed"]["tokens"] if config.tie_embeddings else params["lm_head"]["w"]
-    total = kernels.fused_linear_cross_entropy(h, head, targets, impl=k.cross_entropy)
+    total = kernels.fused_linear_cross_entropy(h, head, targets, loss_mask=batch.get("loss_mask"),
+                                               impl=k.cross_entropy)
     if config.moe is not None:
         total = total + config.moe.aux_loss_coef * nn.moe.load_balancing_loss(
             router_logits, config.moe.n_experts, config.moe.top_k)

@@ -49,3 +49,18 @@ def test_no_grad_forward_and_all_ignored():
     torch.testing.assert_close(got, fused_linear_cross_entropy(hidden, weight, targets, impl="torch"))
     ignored = torch.full_like(targets, -100)
     assert fused_linear_cross_entropy(hidden, weight, ignored, impl="triton").item() == 0.0
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_loss_mask_weights_tokens_like_nn_cross_entropy(impl):
+    from fastllm import nn
+
+    hidden, weight, targets = _inputs(torch.float32)
+    mask = torch.rand(targets.shape)
+    mask[1] = 0.0
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    got = fused_linear_cross_entropy(h, w, targets, loss_mask=mask, chunk_size=5, impl=impl)
+    want, _ = nn.cross_entropy(torch.nn.functional.linear(hidden, weight), targets, loss_mask=mask)
+    torch.testing.assert_close(got, want)
+    got.backward()
+    assert h.grad[1].abs().max() == 0  # fully masked row: no gradient

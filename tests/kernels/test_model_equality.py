@@ -16,7 +16,8 @@ def test_kernels_on_equal_kernels_off(name):
     tokens = torch.randint(0, config.vocab_size, (2, 12), generator=gen)
     targets = torch.randint(0, config.vocab_size, (2, 12), generator=gen)
     targets[0, :3] = -100
-    batch = {"tokens": tokens, "targets": targets}
+    loss_mask = torch.rand(2, 12, generator=gen) > 0.2
+    batch = {"tokens": tokens, "targets": targets, "loss_mask": loss_mask}
 
     kernels_on = KernelConfig.all("triton")
     want_grads, want = torch.func.grad_and_value(lambda p: models.loss(config, p, batch)[0])(params)
