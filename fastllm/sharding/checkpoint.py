@@ -174,7 +174,7 @@ def _describe(name: str, values: PyTree, specs: PyTree, mesh: Mesh) -> tuple[dic
             start, shape = _block(global_shape, spec, Mesh.abstract(**mesh.shape, rank=rank), key)
             blocks.append({"file": _shard_file(rank), "start": start, "shape": shape})
             if rank == mesh.global_rank:
-                mine[key] = leaf.detach().to("cpu").contiguous().clone()  # clone: no shared storage
+                mine[key] = leaf.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
         tensors[path] = {"shape": global_shape, "dtype": str(leaf.dtype).removeprefix("torch."),
                          "spec": _spec_to_json(spec), "blocks": blocks}
     return {"tensors": tensors, "scalars": scalars}, mine
@@ -349,6 +349,11 @@ class _Reader:
         handle = self.handles[file]
         return handle.get_tensor(key) if not region else handle.get_slice(key)[region]
 
+    def close(self) -> None:
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+        self.handles.clear()
+
 
 def _read_block(reader: _Reader, key: str, entry: dict, start: list, shape: list) -> Tensor:
     """The region ``[start, start + shape)`` of a stored tensor, read from the blocks that hold it."""
@@ -422,12 +427,15 @@ def load(
     reader = _Reader(path, checksum)
     device = mesh.device if device is None else device
     trees = {}
-    for name, tree_specs in specs.items():
-        if name not in index["trees"]:
-            raise CheckpointError(f"checkpoint {path} has no tree {name!r} (it has {sorted(index['trees'])})")
-        template = None if like is None else like.get(name)
-        loaded = _load_tree(reader, name, index["trees"][name], tree_specs, mesh, template)
-        trees[name] = tree.map(lambda t: t.to(device) if isinstance(t, Tensor) else t, loaded)
+    try:
+        for name, tree_specs in specs.items():
+            if name not in index["trees"]:
+                raise CheckpointError(f"checkpoint {path} has no tree {name!r} (it has {sorted(index['trees'])})")
+            template = None if like is None else like.get(name)
+            loaded = _load_tree(reader, name, index["trees"][name], tree_specs, mesh, template)
+            trees[name] = tree.map(lambda t: t.to(device) if isinstance(t, Tensor) else t, loaded)
+    finally:
+        reader.close()
     return trees, index["metadata"]
 
 
@@ -449,14 +457,17 @@ def load_full(
     single = Mesh.abstract()
     wanted = list(index["trees"]) if names is None else list(names)
     trees = {}
-    for name in wanted:
-        if name not in index["trees"]:
-            raise CheckpointError(f"checkpoint {path} has no tree {name!r} (it has {sorted(index['trees'])})")
-        stored = index["trees"][name]
-        specs = {p: PartitionSpec(*[None] * len(e["shape"])) for p, e in stored["tensors"].items()}
-        flat = {p: stored["scalars"][p] for p in stored["scalars"]}
-        for p, spec in specs.items():
-            start, shape = _block(stored["tensors"][p]["shape"], spec, single, f"{name}.{p}")
-            flat[p] = _read_block(reader, f"{name}.{p}", stored["tensors"][p], start, shape).to(device)
-        trees[name] = tree.unflatten(flat)
+    try:
+        for name in wanted:
+            if name not in index["trees"]:
+                raise CheckpointError(f"checkpoint {path} has no tree {name!r} (it has {sorted(index['trees'])})")
+            stored = index["trees"][name]
+            flat = dict(stored["scalars"])
+            for p, entry in stored["tensors"].items():
+                whole = PartitionSpec(*[None] * len(entry["shape"]))
+                start, shape = _block(entry["shape"], whole, single, f"{name}.{p}")
+                flat[p] = _read_block(reader, f"{name}.{p}", entry, start, shape).to(device)
+            trees[name] = tree.unflatten(flat)
+    finally:
+        reader.close()
     return index["metadata"], trees
