@@ -121,6 +121,7 @@ def build_peer_step(args, config, device: torch.device) -> StepFn:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     model.to_empty(device=device)
+    torch.manual_seed(0)  # same seed on every rank: DTensor's random ops need it
     _init_peer(model, hf_config, config.init_std, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.1,
                                   fused=device.type == "cuda")
@@ -164,6 +165,7 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)
     meta = partitioner.init_params(config, random.key(0), device="meta")
+    torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
     params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
     opt = optim.adamw(args.lr, weight_decay=0.1)
     owned = params if args.zero_stage in (0, 3) else None  # stages 1-2 own storage slices only
