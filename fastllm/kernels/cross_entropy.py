@@ -32,7 +32,10 @@ from fastllm.kernels.registry import Choice, resolve
 __all__ = ["VocabShard", "fused_linear_cross_entropy", "linear_cross_entropy_reference"]
 
 _BLOCK = 4096
-_LOGITS_PER_CHUNK = 1 << 25  # elements of one chunk's logits (64 MiB in bf16)
+# Elements of one chunk's logits (512 MiB in bf16; 2048 tokens at vocab 128k). Each chunk also
+# reads and writes all of dW once (addmm with beta=1), so chunks much smaller than this would turn
+# the loss memory-bound on dW traffic: 16k tokens in 64 chunks would move 128 GB at vocab 128k.
+_LOGITS_PER_CHUNK = 1 << 28
 
 
 @dataclass(frozen=True)
