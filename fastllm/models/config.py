@@ -7,6 +7,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from fastllm.kernels.registry import KernelConfig
+
 __all__ = ["RopeConfig", "MoEConfig", "ModelConfig", "FAMILIES"]
 
 FAMILIES = ("gpt2", "starcoder", "llama", "mistral", "mixtral", "qwen2", "custom")
@@ -83,6 +85,9 @@ class ModelConfig:
     moe: Optional[MoEConfig] = None
     init_std: float = 0.02
     family: str = "llama"  # which Hugging Face architecture save() writes
+    # which implementation runs each op ("auto": Triton on CUDA, the torch reference elsewhere);
+    # not part of the maths, so Hugging Face export ignores it
+    kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self):
         for name in ("vocab_size", "embed_dim", "n_layers", "n_heads", "mlp_dim", "max_seq_len"):
@@ -108,6 +113,10 @@ class ModelConfig:
             object.__setattr__(self, "rope", RopeConfig(**self.rope))
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
+        if isinstance(self.kernels, dict):
+            object.__setattr__(self, "kernels", KernelConfig(**self.kernels))
+        _require(isinstance(self.kernels, KernelConfig), "kernels",
+                 f"must be a KernelConfig or a dict of its fields, got {type(self.kernels).__name__}")
 
     @property
     def kv_groups(self) -> int:

@@ -30,6 +30,8 @@ __all__ = [
     "logical_axes",
     "apply",
     "forward",
+    "hidden_states",
+    "lm_head",
     "loss",
     "block_layer",
     "rotary_layer",
@@ -71,20 +73,23 @@ def block_layer(config: ModelConfig, index: int) -> nn.Block:
         embed_dim=config.embed_dim, n_heads=config.n_heads, n_kv_heads=config.n_kv_heads,
         head_dim=config.head_dim, qkv_bias=config.qkv_bias, out_bias=config.attention_out_bias,
         window=layer_window(config, index), std=config.init_std, out_std=_out_std(config),
+        kernels=config.kernels,
     )
     if config.moe is not None:
         ffn = nn.MoE(
             embed_dim=config.embed_dim, mlp_dim=config.mlp_dim, n_experts=config.moe.n_experts,
             top_k=config.moe.top_k, normalize_top_k=config.moe.normalize_top_k,
             activation=config.activation, std=config.init_std, out_std=_out_std(config),
+            kernels=config.kernels,
         )
     else:
         ffn = nn.MLP(
             embed_dim=config.embed_dim, mlp_dim=config.mlp_dim, activation=config.activation,
             gated=config.gated_mlp, bias=config.mlp_bias, std=config.init_std,
-            out_std=_out_std(config),
+            out_std=_out_std(config), kernels=config.kernels,
         )
-    return nn.Block(attention=attention, ffn=ffn, norm=config.norm, norm_eps=config.norm_eps)
+    return nn.Block(attention=attention, ffn=ffn, norm=config.norm, norm_eps=config.norm_eps,
+                    kernels=config.kernels)
 
 
 def param_specs(config: ModelConfig) -> dict:
@@ -147,6 +152,28 @@ def forward(
     ``layout`` (a parallel layout from ``fastllm.sharding``; ``None``: one device): ``params`` are
     this rank's shards and the logits this rank's block of the vocabulary.
     """
+    h, aux = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout)
+    logits = nn.linear.linear(L.enter_parallel(layout, h), lm_head(config, params, layout))  # [batch, seq, vocab]
+    return logits, aux
+
+
+def lm_head(config: ModelConfig, params: dict, layout: Optional[Layout] = None) -> Tensor:
+    """The ``[vocab, embed]`` output matrix (the token embeddings when tied; a vocab block under a layout)."""
+    if config.tie_embeddings:
+        return L.params(layout, "embed", params["embed"])["tokens"]
+    return L.params(layout, "lm_head", params["lm_head"])["w"]
+
+
+def hidden_states(
+    config: ModelConfig,
+    params: dict,
+    tokens: Int[Tensor, "batch seq"],
+    *,
+    positions: Optional[Int[Tensor, "batch seq"]] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    layout: Optional[Layout] = None,
+) -> tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor]]:
+    """(the final-normed residual stream, aux): :func:`forward` before the LM head."""
     if positions is None:
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
     h = _embed(config, params, tokens, positions, layout)  # [batch, seq, embed]
@@ -160,13 +187,9 @@ def forward(
         )
         if logits_of_router is not None:
             router_logits.append(logits_of_router)
-    h = nn.norm.apply(L.params(layout, "final_norm", params["final_norm"]), h, eps=config.norm_eps)
-    if config.tie_embeddings:
-        head = L.params(layout, "embed", params["embed"])["tokens"]
-    else:
-        head = L.params(layout, "lm_head", params["lm_head"])["w"]
-    logits = nn.linear.linear(L.enter_parallel(layout, h), head)  # [batch, seq, vocab]
-    return logits, _aux_losses(config, router_logits, h)
+    h = nn.norm.apply(L.params(layout, "final_norm", params["final_norm"]), h, eps=config.norm_eps,
+                      kernels=config.kernels)
+    return h, _aux_losses(config, router_logits, h)
 
 
 def _aux_losses(config: ModelConfig, router_logits: list[Tensor], h: Tensor) -> dict[str, Tensor]:
@@ -203,11 +226,13 @@ def loss(
     for name in ("tokens", "targets"):
         if name not in batch:
             raise KeyError(f"loss: batch has no {name!r} (keys: {sorted(batch)})")
-    logits, aux = forward(
+    h, aux = hidden_states(
         config, params, batch["tokens"],
         positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout,
     )
-    ce, valid = L.cross_entropy(layout, logits, batch["targets"], batch.get("loss_mask"))
+    # the LM head and the loss together: the fused kernel never materialises the logits
+    ce, valid = L.linear_cross_entropy(layout, h, lm_head(config, params, layout), batch["targets"],
+                                       batch.get("loss_mask"), impl=config.kernels.cross_entropy)
     total = ce
     if config.moe is not None:
         total = total + config.moe.aux_loss_coef * aux["moe_aux_loss"]

@@ -6,7 +6,10 @@ grouped-query: query head ``h`` reads key/value head ``h // (n_heads / n_kv_head
 heads. The score is ``softmax(q k^T / sqrt(head_dim) + mask) v`` where key ``j`` is visible from
 query ``i`` iff ``j <= i``, ``i - j < window`` (sliding window, Mistral; the query itself counts)
 and both tokens share a segment id (packed documents). Everything the mask decides lives in
-:func:`dot_product_attention`, the one function a fused kernel replaces.
+:func:`dot_product_attention`, the one function a fused kernel replaces: where the layer's
+``kernels.attention`` resolves to Triton it runs :func:`fastllm.kernels.attention.attention` (flash
+SDPA, or FlexAttention for windows and segments), and ``kernels.rotary`` picks the fused rotary kernel
+(:func:`fastllm.kernels.rotary.apply_rotary`, q and k in one pass) over :func:`rotary.apply`.
 """
 
 from __future__ import annotations
@@ -19,6 +22,9 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from fastllm.kernels import KernelConfig, select
+from fastllm.kernels.attention import attention as fused_attention
+from fastllm.kernels.rotary import apply_rotary as fused_rotary
 from fastllm.nn import layout as _layout
 from fastllm.nn import rotary
 from fastllm.nn.param import Param, normal, zeros
@@ -39,6 +45,7 @@ class Attention:
     window: Optional[int] = None
     std: float = 0.02
     out_std: Optional[float] = None
+    kernels: KernelConfig = KernelConfig()  # which implementation runs rotary and attention
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -94,7 +101,12 @@ def dot_product_attention(
     *,
     window: Optional[int] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    kernels: Optional[KernelConfig] = None,
 ) -> Float[Tensor, "batch heads seq head_dim"]:
+    """The reference below repeats k/v per group and builds the boolean mask; the fused path needs
+    neither (see docs/performance.md, "Attention: what each mask runs on")."""
+    if select(kernels, "attention", q.device) == "triton":
+        return fused_attention(q, k, v, window=window, segment_ids=segment_ids, impl="triton")
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         # Same head mapping as transformers' repeat_kv: kv head j serves query heads j*g..j*g+g-1.
@@ -113,6 +125,12 @@ def _project_in(
     bias = None if b is None else b.reshape(heads * head_dim)
     y = F.linear(x, w.reshape(heads * head_dim, embed), bias)
     return y.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+
+
+def _rotate(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor], kernels: KernelConfig) -> tuple[Tensor, Tensor]:
+    if select(kernels, "rotary", q.device) == "triton":
+        return fused_rotary(q, k, *rope, impl="triton")
+    return rotary.apply(q, *rope), rotary.apply(k, *rope)
 
 
 def apply(
@@ -134,8 +152,8 @@ def apply(
     k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
     v = _project_in(x, p["wv"], p.get("bv"))
     if rope is not None:
-        q, k = rotary.apply(q, *rope), rotary.apply(k, *rope)
-    out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids)
+        q, k = _rotate(q, k, rope, layer.kernels)
+    out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
     out = out.transpose(1, 2).flatten(2)  # [batch, seq, heads * head_dim]
     wo = p["wo"]
     return _layout.row_parallel_linear(layout, out, wo.reshape(wo.shape[0], -1), p.get("bo"))

@@ -12,6 +12,7 @@ from typing import Optional, Union
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from fastllm.kernels import KernelConfig
 from fastllm.nn import attention, mlp, moe, norm
 from fastllm.nn.layout import Layout
 from fastllm.nn.norm import NormKind
@@ -25,6 +26,7 @@ class Block:
     ffn: Union[mlp.MLP, moe.MoE]
     norm: NormKind = "rmsnorm"
     norm_eps: float = 1e-5
+    kernels: KernelConfig = KernelConfig()  # for the norms; attention and ffn carry their own
 
     @property
     def ffn_name(self) -> str:
@@ -56,11 +58,11 @@ def apply(
     ``layout`` (see :mod:`fastllm.nn.layout`): ``x`` is the residual stream in its layout (a block
     of ``seq``, ``local_seq``, under sequence parallelism; ``segment_ids`` cover the whole ``seq``); attention and MLP enter and leave their parallel regions.
     """
-    h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps)
+    h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     x = x + attention.apply(
         layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids, layout=layout
     )
-    h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps)
+    h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     if layer.ffn_name == "moe":
         out, router_logits = moe.apply(layer.ffn, p["moe"], h)
         return x + out, router_logits

@@ -17,6 +17,8 @@ hook                     called
 ``enter_parallel(x)``    residual stream -> the input of a column-parallel matmul
 ``exit_parallel(y)``     partial sums of a row-parallel matmul -> the residual stream
 ``cross_entropy(...)``   the loss of (vocab-sharded) logits, as :func:`fastllm.nn.cross_entropy`
+``linear_cross_entropy`` the LM head and its loss from the residual stream, as
+                         :func:`fastllm.nn.loss.linear_cross_entropy` (fused where ``impl`` says)
 =======================  ===================================================================
 """
 
@@ -27,7 +29,9 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastllm.kernels import Choice
 from fastllm.nn.loss import cross_entropy as _cross_entropy
+from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
 
 __all__ = [
     "Layout",
@@ -38,6 +42,7 @@ __all__ = [
     "exit_parallel",
     "row_parallel_linear",
     "cross_entropy",
+    "linear_cross_entropy",
 ]
 
 
@@ -55,6 +60,10 @@ class Layout(Protocol):
 
     def cross_entropy(
         self, logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]: ...
+
+    def linear_cross_entropy(
+        self, hidden: Tensor, head: Tensor, targets: Tensor, loss_mask: Optional[Tensor], impl: Choice
     ) -> tuple[Tensor, Tensor]: ...
 
 
@@ -95,3 +104,18 @@ def cross_entropy(
     if layout is None:
         return _cross_entropy(logits, targets, loss_mask=loss_mask)
     return layout.cross_entropy(logits, targets, loss_mask)
+
+
+def linear_cross_entropy(
+    layout: Optional[Layout],
+    hidden: Tensor,
+    head: Tensor,
+    targets: Tensor,
+    loss_mask: Optional[Tensor] = None,
+    *,
+    impl: Choice = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(loss, valid weight) of ``hidden`` (the residual stream) through the (vocab-sharded) head."""
+    if layout is None:
+        return _linear_cross_entropy(hidden, head, targets, loss_mask=loss_mask, impl=impl)
+    return layout.linear_cross_entropy(hidden, head, targets, loss_mask, impl)

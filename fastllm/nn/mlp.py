@@ -3,6 +3,8 @@
 
 Activations match transformers' names: ``gelu`` is the exact erf GELU, ``gelu_tanh`` the tanh
 approximation (GPT-2's ``gelu_new``, StarCoder's ``gelu_pytorch_tanh``), ``silu``, ``relu``.
+Where the layer's ``kernels.activation`` resolves to Triton, ``act(gate) * up`` (or ``act(up)``) is
+one fused elementwise pass (:mod:`fastllm.kernels.activation`); the matmuls stay cuBLAS.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from fastllm.kernels import KernelConfig, select
+from fastllm.kernels.activation import activation as fused_activation
+from fastllm.kernels.activation import gated as fused_gated
 from fastllm.nn import layout as _layout
 from fastllm.nn.param import Param, normal, zeros
 
-__all__ = ["MLP", "Activation", "activation", "params", "apply"]
+__all__ = ["MLP", "Activation", "activation", "activate", "params", "apply"]
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
 
@@ -36,6 +41,18 @@ def activation(name: str) -> Callable[[Tensor], Tensor]:
     return _ACTIVATIONS[name]
 
 
+def activate(
+    name: str, up: Tensor, gate: Optional[Tensor] = None, *, kernels: Optional[KernelConfig] = None
+) -> Tensor:
+    """``act(gate) * up`` (gated) or ``act(up)``, fused where ``kernels.activation`` says Triton."""
+    if select(kernels, "activation", up.device) == "triton":
+        if gate is None:
+            return fused_activation(up, name, impl="triton")
+        return fused_gated(gate, up, name, impl="triton")
+    act = activation(name)
+    return act(up) if gate is None else act(gate) * up
+
+
 @dataclass(frozen=True)
 class MLP:
     """Shapes and options of one feed-forward layer. ``out_std`` (default ``std``) inits ``w_down``."""
@@ -47,6 +64,7 @@ class MLP:
     bias: bool = False
     std: float = 0.02
     out_std: Optional[float] = None
+    kernels: KernelConfig = KernelConfig()  # which implementation runs the activation
 
     def __post_init__(self):
         activation(self.activation)  # validates the name
@@ -71,11 +89,8 @@ def apply(
     layer: MLP, p: dict, x: Float[Tensor, "*batch embed"], *, layout: Optional[_layout.Layout] = None
 ) -> Float[Tensor, "*batch embed"]:
     """``layout`` (see :mod:`fastllm.nn.layout`): ``mlp`` may be this rank's shard of the units."""
-    act = activation(layer.activation)
     x = _layout.enter_parallel(layout, x)  # column parallel: w_up/w_gate split along mlp
     up = F.linear(x, p["w_up"], p.get("b_up"))  # [..., mlp]
-    if "w_gate" in p:
-        hidden = act(F.linear(x, p["w_gate"], p.get("b_gate"))) * up
-    else:
-        hidden = act(up)
+    gate = F.linear(x, p["w_gate"], p.get("b_gate")) if "w_gate" in p else None
+    hidden = activate(layer.activation, up, gate, kernels=layer.kernels)
     return _layout.row_parallel_linear(layout, hidden, p["w_down"], p.get("b_down"))

@@ -4,7 +4,9 @@ Routing, as transformers' Mixtral: ``probs = softmax(x W_router^T)`` in float32,
 per token, their probabilities renormalised to sum to one when ``normalize_top_k``; the output is
 ``sum_k weight_k * expert_k(x)`` with SwiGLU experts. No token is dropped and nothing is padded to a
 capacity: the reference below loops over experts, gathers the tokens each one was picked for
-(``index_select``) and scatters the weighted results back (``index_add``).
+(``index_select``) and scatters the weighted results back (``index_add``). Where the layer's
+``kernels.moe`` resolves to Triton, :func:`fastllm.kernels.moe.moe_experts` runs instead: tokens
+sorted by expert, one grouped matmul launch per projection, no padding.
 
 Auxiliary losses over the router logits of all layers (concatenated along tokens):
 * load balancing (Switch Transformer, Fedus et al. 2021, eqs. 4-6, as transformers'
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from fastllm.kernels import KernelConfig, select
+from fastllm.kernels.moe import moe_experts
 from fastllm.nn.mlp import Activation, activation
 from fastllm.nn.param import Param, normal
 
@@ -41,6 +45,7 @@ class MoE:
     activation: Activation = "silu"
     std: float = 0.02
     out_std: Optional[float] = None
+    kernels: KernelConfig = KernelConfig()  # which implementation runs the experts
 
     def __post_init__(self):
         if not 1 <= self.top_k <= self.n_experts:
@@ -74,10 +79,19 @@ def apply(
     layer: MoE, p: dict, x: Float[Tensor, "*batch embed"]
 ) -> tuple[Float[Tensor, "*batch embed"], Float[Tensor, "tokens experts"]]:
     """(output, router logits ``[tokens, experts]`` for the auxiliary losses)."""
-    act = activation(layer.activation)
     flat = x.reshape(-1, x.shape[-1])  # [tokens, embed]
     router_logits = F.linear(flat, p["router"])  # [tokens, experts]
     weights, experts = route(layer, router_logits)
+    if select(layer.kernels, "moe", x.device) == "triton":
+        out = moe_experts(flat, weights, experts, p["w_gate"], p["w_up"], p["w_down"],
+                          activation=layer.activation, impl="triton")
+    else:
+        out = _experts_reference(layer, p, flat, weights, experts)
+    return out.reshape(x.shape), router_logits
+
+
+def _experts_reference(layer: MoE, p: dict, flat: Tensor, weights: Tensor, experts: Tensor) -> Tensor:
+    act = activation(layer.activation)
     out = torch.zeros_like(flat)
     for e in range(layer.n_experts):
         token, slot = torch.where(experts == e)  # the tokens that picked expert e, and in which slot
@@ -85,7 +99,7 @@ def apply(
         hidden = act(F.linear(picked, p["w_gate"][e])) * F.linear(picked, p["w_up"][e])
         y = F.linear(hidden, p["w_down"][e]) * weights[token, slot, None]  # float32 weights
         out = out.index_add(0, token, y.to(out.dtype))
-    return out.reshape(x.shape), router_logits
+    return out
 
 
 def load_balancing_loss(

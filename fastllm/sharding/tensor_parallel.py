@@ -13,7 +13,9 @@ elsewhere) and *g* sums the blocks. Vocab-parallel cross-entropy: with local log
 rank's vocab block, ``lse = m + log sum_ranks sum_j exp(x_j - m)`` with ``m`` the all-reduced max
 (no gradient: the result does not depend on it), the target logit is taken by the one rank whose
 block holds it, and both sums are all-reduced with identity backward: the full ``[tokens, vocab]``
-logits are never gathered.
+logits are never gathered. Where the model's ``kernels.cross_entropy`` resolves to Triton,
+``linear_cross_entropy`` runs the fused kernel on the rank's vocab block (``VocabShard``): the same
+statistics are all-reduced per chunk, and not even the local ``[tokens, vocab / tensor]`` logits exist.
 
 ZeRO-3 (Rajbhandari et al. 2020): ``params(path, p)`` all-gathers a part of the model's parameters
 over ``data`` just before it is used (``unshard``'s backward reduce-scatters their gradients).
@@ -28,6 +30,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastllm import nn
+from fastllm.kernels import Choice, VocabShard, resolve
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import Mesh
 
@@ -114,3 +118,13 @@ class ParallelLayout:
     def cross_entropy(self, logits: Tensor, targets: Tensor, loss_mask: Optional[Tensor]):
         return vocab_parallel_cross_entropy(logits, targets, loss_mask, self.mesh)
 
+
+    def linear_cross_entropy(self, hidden: Tensor, head: Tensor, targets: Tensor,
+                             loss_mask: Optional[Tensor], impl: Choice):
+        h = self.enter_parallel(hidden)  # every token; backward sums the shards' partial dh
+        if resolve(impl, h.device) == "torch":
+            return self.cross_entropy(F.linear(h, head), targets, loss_mask)
+        n = self.mesh.size("tensor")
+        shard = None if n == 1 else VocabShard(self.mesh.rank("tensor") * head.shape[0], head.shape[0] * n,
+                                               self.mesh.group("tensor"))
+        return nn.loss.linear_cross_entropy(h, head, targets, loss_mask=loss_mask, shard=shard, impl=impl)
