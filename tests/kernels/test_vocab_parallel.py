@@ -1,4 +1,8 @@
-"""The fused loss on two vocab shards (gloo, CPU) equals the unsharded loss; dh partials sum up."""
+"""The fused loss on two vocab shards (gloo, CPU) equals the unsharded loss; dh partials sum up.
+
+The same two processes also run the tensor-parallel layout's LM head + loss hook
+(``ParallelLayout.linear_cross_entropy``, what ``models.loss`` calls), whose input op completes dh.
+"""
 
 import os
 import tempfile
@@ -8,7 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from fastllm import nn
 from fastllm.kernels import VocabShard, fused_linear_cross_entropy
+from fastllm.sharding.mesh import Mesh
+from fastllm.sharding.tensor_parallel import ParallelLayout
 
 
 def _inputs():
@@ -31,8 +38,23 @@ def _worker(rank, world, init_file, impl, queue):
     loss = fused_linear_cross_entropy(h, w, targets, z_loss=1e-2, label_smoothing=0.1, chunk_size=4,
                                       shard=shard, impl=impl)
     loss.backward()
-    queue.put((rank, loss.item(), h.grad.numpy(), w.grad.numpy()))  # by value: we exit next
+    queue.put((rank, loss.item(), h.grad.numpy(), w.grad.numpy(), *_layout_loss(rank, size, impl)))
     dist.destroy_process_group()
+
+
+def _layout_loss(rank, size, impl):
+    """(loss, valid weight, full dh) of the layout's head + loss hook on this rank's vocab block."""
+    hidden, weight, targets = _inputs()
+    h = hidden.clone().requires_grad_()
+    w = weight[rank * size:(rank + 1) * size].clone().requires_grad_()
+    layout = ParallelLayout(Mesh(tensor=2))
+    loss, valid = nn.layout.linear_cross_entropy(layout, h, w, targets, _loss_mask(), impl=impl)
+    loss.backward()
+    return loss.item(), valid.item(), h.grad.numpy()  # by value: we exit next
+
+
+def _loss_mask():
+    return torch.arange(10).reshape(2, 5) % 3 != 1
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -51,8 +73,15 @@ def test_two_vocab_shards_equal_one(impl):
         results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
         for p in procs:
             p.join(timeout=60)
-    for _, loss, _, _ in results:
+    for _, loss, _, _, *_ in results:
         assert loss == pytest.approx(want.item(), rel=1e-5)
-    (_, _, dh0, dw0), (_, _, dh1, dw1) = results
+    (_, _, dh0, dw0, *_), (_, _, dh1, dw1, *_) = results
     torch.testing.assert_close(torch.from_numpy(dh0 + dh1), h.grad)  # dh: a partial sum per shard
     torch.testing.assert_close(torch.cat([torch.from_numpy(dw0), torch.from_numpy(dw1)]), w.grad)
+
+    h = hidden.clone().requires_grad_()
+    want, want_valid = nn.cross_entropy(h @ weight.T, targets, loss_mask=_loss_mask())
+    want.backward()
+    for *_, loss, valid, dh in results:
+        assert loss == pytest.approx(want.item(), rel=1e-5) and valid == want_valid.item()
+        torch.testing.assert_close(torch.from_numpy(dh), h.grad)  # complete on every rank
