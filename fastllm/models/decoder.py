@@ -13,15 +13,17 @@ norm scales one, biases zero; GPT-2 and StarCoder also scale the residual output
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from fastllm import nn, random
 from fastllm.models.config import ModelConfig
 from fastllm.nn import layout as L
+from fastllm.nn.attention import KVCache
 from fastllm.nn.layout import Layout
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "hidden_states",
     "lm_head",
     "loss",
+    "init_cache",
     "block_layer",
     "rotary_layer",
     "layer_window",
@@ -146,15 +149,23 @@ def forward(
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-) -> tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]]:
+    remat: bool = False,
+    cache: Optional[list[KVCache]] = None,
+) -> Union[
+    tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]],
+    tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor], list[KVCache]],
+]:
     """(logits in the params' dtype, aux) with aux ``moe_aux_loss`` and ``router_z_loss``.
 
     ``layout`` (a parallel layout from ``fastllm.sharding``; ``None``: one device): ``params`` are
-    this rank's shards and the logits this rank's block of the vocabulary.
+    this rank's shards and the logits this rank's block of the vocabulary. ``remat``: recompute
+    each block's activations in backward (see :func:`hidden_states`). ``cache`` (decoding, from
+    :func:`init_cache`): ``tokens`` continue the cached ones; also returns the extended cache.
     """
-    h, aux = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout)
-    logits = nn.linear.linear(L.enter_parallel(layout, h), lm_head(config, params, layout))  # [batch, seq, vocab]
-    return logits, aux
+    out = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout,
+                        remat=remat, cache=cache)
+    logits = nn.linear.linear(L.enter_parallel(layout, out[0]), lm_head(config, params, layout))  # [batch, seq, vocab]
+    return (logits, *out[1:])
 
 
 def lm_head(config: ModelConfig, params: dict, layout: Optional[Layout] = None) -> Tensor:
@@ -172,24 +183,55 @@ def hidden_states(
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-) -> tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor]]:
-    """(the final-normed residual stream, aux): :func:`forward` before the LM head."""
+    remat: bool = False,
+    cache: Optional[list[KVCache]] = None,
+) -> Union[
+    tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor]],
+    tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor], list[KVCache]],
+]:
+    """(the final-normed residual stream, aux): :func:`forward` before the LM head.
+
+    ``remat`` runs each block under ``torch.utils.checkpoint`` (Chen et al. 2016): its inner
+    activations are dropped after the forward pass and recomputed in backward, so a block keeps
+    only its input alive; same values, less memory, one more forward. A ZeRO-3 layout gathers the
+    block's parameters inside the recomputed region, so the gathered copies are freed too and
+    gathered again in backward. ``cache``: see :func:`forward`.
+    """
+    if remat and cache is not None:
+        raise ValueError("remat is for training; decoding with a KV cache keeps no activations to drop")
     if positions is None:
-        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape)
+        start = 0 if not cache else cache[0].length
+        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)
     h = _embed(config, params, tokens, positions, layout)  # [batch, seq, embed]
     rot = rotary_layer(config)
     rope = None if rot is None else nn.rotary.cos_sin(rot, positions, dtype=h.dtype)
-    router_logits = []
+    run = _block if not remat else lambda *args: checkpoint(_block, *args, use_reentrant=False)
+    router_logits, new_cache = [], []
     for index, layer_params in enumerate(params["layers"]):
-        h, logits_of_router = nn.block.apply(
-            block_layer(config, index), L.params(layout, f"layers.{index}", layer_params), h,
-            rope=rope, segment_ids=segment_ids, layout=layout,
-        )
+        layer_cache = None if cache is None else cache[index]
+        h, logits_of_router, *extended = run(config, index, layer_params, h, rope, segment_ids, layout, layer_cache)
+        new_cache += extended
         if logits_of_router is not None:
             router_logits.append(logits_of_router)
     h = nn.norm.apply(L.params(layout, "final_norm", params["final_norm"]), h, eps=config.norm_eps,
                       kernels=config.kernels)
-    return h, _aux_losses(config, router_logits, h)
+    aux = _aux_losses(config, router_logits, h)
+    return (h, aux) if cache is None else (h, aux, new_cache)
+
+
+def _block(config, index, layer_params, h, rope, segment_ids, layout, cache):
+    """Block ``index``; a ZeRO-3 layout gathers its params here (inside the region remat recomputes)."""
+    p = L.params(layout, f"layers.{index}", layer_params)
+    return nn.block.apply(block_layer(config, index), p, h, rope=rope, segment_ids=segment_ids, layout=layout,
+                          cache=cache)
+
+
+def init_cache(
+    config: ModelConfig, batch: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> list[KVCache]:
+    """An empty KV cache for :func:`forward`: per layer, keys and values ``[batch, kv_heads, 0, head_dim]``."""
+    empty = torch.zeros((batch, config.n_kv_heads, 0, config.head_dim), dtype=dtype, device=device)
+    return [KVCache(empty, empty) for _ in range(config.n_layers)]
 
 
 def _aux_losses(config: ModelConfig, router_logits: list[Tensor], h: Tensor) -> dict[str, Tensor]:
@@ -216,19 +258,20 @@ def apply(
 
 
 def loss(
-    config: ModelConfig, params: dict, batch: dict, *, layout: Optional[Layout] = None
+    config: ModelConfig, params: dict, batch: dict, *, layout: Optional[Layout] = None, remat: bool = False
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean cross-entropy over valid targets plus the weighted MoE auxiliary losses.
 
     ``batch``: ``tokens`` and ``targets`` ``[batch, seq]`` int64 (-100 ignored), optional
-    ``positions``, ``segment_ids`` and ``loss_mask``. Metrics are detached scalars.
+    ``positions``, ``segment_ids`` and ``loss_mask``. Metrics are detached scalars. ``remat``:
+    recompute each block's activations in backward (:func:`hidden_states`).
     """
     for name in ("tokens", "targets"):
         if name not in batch:
             raise KeyError(f"loss: batch has no {name!r} (keys: {sorted(batch)})")
     h, aux = hidden_states(
         config, params, batch["tokens"],
-        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout,
+        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout, remat=remat,
     )
     # the LM head and the loss together: the fused kernel never materialises the logits
     ce, valid = L.linear_cross_entropy(layout, h, lm_head(config, params, layout), batch["targets"],

@@ -10,12 +10,16 @@ and both tokens share a segment id (packed documents). Everything the mask decid
 ``kernels.attention`` resolves to Triton it runs :func:`fastllm.kernels.attention.attention` (flash
 SDPA, or FlexAttention for windows and segments), and ``kernels.rotary`` picks the fused rotary kernel
 (:func:`fastllm.kernels.rotary.apply_rotary`, q and k in one pass) over :func:`rotary.apply`.
+
+Decoding with a key/value cache (:class:`KVCache`): the new tokens' keys and values (rotary
+applied) are appended to the cached ones and the new queries, the last positions of the sequence,
+attend to all of them under the same mask, so each generated token costs O(seq) instead of O(seq^2).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +33,18 @@ from fastllm.nn import layout as _layout
 from fastllm.nn import rotary
 from fastllm.nn.param import Param, normal, zeros
 
-__all__ = ["Attention", "params", "apply", "dot_product_attention", "mask"]
+__all__ = ["Attention", "KVCache", "params", "apply", "dot_product_attention", "mask"]
+
+
+class KVCache(NamedTuple):
+    """The keys and values of the tokens seen so far, ``[batch, kv_heads, cached, head_dim]``."""
+
+    keys: Tensor
+    values: Tensor
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
 
 
 @dataclass(frozen=True)
@@ -80,9 +95,14 @@ def mask(
     window: Optional[int] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     device: torch.device | str = "cpu",
-) -> Bool[Tensor, "#batch 1 seq seq"]:
-    """``True`` where query ``i`` may attend to key ``j``: causal, in window, same segment."""
-    i = torch.arange(seq_len, device=device)[:, None]
+    queries: Optional[int] = None,
+) -> Bool[Tensor, "#batch 1 queries seq"]:
+    """``True`` where query ``i`` may attend to key ``j``: causal, in window, same segment.
+
+    ``queries`` (default ``seq_len``): the rows of the last ``queries`` positions only (decoding).
+    """
+    queries = seq_len if queries is None else queries
+    i = torch.arange(seq_len - queries, seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
     allowed = j <= i
     if window is not None:
@@ -141,11 +161,14 @@ def apply(
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[_layout.Layout] = None,
-) -> Float[Tensor, "batch local_seq embed"]:
+    cache: Optional[KVCache] = None,
+) -> Union[Float[Tensor, "batch local_seq embed"], tuple[Float[Tensor, "batch local_seq embed"], KVCache]]:
     """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`.
 
     ``layout`` (see :mod:`fastllm.nn.layout`): the head counts come from the (local) weights;
     ``x`` may be a block of the sequence (``local_seq``) that the layout gathers.
+    ``cache``: ``x`` continues the cached tokens (``rope`` at their positions); returns
+    ``(output, cache extended by x's keys and values)``.
     """
     x = _layout.enter_parallel(layout, x)  # [batch, seq, embed]: every token, this rank's heads
     q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]
@@ -153,7 +176,20 @@ def apply(
     v = _project_in(x, p["wv"], p.get("bv"))
     if rope is not None:
         q, k = _rotate(q, k, rope, layer.kernels)
-    out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
+    if cache is None:
+        out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
+    else:
+        if segment_ids is not None:
+            raise ValueError("attention with a KV cache takes no segment_ids (one sequence per row)")
+        cache = KVCache(torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2))
+        out = _attend_to_cache(q, cache, layer.window)
     out = out.transpose(1, 2).flatten(2)  # [batch, seq, heads * head_dim]
     wo = p["wo"]
-    return _layout.row_parallel_linear(layout, out, wo.reshape(wo.shape[0], -1), p.get("bo"))
+    out = _layout.row_parallel_linear(layout, out, wo.reshape(wo.shape[0], -1), p.get("bo"))
+    return out if cache is None else (out, cache)
+
+
+def _attend_to_cache(q: Tensor, cache: KVCache, window: Optional[int]) -> Tensor:
+    """The queries are the last ``q.shape[2]`` positions of the cached sequence."""
+    allowed = mask(cache.length, window=window, device=q.device, queries=q.shape[2])
+    return F.scaled_dot_product_attention(q, cache.keys, cache.values, attn_mask=allowed, enable_gqa=True)

@@ -52,18 +52,27 @@ def apply(
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-) -> tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor]]:
-    """(new residual stream, router logits or ``None`` for a dense block).
+    cache: Optional[attention.KVCache] = None,
+) -> Union[
+    tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor]],
+    tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor], attention.KVCache],
+]:
+    """(new residual stream, router logits or ``None`` for a dense block), and with a ``cache``
+    (decoding, see :func:`attention.apply`) its extension by ``x``'s keys and values.
 
     ``layout`` (see :mod:`fastllm.nn.layout`): ``x`` is the residual stream in its layout (a block
     of ``seq``, ``local_seq``, under sequence parallelism; ``segment_ids`` cover the whole ``seq``); attention and MLP enter and leave their parallel regions.
     """
     h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
-    x = x + attention.apply(
-        layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids, layout=layout
+    out = attention.apply(
+        layer.attention, p["attention"], h, rope=rope, segment_ids=segment_ids, layout=layout, cache=cache
     )
+    if cache is not None:
+        out, cache = out
+    x = x + out
     h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     if layer.ffn_name == "moe":
         out, router_logits = moe.apply(layer.ffn, p["moe"], h)
-        return x + out, router_logits
-    return x + mlp.apply(layer.ffn, p["mlp"], h, layout=layout), None
+    else:
+        out, router_logits = mlp.apply(layer.ffn, p["mlp"], h, layout=layout), None
+    return (x + out, router_logits) if cache is None else (x + out, router_logits, cache)

@@ -24,7 +24,6 @@ from torch import Tensor
 from fastllm import models, optim, tree
 from fastllm.models.config import ModelConfig
 from fastllm.nn.loss import IGNORE_INDEX
-from fastllm.train.remat import loss_with_block_remat
 from fastllm.train.state import TrainState
 
 __all__ = ["COMPUTE_DTYPES", "make_train_step", "make_eval_step", "split_micro_batches", "target_weight"]
@@ -51,9 +50,7 @@ def split_micro_batches(batch: Batch, count: int) -> list[Batch]:
 
 
 def _loss_fn(config: ModelConfig, remat: str) -> Callable[[Any, Batch], tuple[Tensor, dict]]:
-    if remat == "block":
-        return lambda params, batch: loss_with_block_remat(config, params, batch)
-    return lambda params, batch: models.loss(config, params, batch)
+    return lambda params, batch: models.loss(config, params, batch, remat=remat == "block")
 
 
 def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale):
@@ -81,6 +78,12 @@ def _like(params, leaves: list[Tensor]):
     return tree.map(lambda _: next(it), params)
 
 
+def _grad_norm(grads, opt_state) -> Tensor:
+    """The global gradient norm: the one the clipping transform just computed, if it clips."""
+    clip = optim.get_state(opt_state, optim.ClipByGlobalNormState)
+    return optim.global_norm(grads) if clip is None else clip.norm
+
+
 def make_train_step(
     config: ModelConfig,
     optimizer: optim.GradientTransformation,
@@ -101,8 +104,8 @@ def make_train_step(
         grads, loss = _gradients(loss_fn, state.params, micro_batches, dtype, scale)
         if loss_scale is not None:
             grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale)
-        grad_norm = optim.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        grad_norm = _grad_norm(grads, opt_state)
         params = optim.apply_updates(state.params, updates)
         if loss_scale is not None:  # an overflowing fp16 step changes nothing but the scale
             params, opt_state = optim.select_tree(finite, (params, opt_state), (state.params, state.opt_state))

@@ -15,9 +15,13 @@ def test_cached_forward_matches_uncached_logits(name):
     params = models.init(config, random.key(0))
     tokens = random.randint(random.key(1), (2, 14), 0, 64)
     expected = models.apply(config, params, tokens)
-    cache = gen.init_cache(config, 2, 14)
-    first = gen.forward_cached(config, params, tokens[:, :9], cache, 0)  # prompt, then one at a time
-    rest = [gen.forward_cached(config, params, tokens[:, i:i + 1], cache, i) for i in range(9, 14)]
+    cache = models.decoder.init_cache(config, 2)
+    first, _, cache = models.forward(config, params, tokens[:, :9], cache=cache)  # prompt, then one at a time
+    rest = []
+    for i in range(9, 14):
+        logits, _, cache = models.forward(config, params, tokens[:, i:i + 1], cache=cache)
+        rest.append(logits)
+    assert [c.length for c in cache] == [14] * config.n_layers
     got = torch.cat([first] + rest, dim=1)
     assert torch.allclose(got, expected, atol=1e-5), (got - expected).abs().max()
 

@@ -48,15 +48,44 @@ def test_block_recomputation_gives_identical_loss_and_update():
     assert max_diff(plain.params, remat.params) < 1e-7
 
 
-def test_moe_block_recomputation_matches_the_model_loss():
+def test_moe_block_recomputation_matches_the_model_loss_and_gradients():
     config = models.preset("tiny-mixtral", vocab_size=64, max_seq_len=32)
-    params = models.init(config, random.key(0))
-    from fastllm.train.remat import loss_with_block_remat
-
+    params = tree.map(lambda p: p.requires_grad_(True), models.init(config, random.key(0)))
     data = batch(2)
     expected, _ = models.loss(config, params, data)
-    got, _ = loss_with_block_remat(config, params, data)
-    assert torch.allclose(expected, got, atol=1e-6)
+    got, metrics = models.loss(config, params, data, remat=True)
+    assert torch.allclose(expected, got, atol=1e-6) and metrics["moe_aux_loss"] > 0
+    leaves = tree.leaves(params)
+    for a, b in zip(torch.autograd.grad(expected, leaves), torch.autograd.grad(got, leaves)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_block_recomputation_keeps_fewer_activations_for_backward():
+    params = tree.map(lambda p: p.requires_grad_(True), models.init(CONFIG, random.key(1)))
+    data = batch(2)
+
+    def saved_bytes(remat: bool) -> int:
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            models.loss(CONFIG, params, data, remat=remat)
+        return sum(sizes)
+
+    assert saved_bytes(True) < 0.5 * saved_bytes(False)
+
+
+def test_grad_norm_is_the_clipping_norm_or_computed_without_clipping():
+    data = batch(2)
+    for opt in (optim.adamw(1e-3, max_grad_norm=1e-3), optim.sgd(0.1)):
+        _, metrics = make_train_step(CONFIG, opt)(fresh_state(opt), data)
+        params = tree.map(lambda p: p.requires_grad_(True), models.init(CONFIG, random.key(1)))
+        loss, _ = models.loss(CONFIG, params, data)
+        expected = optim.global_norm(torch.autograd.grad(loss, tree.leaves(params)))
+        assert torch.allclose(metrics["grad_norm"], expected, rtol=1e-5)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
