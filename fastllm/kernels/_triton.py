@@ -82,11 +82,11 @@ def warps_for(block: int, element_size: int = 2) -> int:
     return int(min(16, max(1, block // (32 * elements_per_thread))))
 
 
-def reduction_programs(device: torch.device, rows: int) -> int:
-    """Programs for a row-looping reduction (norm weight gradients): a few per SM, fewer on CPU."""
+def reduction_programs(device: torch.device, work: int, per_sm: int = 2) -> int:
+    """Programs for a loop-over-work reduction (norm weight gradients): ``per_sm`` per SM, 4 on CPU."""
     if device.type == "cuda":
-        return max(1, min(rows, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
-    return max(1, min(rows, 4))
+        return max(1, min(work, per_sm * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(work, 4))
 
 
 def cdiv(a: int, b: int) -> int:

@@ -13,6 +13,7 @@ The reference (``"torch"``) repeats k/v per query group and calls SDPA with a bo
 """
 
 import functools
+import weakref
 from typing import Optional, no_type_check
 
 import torch
@@ -50,9 +51,7 @@ def _flex(compiled: bool):
     return torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
 
 
-def _flex_attention(q, k, v, window, segment_ids):
-    from torch.nn.attention.flex_attention import create_block_mask
-
+def _mask_mod(window: Optional[int], segment_ids: Optional[Tensor]):
     @no_type_check  # FlexAttention counts mask_mod's parameters: keep the shape-check hook off it
     def mask_mod(b, h, q_idx, kv_idx):
         allowed = kv_idx <= q_idx
@@ -62,9 +61,48 @@ def _flex_attention(q, k, v, window, segment_ids):
             allowed = allowed & (segment_ids[b, q_idx] == segment_ids[b, kv_idx])
         return allowed
 
-    batch = None if segment_ids is None else q.shape[0]
+    return mask_mod
+
+
+@functools.lru_cache(maxsize=16)
+def _window_block_mask(seq: int, window: int, device: torch.device):
+    """A pure function of (seq, window, device), so it is built once: every layer of every step
+    reuses it, and FlexAttention sees the same ``mask_mod`` object (no recompilation)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(_mask_mod(window, None), None, None, seq, seq, device=device)
+
+
+class _SegmentMaskCache:
+    """Block masks of the last few ``segment_ids`` tensors, keyed by the tensor itself (held weakly,
+    checked with its in-place version counter): the layers of one forward pass share one build.
+    A new or modified tensor is a miss, so a stale mask is never returned."""
+
+    def __init__(self, size: int = 4):
+        self.size, self.entries = size, []
+
+    def get(self, segment_ids: Tensor, window: Optional[int], seq: int):
+        for ref, version, key, block_mask in self.entries:
+            if ref() is segment_ids and version == segment_ids._version and key == (window, seq):
+                return block_mask
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        block_mask = create_block_mask(_mask_mod(window, segment_ids), segment_ids.shape[0], None, seq, seq,
+                                       device=segment_ids.device, _compile=segment_ids.device.type == "cuda")
+        entry = (weakref.ref(segment_ids), segment_ids._version, (window, seq), block_mask)
+        self.entries = [entry] + [e for e in self.entries if e[0]() is not None][: self.size - 1]
+        return block_mask
+
+
+_SEGMENT_MASKS = _SegmentMaskCache()
+
+
+def _flex_attention(q, k, v, window, segment_ids):
     seq = q.shape[2]
-    block_mask = create_block_mask(mask_mod, batch, None, seq, seq, device=q.device)
+    if segment_ids is None:
+        block_mask = _window_block_mask(seq, window, q.device)
+    else:
+        block_mask = _SEGMENT_MASKS.get(segment_ids, window, seq)
     return _flex(q.device.type == "cuda")(q, k, v, block_mask=block_mask, enable_gqa=True)
 
 

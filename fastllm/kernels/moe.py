@@ -30,7 +30,10 @@ from fastllm.kernels.registry import Choice, resolve
 __all__ = ["Routing", "make_routing", "moe_dispatch", "moe_combine", "moe_experts",
            "moe_dispatch_reference", "moe_combine_reference"]
 
-_BLOCK = 1024
+_BLOCK = 4096  # columns per step of a row loop (and the row tile's width)
+_GATHER_ROWS = 1
+_GATHER_WARPS = 8
+_SUM_WARPS = 8
 
 
 class Routing(NamedTuple):
@@ -64,47 +67,50 @@ def moe_combine_reference(ys: Tensor, weights: Tensor, routing: Routing) -> Tens
 
 
 @_triton.jit
-def _gather_rows(SRC, DST, SOURCE_ROW, SCALE, OTHER, DOT, n_cols, stride_src, stride_dst,
-                 stride_other, HAS_SCALE: tl.constexpr, HAS_DOT: tl.constexpr, BLOCK: tl.constexpr,
-                 ACC: tl.constexpr):
-    """DST[r] = SRC[SOURCE_ROW[r]] (* SCALE[r]); DOT[r] = <SRC[SOURCE_ROW[r]], OTHER[r]>."""
-    row = tl.program_id(0).to(tl.int64)
-    src = SRC + tl.load(SOURCE_ROW + row).to(tl.int64) * stride_src
-    scale = 1.0
+def _gather_rows(SRC, DST, SOURCE_ROW, SCALE, OTHER, DOT, n_rows, n_cols, stride_src, stride_dst,
+                 stride_other, HAS_SCALE: tl.constexpr, HAS_DOT: tl.constexpr, ROWS: tl.constexpr,
+                 BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """DST[r] = SRC[SOURCE_ROW[r]] (* SCALE[r]); DOT[r] = <SRC[SOURCE_ROW[r]], OTHER[r]>; ROWS rows
+    per program, so each program has several independent row copies in flight."""
+    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = row_ids < n_rows
+    rows = row_ids[:, None]
+    src = SRC + tl.load(SOURCE_ROW + row_ids, mask=row_ok, other=0).to(tl.int64)[:, None] * stride_src
+    scale = tl.full([ROWS, 1], 1.0, ACC)
     if HAS_SCALE:
-        scale = tl.load(SCALE + row).to(ACC)
-    dot = tl.zeros([BLOCK], dtype=ACC)
+        scale = tl.load(SCALE + row_ids, mask=row_ok, other=0.0).to(ACC)[:, None]
+    dot = tl.zeros([ROWS, BLOCK], dtype=ACC)
     for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
+        cols = start + tl.arange(0, BLOCK)[None, :]
+        mask = row_ok[:, None] & (cols < n_cols)
         values = tl.load(src + cols, mask=mask, other=0.0).to(ACC)
-        tl.store(DST + row * stride_dst + cols, (values * scale).to(DST.dtype.element_ty), mask=mask)
+        tl.store(DST + rows * stride_dst + cols, (values * scale).to(DST.dtype.element_ty), mask=mask)
         if HAS_DOT:
-            dot += values * tl.load(OTHER + row * stride_other + cols, mask=mask, other=0.0).to(ACC)
+            dot += values * tl.load(OTHER + rows * stride_other + cols, mask=mask, other=0.0).to(ACC)
     if HAS_DOT:
-        tl.store(DOT + row, tl.sum(dot, axis=0))
+        tl.store(DOT + row_ids, tl.sum(dot, axis=1), mask=row_ok)
 
 
 @_triton.jit
-def _sum_rows(SRC, DST, ROWS, WEIGHTS, n_cols, k, stride_src, stride_dst,
+def _sum_rows(SRC, DST, ROWS, WEIGHTS, n_cols, stride_src, stride_dst, K: tl.constexpr,
               HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    """DST[t] = sum_j WEIGHTS[t, j] * SRC[ROWS[t, j]], accumulated in ACC."""
+    """DST[t] = sum_j WEIGHTS[t, j] * SRC[ROWS[t, j]], accumulated in ACC; the K loads unrolled."""
     token = tl.program_id(0).to(tl.int64)
     for start in range(0, n_cols, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         acc = tl.zeros([BLOCK], dtype=ACC)
-        for j in range(0, k):
-            source = tl.load(ROWS + token * k + j).to(tl.int64)
+        for j in tl.static_range(K):
+            source = tl.load(ROWS + token * K + j).to(tl.int64)
             values = tl.load(SRC + source * stride_src + cols, mask=mask, other=0.0).to(ACC)
             if HAS_WEIGHTS:
-                values *= tl.load(WEIGHTS + token * k + j).to(ACC)
+                values *= tl.load(WEIGHTS + token * K + j).to(ACC)
             acc += values
         tl.store(DST + token * stride_dst + cols, acc.to(DST.dtype.element_ty), mask=mask)
 
 
 def _block(n_cols: int) -> int:
-    return min(_BLOCK * 4, _triton.row_block(n_cols))
+    return min(_BLOCK, _triton.row_block(n_cols))
 
 
 def _gather(src: Tensor, source_row: Tensor, scale: Optional[Tensor] = None,
@@ -114,11 +120,13 @@ def _gather(src: Tensor, source_row: Tensor, scale: Optional[Tensor] = None,
     acc = torch.promote_types(src.dtype, torch.float32)
     dot = torch.empty(rows, device=src.device, dtype=acc) if other is not None else None
     block = _block(n_cols)
-    _triton.launch(_gather_rows, (rows,), src.device, src, dst, source_row, src if scale is None else scale,
-                   src if other is None else other, dst if dot is None else dot, n_cols, src.stride(0),
-                   dst.stride(0), 0 if other is None else other.stride(0), HAS_SCALE=scale is not None,
-                   HAS_DOT=other is not None, BLOCK=block, ACC=_triton.accumulator(acc),
-                   num_warps=_triton.warps_for(block, src.element_size()))
+    tile_rows = max(1, min(_GATHER_ROWS, 4 * _BLOCK // block))
+    _triton.launch(_gather_rows, (_triton.cdiv(rows, tile_rows),), src.device, src, dst, source_row,
+                   src if scale is None else scale, src if other is None else other,
+                   dst if dot is None else dot, rows, n_cols, src.stride(0), dst.stride(0),
+                   0 if other is None else other.stride(0), HAS_SCALE=scale is not None,
+                   HAS_DOT=other is not None, ROWS=tile_rows, BLOCK=block, ACC=_triton.accumulator(acc),
+                   num_warps=_GATHER_WARPS)
     return dst, dot
 
 
@@ -127,9 +135,9 @@ def _sum(src: Tensor, rows: Tensor, k: int, weights: Optional[Tensor] = None) ->
     dst = torch.empty(tokens, n_cols, device=src.device, dtype=src.dtype)
     block = _block(n_cols)
     _triton.launch(_sum_rows, (tokens,), src.device, src, dst, rows, src if weights is None else weights,
-                   n_cols, k, src.stride(0), dst.stride(0), HAS_WEIGHTS=weights is not None,
+                   n_cols, src.stride(0), dst.stride(0), K=k, HAS_WEIGHTS=weights is not None,
                    BLOCK=block, ACC=_triton.accumulator(torch.promote_types(src.dtype, torch.float32)),
-                   num_warps=_triton.warps_for(block, src.element_size()))
+                   num_warps=_SUM_WARPS)
     return dst
 
 

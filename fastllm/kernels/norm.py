@@ -38,69 +38,73 @@ def layer_norm_reference(x: Tensor, scale: Tensor, bias: Tensor | None, eps: flo
 
 
 @_triton.jit
-def _norm_forward(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n_cols, eps,
-                  RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(ACC)
+def _norm_forward(X, W, B, Y, Mean, Rstd, stride_x, stride_y, n_rows, n_cols, eps,
+                  RMS: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                  ACC: tl.constexpr):
+    """ROWS whole rows per program: a [ROWS, BLOCK] tile, statistics reduced along the row."""
+    row_ids = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = row_ids < n_rows
+    rows = row_ids[:, None]
+    cols = tl.arange(0, BLOCK)[None, :]
+    col_ok = cols < n_cols
+    mask = row_ok[:, None] & col_ok
+    x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(ACC)
     if RMS:
         centered = x
     else:
-        mean = tl.sum(x, axis=0) / n_cols
-        centered = tl.where(mask, x - mean, 0.0)
-        tl.store(Mean + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=0) / n_cols + eps)
-    tl.store(Rstd + row, rstd)
-    w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-    xhat = centered * rstd
+        mean = tl.sum(x, axis=1) / n_cols
+        centered = tl.where(mask, x - mean[:, None], 0.0)
+        tl.store(Mean + row_ids, mean, mask=row_ok)
+    rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / n_cols + eps)
+    tl.store(Rstd + row_ids, rstd, mask=row_ok)
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+    xhat = centered * rstd[:, None]
     if RMS:
         y = xhat.to(Y.dtype.element_ty).to(ACC) * w
     else:
         y = xhat * w
     if HAS_BIAS:
-        y += tl.load(B + cols, mask=mask, other=0.0).to(ACC)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        y += tl.load(B + cols, mask=col_ok, other=0.0).to(ACC)
+    tl.store(Y + rows * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
 @_triton.jit
 def _norm_backward(DY, X, W, Mean, Rstd, DX, DW, DB, stride_dy, stride_x, stride_dx,
-                   n_rows, n_cols, rows_per_program,
-                   RMS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                   n_rows, n_cols, rows_per_program, RMS: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   ROWS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    """dx for a contiguous slice of rows, ROWS at a time; this slice's partial dw (and db)."""
     program = tl.program_id(0)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(ACC)
-    dw = tl.zeros([BLOCK], dtype=ACC)
-    db = tl.zeros([BLOCK], dtype=ACC)
+    cols = tl.arange(0, BLOCK)[None, :]
+    col_ok = cols < n_cols
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(ACC)
+    dw = tl.zeros([ROWS, BLOCK], dtype=ACC)
+    db = tl.zeros([ROWS, BLOCK], dtype=ACC)
     first = program * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    start = first.to(tl.int64)
-    DY += start * stride_dy
-    X += start * stride_x
-    DX += start * stride_dx
-    for row in range(first, last):
-        dy = tl.load(DY + cols, mask=mask, other=0.0).to(ACC)
-        x = tl.load(X + cols, mask=mask, other=0.0).to(ACC)
-        rstd = tl.load(Rstd + row)
+    for start in range(first, last, ROWS):
+        row_ids = start + tl.arange(0, ROWS)
+        row_ok = row_ids < last
+        rows = row_ids.to(tl.int64)[:, None]
+        mask = row_ok[:, None] & col_ok
+        dy = tl.load(DY + rows * stride_dy + cols, mask=mask, other=0.0).to(ACC)
+        x = tl.load(X + rows * stride_x + cols, mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(Rstd + row_ids, mask=row_ok, other=0.0)[:, None]
         if RMS:
             xhat = x * rstd
         else:
-            xhat = tl.where(mask, (x - tl.load(Mean + row)) * rstd, 0.0)
+            mean = tl.load(Mean + row_ids, mask=row_ok, other=0.0)[:, None]
+            xhat = tl.where(mask, (x - mean) * rstd, 0.0)
         g = w * dy
-        dx = g - xhat * (tl.sum(g * xhat, axis=0) / n_cols)
+        dx = g - xhat * (tl.sum(g * xhat, axis=1) / n_cols)[:, None]
         if not RMS:
-            dx -= tl.sum(g, axis=0) / n_cols
-        tl.store(DX + cols, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
+            dx -= (tl.sum(g, axis=1) / n_cols)[:, None]
+        tl.store(DX + rows * stride_dx + cols, (dx * rstd).to(DX.dtype.element_ty), mask=mask)
         dw += dy * xhat
         if HAS_BIAS:
             db += dy
-        DY += stride_dy
-        X += stride_x
-        DX += stride_dx
-    tl.store(DW + program * n_cols + cols, dw, mask=mask)
+    tl.store(DW + program * n_cols + cols, tl.sum(dw, axis=0)[None, :], mask=col_ok)
     if HAS_BIAS:
-        tl.store(DB + program * n_cols + cols, db, mask=mask)
+        tl.store(DB + program * n_cols + cols, tl.sum(db, axis=0)[None, :], mask=col_ok)
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -108,24 +112,41 @@ def _rows(t: Tensor) -> Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def _forward_shape(n_cols: int) -> tuple[int, int]:
+    """(rows per program, warps) of the forward: ~4K elements per program, wide rows get warps."""
+    block = _triton.row_block(n_cols)
+    return max(1, min(16, 4096 // block)), int(min(16, max(4, block // 512)))
+
+
+def _backward_shape(n_cols: int) -> tuple[int, int, int]:
+    """(rows per tile, warps, programs per SM) of the backward."""
+    block = _triton.row_block(n_cols)
+    return max(1, min(16, 4096 // block)), int(min(16, max(4, block // 256))), 4
+
+
+def _forward(x, scale, bias, eps, rms, rows_per_program=None, num_warps=None):
+    rows = _rows(x)
+    n_rows, n_cols = rows.shape
+    y = torch.empty_like(rows)
+    mean = torch.empty(n_rows, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
+    rstd = torch.empty_like(mean)
+    tile_rows, warps = _forward_shape(n_cols)
+    tile_rows, warps = rows_per_program or tile_rows, num_warps or warps
+    _triton.launch(
+        _norm_forward, (_triton.cdiv(n_rows, tile_rows),), x.device, rows, scale,
+        bias if bias is not None else scale, y, mean, rstd, rows.stride(0), y.stride(0), n_rows, n_cols,
+        eps, RMS=rms, HAS_BIAS=bias is not None, ROWS=tile_rows, BLOCK=_triton.row_block(n_cols),
+        ACC=_triton.accumulator(x.dtype), num_warps=warps,
+    )
+    return y.view(x.shape), mean, rstd
+
+
 class _Norm(torch.autograd.Function):
     """Forward/backward of both norms over the Triton kernels; ``bias`` may be ``None``."""
 
     @staticmethod
     def forward(x, scale, bias, eps, rms):
-        rows = _rows(x)
-        n_rows, n_cols = rows.shape
-        y = torch.empty_like(rows)
-        mean = torch.empty(n_rows, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
-        rstd = torch.empty_like(mean)
-        block = _triton.row_block(n_cols)
-        _triton.launch(
-            _norm_forward, (n_rows,), x.device, rows, scale, bias if bias is not None else scale,
-            y, mean, rstd, rows.stride(0), y.stride(0), n_cols, eps,
-            RMS=rms, HAS_BIAS=bias is not None, BLOCK=block, ACC=_triton.accumulator(x.dtype),
-            num_warps=_triton.warps_for(block, x.element_size()),
-        )
-        return y.view(x.shape), mean, rstd
+        return _forward(x, scale, bias, eps, rms)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -143,19 +164,23 @@ class _Norm(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
-def _backward(dy, x, scale, mean, rstd, *, has_bias: bool, rms: bool):
+def _backward(dy, x, scale, mean, rstd, *, has_bias: bool, rms: bool, tile_rows=None, num_warps=None,
+              per_sm=None):
     rows, dy_rows = _rows(x), _rows(dy)
     n_rows, n_cols = rows.shape
-    programs = _triton.reduction_programs(x.device, n_rows)
+    default_rows, default_warps, default_per_sm = _backward_shape(n_cols)
+    tile_rows, warps = tile_rows or default_rows, num_warps or default_warps
+    programs = _triton.reduction_programs(x.device, _triton.cdiv(n_rows, tile_rows), per_sm or default_per_sm)
+    rows_per_program = tile_rows * _triton.cdiv(_triton.cdiv(n_rows, tile_rows), programs)
+    programs = _triton.cdiv(n_rows, rows_per_program)
     dx = torch.empty_like(rows)
     dw = torch.empty(programs, n_cols, device=x.device, dtype=torch.promote_types(x.dtype, torch.float32))
     db = torch.empty_like(dw) if has_bias else dw
-    block = _triton.row_block(n_cols)
     _triton.launch(
         _norm_backward, (programs,), x.device, dy_rows, rows, scale, mean, rstd, dx, dw, db,
-        dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols,
-        _triton.cdiv(n_rows, programs), RMS=rms, HAS_BIAS=has_bias, BLOCK=block,
-        ACC=_triton.accumulator(x.dtype), num_warps=_triton.warps_for(block, x.element_size()),
+        dy_rows.stride(0), rows.stride(0), dx.stride(0), n_rows, n_cols, rows_per_program,
+        RMS=rms, HAS_BIAS=has_bias, ROWS=tile_rows, BLOCK=_triton.row_block(n_cols),
+        ACC=_triton.accumulator(x.dtype), num_warps=warps,
     )
     dbias = db.sum(0).to(scale.dtype) if has_bias else None
     return dx.view(x.shape), dw.sum(0).to(scale.dtype), dbias

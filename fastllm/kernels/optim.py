@@ -13,6 +13,7 @@ The gradient norm uses the same tables: each chunk writes its partial sum of squ
 torch sum finishes (deterministic, no atomics).
 """
 
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -27,6 +28,9 @@ __all__ = ["adamw_step", "adamw_step_reference", "global_norm", "global_norm_ref
 
 _CHUNK = 1 << 16
 _BLOCK = 1024
+_WARPS = 4
+_NORM_BLOCK = 4096
+_NORM_WARPS = 8
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -50,53 +54,89 @@ def global_norm_reference(tensors: Sequence[Tensor]) -> Tensor:
 
 
 @_triton.jit
-def _typed(table, index, LIKE):
-    """The address ``table[index]`` as a pointer of the same type as the pointer ``LIKE``."""
-    return tl.load(table + index).to(LIKE.dtype)
+def _typed(table, index, LIKE, ALIGNED: tl.constexpr):
+    """The address ``table[index]`` as a pointer of the same type as the pointer ``LIKE``; ALIGNED:
+    the host checked that every address is 16-byte aligned (lets the loads be 128-bit wide)."""
+    pointer = tl.load(table + index).to(LIKE.dtype)
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@_triton.jit
+def _load(ptr, idx, size, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + idx, mask=idx < size, other=0.0)
+    return tl.load(ptr + idx)
+
+
+@_triton.jit
+def _store(ptr, idx, value, size, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + idx, value.to(ptr.dtype.element_ty), mask=idx < size)
+    else:
+        tl.store(ptr + idx, value.to(ptr.dtype.element_ty))
+
+
+@_triton.jit
+def _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps, decay,
+                 bias1, bias2, HAS_MASTER: tl.constexpr, MASKED: tl.constexpr):
+    g = _load(g_ptr, idx, size, MASKED).to(tl.float32) * scale
+    w = _load(w_ptr, idx, size, MASKED).to(tl.float32) * decay
+    m = beta1 * _load(m_ptr, idx, size, MASKED).to(tl.float32) + (1.0 - beta1) * g
+    v = beta2 * _load(v_ptr, idx, size, MASKED).to(tl.float32) + (1.0 - beta2) * g * g
+    w -= lr * (m / bias1) / (tl.sqrt(v / bias2) + eps)
+    _store(m_ptr, idx, m, size, MASKED)
+    _store(v_ptr, idx, v, size, MASKED)
+    _store(w_ptr, idx, w, size, MASKED)
+    if HAS_MASTER:
+        _store(p_ptr, idx, w, size, MASKED)
 
 
 @_triton.jit
 def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, GRAD_SCALE,
            P_LIKE, G_LIKE, W_LIKE, lr, beta1, beta2, eps, decay, bias1, bias2,
-           HAS_MASTER: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+           HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(CHUNK_TENSOR + chunk)
-    start = tl.load(CHUNK_START + chunk)
+    start = tl.multiple_of(tl.load(CHUNK_START + chunk), CHUNK)
     size = tl.load(SIZES + tensor)
-    p_ptr = _typed(PARAMS, tensor, P_LIKE)
-    g_ptr = _typed(GRADS, tensor, G_LIKE)
-    w_ptr = _typed(MASTER, tensor, W_LIKE)
-    m_ptr = _typed(M, tensor, W_LIKE)
-    v_ptr = _typed(V, tensor, W_LIKE)
+    p_ptr = _typed(PARAMS, tensor, P_LIKE, ALIGNED)
+    g_ptr = _typed(GRADS, tensor, G_LIKE, ALIGNED)
+    w_ptr = _typed(MASTER, tensor, W_LIKE, ALIGNED)
+    m_ptr = _typed(M, tensor, W_LIKE, ALIGNED)
+    v_ptr = _typed(V, tensor, W_LIKE, ALIGNED)
     scale = tl.load(GRAD_SCALE)
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        mask = idx < size
-        g = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * scale
-        w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(tl.float32) * decay
-        m = beta1 * tl.load(m_ptr + idx, mask=mask, other=0.0) + (1.0 - beta1) * g
-        v = beta2 * tl.load(v_ptr + idx, mask=mask, other=0.0) + (1.0 - beta2) * g * g
-        w -= lr * (m / bias1) / (tl.sqrt(v / bias2) + eps)
-        tl.store(m_ptr + idx, m.to(W_LIKE.dtype.element_ty), mask=mask)
-        tl.store(v_ptr + idx, v.to(W_LIKE.dtype.element_ty), mask=mask)
-        tl.store(w_ptr + idx, w.to(W_LIKE.dtype.element_ty), mask=mask)
-        if HAS_MASTER:
-            tl.store(p_ptr + idx, w.to(P_LIKE.dtype.element_ty), mask=mask)
+    if start + CHUNK <= size:  # a whole chunk: no masks, so the accesses vectorise
+        for offset in range(0, CHUNK, BLOCK):
+            idx = start + offset + tl.arange(0, BLOCK)
+            _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps,
+                         decay, bias1, bias2, HAS_MASTER, False)
+    else:
+        for offset in range(0, CHUNK, BLOCK):
+            idx = start + offset + tl.arange(0, BLOCK)
+            _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2,
+                         eps, decay, bias1, bias2, HAS_MASTER, True)
 
 
 @_triton.jit
 def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, LIKE,
-                 CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(CHUNK_TENSOR + chunk)
-    start = tl.load(CHUNK_START + chunk)
+    start = tl.multiple_of(tl.load(CHUNK_START + chunk), CHUNK)
     size = tl.load(SIZES + tensor)
-    ptr = _typed(TENSORS, tensor, LIKE)
+    ptr = _typed(TENSORS, tensor, LIKE, ALIGNED)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for offset in range(0, CHUNK, BLOCK):
-        idx = start + offset + tl.arange(0, BLOCK)
-        x = tl.load(ptr + idx, mask=idx < size, other=0.0).to(tl.float32)
-        acc += x * x
+    if start + CHUNK <= size:
+        for offset in range(0, CHUNK, BLOCK):
+            x = tl.load(ptr + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
+            acc += x * x
+    else:
+        for offset in range(0, CHUNK, BLOCK):
+            idx = start + offset + tl.arange(0, BLOCK)
+            x = tl.load(ptr + idx, mask=idx < size, other=0.0).to(tl.float32)
+            acc += x * x
     tl.store(PARTIAL + chunk, tl.sum(acc, axis=0))
 
 
@@ -110,19 +150,28 @@ def _witness(tensors: Sequence[Tensor], role: str) -> Tensor:
 
 
 def _tables(device, *roles: Sequence[Tensor]):
-    """(address table per role, sizes, chunk -> tensor, chunk -> start), one host->device copy."""
+    """(address table per role, sizes, chunk -> tensor, chunk -> start, all 16-byte aligned)."""
     sizes = [t.numel() for t in roles[0]]
     for role in roles:
         for t, n in zip(role, sizes):
             if not t.is_contiguous() or t.numel() != n or t.device != torch.device(device):
                 raise ValueError("multi-tensor kernel: every tensor must be contiguous, on "
                                  f"{device}, and match its parameter's size ({n} elements)")
-    chunk_tensor = [i for i, n in enumerate(sizes) for _ in range(math.ceil(n / _CHUNK))]
-    chunk_start = [c * _CHUNK for n in sizes for c in range(math.ceil(n / _CHUNK))]
-    rows = [[t.data_ptr() for t in role] for role in roles] + [sizes]
-    packed = torch.tensor(rows, dtype=torch.int64)
-    chunks = torch.tensor([chunk_tensor, chunk_start], dtype=torch.int64)
-    packed, chunks = packed.to(device, non_blocking=True), chunks.to(device, non_blocking=True)
+    addresses = tuple(tuple(t.data_ptr() for t in role) for role in roles)
+    aligned = all(a % 16 == 0 for role in addresses for a in role)
+    return (*_device_tables(torch.device(device), addresses, tuple(sizes), _CHUNK), aligned)
+
+
+@functools.lru_cache(maxsize=8)
+def _device_tables(device: torch.device, addresses: tuple, sizes: tuple, chunk: int):
+    """The tables on the device. They hold only addresses and sizes, so equal keys give equal
+    tables: a training loop whose buffers keep their addresses builds them once, not every step."""
+    counts = torch.tensor([-(-n // chunk) for n in sizes], dtype=torch.int64)
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+    first = torch.cumsum(counts, 0) - counts
+    chunk_start = (torch.arange(chunk_tensor.numel()) - first[chunk_tensor]) * chunk
+    packed = torch.tensor([list(role) for role in addresses] + [list(sizes)], dtype=torch.int64)
+    packed, chunks = packed.to(device), torch.stack([chunk_tensor, chunk_start]).to(device)
     return list(packed[:-1]), packed[-1], chunks[0], chunks[1]
 
 
@@ -147,14 +196,16 @@ def adamw_step(
                                     grad_scale=grad_scale)
     weights = params if master is None else master
     device = params[0].device
-    (p_t, g_t, w_t, m_t, v_t), sizes, chunk_tensor, chunk_start = _tables(
+    (p_t, g_t, w_t, m_t, v_t), sizes, chunk_tensor, chunk_start, aligned = _tables(
         device, params, grads, weights, exp_avgs, exp_avg_sqs)
     scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=device).reshape(1)
     _triton.launch(_adamw, (chunk_tensor.numel(),), device, p_t, g_t, w_t, m_t, v_t, sizes,
                    chunk_tensor, chunk_start, scale, _witness(params, "params"), _witness(grads, "grads"),
                    _witness(list(weights) + list(exp_avgs) + list(exp_avg_sqs), "master/moments"),
                    float(lr), float(beta1), float(beta2), float(eps),
-                   1.0 - lr * weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, HAS_MASTER=master is not None, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
+                   1.0 - lr * weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, HAS_MASTER=master is not None,
+                   ALIGNED=aligned, CHUNK=_CHUNK, BLOCK=_BLOCK,
+                   num_warps=_WARPS)
 
 
 def global_norm(tensors: Sequence[Tensor], *, impl: Choice = "auto") -> Tensor:
@@ -164,8 +215,9 @@ def global_norm(tensors: Sequence[Tensor], *, impl: Choice = "auto") -> Tensor:
     device = tensors[0].device
     if resolve(impl, device) == "torch":
         return global_norm_reference(tensors)
-    (table,), sizes, chunk_tensor, chunk_start = _tables(device, tensors)
+    (table,), sizes, chunk_tensor, chunk_start, aligned = _tables(device, tensors)
     partial = torch.empty(chunk_tensor.numel(), device=device, dtype=torch.float32)
     _triton.launch(_sum_squares, (partial.numel(),), device, table, sizes, chunk_tensor, chunk_start,
-                   partial, _witness(tensors, "tensors"), CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=4)
+                   partial, _witness(tensors, "tensors"), ALIGNED=aligned, CHUNK=_CHUNK, BLOCK=_NORM_BLOCK,
+                   num_warps=_NORM_WARPS)
     return partial.sum().sqrt()

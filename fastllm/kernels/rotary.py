@@ -6,8 +6,9 @@ With ``x = (x1, x2)`` the two halves of the first ``rot`` dims of a head and ``c
     forward:   y1 = x1 c1 - x2 s1        y2 = x2 c2 + x1 s2
     backward:  dx1 = dy1 c1 + dy2 s2     dx2 = dy2 c2 - dy1 s1     (the transposed rotation)
 
-so backward is the forward kernel with ``(s1, s2) -> (-s2, -s1)``. One program per token loads its
-cos/sin once and rotates every query and key head of that token (a ``[heads, rot/2]`` tile); dims
+so backward is the forward kernel with ``(s1, s2) -> (-s2, -s1)``. One program per block of positions
+(of one batch row) loads their cos/sin once and rotates every query and key head there, each a contiguous
+``[positions, rot]`` slab (fully coalesced); dims
 past ``rot`` (partial rotary) pass through. Any strides work as long as the last dim is contiguous,
 so the ``[batch, heads, seq, head_dim]`` views out of the projections need no copy. ``cos``/``sin``
 are constants of the positions: they get no gradient.
@@ -41,40 +42,42 @@ def apply_rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tu
 
 
 @_triton.jit
-def _rotate_heads(X, Y, c1, c2, s1, s2, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, s, half,
-                  BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, ACC: tl.constexpr):
-    heads = tl.arange(0, BLOCK_H)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < n_heads) & (dims < half)
-    x_at = X + b * sx_b + s * sx_s + heads * sx_h + dims
-    y_at = Y + b * sy_b + s * sy_s + heads * sy_h + dims
-    x1 = tl.load(x_at, mask=mask, other=0.0).to(ACC)
-    x2 = tl.load(x_at + half, mask=mask, other=0.0).to(ACC)
-    tl.store(y_at, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=mask)
-    tl.store(y_at + half, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=mask)
+def _rotate_heads(X, Y, c1, c2, s1, s2, n_heads, sx_b, sx_h, sx_s, sy_b, sy_h, sy_s, b, tokens, half,
+                  mask, ACC: tl.constexpr):
+    """Rotate one [tokens, half] tile pair of every head in turn (cos/sin stay in registers)."""
+    x_at = X + b * sx_b + tokens * sx_s
+    y_at = Y + b * sy_b + tokens * sy_s
+    for head in range(0, n_heads):
+        x1 = tl.load(x_at, mask=mask, other=0.0).to(ACC)
+        x2 = tl.load(x_at + half, mask=mask, other=0.0).to(ACC)
+        tl.store(y_at, (x1 * c1 - x2 * s1).to(Y.dtype.element_ty), mask=mask)
+        tl.store(y_at + half, (x2 * c2 + x1 * s2).to(Y.dtype.element_ty), mask=mask)
+        x_at += sx_h
+        y_at += sy_h
 
 
 @_triton.jit
 def _rotary(Q, K, QO, KO, COS, SIN, seq, half, n_q, n_k,
             sq_b, sq_h, sq_s, sk_b, sk_h, sk_s, sqo_b, sqo_h, sqo_s, sko_b, sko_h, sko_s,
-            sc_b, sc_s, BACKWARD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr,
-            BLOCK_HALF: tl.constexpr, ACC: tl.constexpr):
-    token = tl.program_id(0).to(tl.int64)
-    b = token // seq
-    s = token % seq
+            sc_b, sc_s, BACKWARD: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr,
+            ACC: tl.constexpr):
+    """One program per (block of BLOCK_S positions, batch row): cos/sin loaded once, then every
+    query and key head of those positions, each a contiguous [BLOCK_S, rot] slab."""
+    b = tl.program_id(1).to(tl.int64)
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
-    dmask = dims < half
-    angle_at = b * sc_b + s * sc_s + dims
-    c1 = tl.load(COS + angle_at, mask=dmask, other=0.0).to(ACC)
-    c2 = tl.load(COS + angle_at + half, mask=dmask, other=0.0).to(ACC)
-    s1 = tl.load(SIN + angle_at, mask=dmask, other=0.0).to(ACC)
-    s2 = tl.load(SIN + angle_at + half, mask=dmask, other=0.0).to(ACC)
+    mask = (tokens < seq) & (dims < half)
+    angle_at = b * sc_b + tokens * sc_s + dims
+    c1 = tl.load(COS + angle_at, mask=mask, other=0.0).to(ACC)
+    c2 = tl.load(COS + angle_at + half, mask=mask, other=0.0).to(ACC)
+    s1 = tl.load(SIN + angle_at, mask=mask, other=0.0).to(ACC)
+    s2 = tl.load(SIN + angle_at + half, mask=mask, other=0.0).to(ACC)
     if BACKWARD:
         s1, s2 = -s2, -s1
-    _rotate_heads(Q, QO, c1, c2, s1, s2, n_q, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b, s, half,
-                  BLOCK_Q, BLOCK_HALF, ACC)
-    _rotate_heads(K, KO, c1, c2, s1, s2, n_k, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b, s, half,
-                  BLOCK_K, BLOCK_HALF, ACC)
+    _rotate_heads(Q + dims, QO + dims, c1, c2, s1, s2, n_q, sq_b, sq_h, sq_s, sqo_b, sqo_h, sqo_s, b,
+                  tokens, half, mask, ACC)
+    _rotate_heads(K + dims, KO + dims, c1, c2, s1, s2, n_k, sk_b, sk_h, sk_s, sko_b, sko_h, sko_s, b,
+                  tokens, half, mask, ACC)
 
 
 def _check(x: Tensor, name: str) -> None:
@@ -92,22 +95,21 @@ def _output(x: Tensor, rot: int, inplace: bool) -> Tensor:
     return out
 
 
-def _launch(q, k, q_out, k_out, cos, sin, backward: bool) -> None:
+def _launch(q, k, q_out, k_out, cos, sin, backward: bool, block_s=None, num_warps=None) -> None:
     batch, n_q, seq, _ = q.shape
     half = cos.shape[-1] // 2
     cos, sin = cos.expand(batch, seq, -1), sin.expand(batch, seq, -1)
     if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
     block_half = _triton.row_block(half)
-    block_q, block_k = _triton.row_block(n_q), _triton.row_block(k.shape[1])
+    block_s = block_s or max(1, min(_triton.row_block(seq), 2048 // block_half))  # ~4K elements
     _triton.launch(
-        _rotary, (batch * seq,), q.device, q, k, q_out, k_out, cos, sin, seq, half, n_q, k.shape[1],
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        _rotary, (_triton.cdiv(seq, block_s), batch), q.device, q, k, q_out, k_out, cos, sin, seq, half,
+        n_q, k.shape[1], q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         q_out.stride(0), q_out.stride(1), q_out.stride(2),
         k_out.stride(0), k_out.stride(1), k_out.stride(2), cos.stride(0), cos.stride(1),
-        BACKWARD=backward, BLOCK_Q=block_q, BLOCK_K=block_k, BLOCK_HALF=block_half,
-        ACC=_triton.accumulator(q.dtype),
-        num_warps=_triton.warps_for(block_q * block_half, q.element_size()),
+        BACKWARD=backward, BLOCK_S=block_s, BLOCK_HALF=block_half,
+        ACC=_triton.accumulator(q.dtype), num_warps=num_warps or 4,
     )
 
 
