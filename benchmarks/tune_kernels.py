@@ -129,7 +129,8 @@ def tune_rotary(dev):
 
 
 def tune_activations(dev):
-    from fastllm.kernels import activation as act
+    import fastllm.kernels.activation  # noqa: F401  (the package re-exports a function of that name)
+    act = sys.modules["fastllm.kernels.activation"]
 
     rows, dim = 16384, 14336
     gate = torch.randn(rows, dim, device=dev, dtype=torch.bfloat16)
@@ -213,7 +214,8 @@ def tune_moe(dev):
 
 
 def tune_attention(dev):
-    from fastllm.kernels import attention as att
+    import fastllm.kernels.attention  # noqa: F401
+    att = sys.modules["fastllm.kernels.attention"]
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, h, kv, s, d = 4, 32, 8, 4096, 128

@@ -113,15 +113,18 @@ def _rows(t: Tensor) -> Tensor:
 
 
 def _forward_shape(n_cols: int) -> tuple[int, int]:
-    """(rows per program, warps) of the forward: ~4K elements per program, wide rows get warps."""
+    """(rows per program, warps) of the forward: ~4K elements per program, 8 warps for 4K-wide rows
+    (H100: 97% of copy bandwidth at [32768, 4096] bf16; 1-4 rows and 4-16 warps all within 2%)."""
     block = _triton.row_block(n_cols)
     return max(1, min(16, 4096 // block)), int(min(16, max(4, block // 512)))
 
 
 def _backward_shape(n_cols: int) -> tuple[int, int, int]:
-    """(rows per tile, warps, programs per SM) of the backward."""
+    """(rows per tile, warps, programs per SM) of the backward. Measured on an H100 at 4096 wide:
+    one row per step, 8 warps, 2 programs per SM was best (87% RMSNorm, 80% LayerNorm); taller
+    tiles lost 5-30% (register pressure from the [rows, width] dw accumulators)."""
     block = _triton.row_block(n_cols)
-    return max(1, min(16, 4096 // block)), int(min(16, max(4, block // 256))), 4
+    return max(1, min(16, 2048 // block)), int(min(16, max(4, block // 512))), 2
 
 
 def _forward(x, scale, bias, eps, rms, rows_per_program=None, num_warps=None):

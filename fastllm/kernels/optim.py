@@ -27,9 +27,11 @@ from fastllm.kernels.registry import Choice, resolve
 __all__ = ["adamw_step", "adamw_step_reference", "global_norm", "global_norm_reference"]
 
 _CHUNK = 1 << 16
+# H100 sweep (128 x 2M): AdamW 87% of copy bandwidth at 1024/4 (4096/16 within 2%); the norm 92% at
+# 1024/8, while 4096 with 4-8 warps fell to 26-70%.
 _BLOCK = 1024
 _WARPS = 4
-_NORM_BLOCK = 4096
+_NORM_BLOCK = 1024
 _NORM_WARPS = 8
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
