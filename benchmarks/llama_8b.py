@@ -158,9 +158,9 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     sharded init draws on the CPU, which costs minutes at 8B and does not change the speed).
     """
     from fastllm import optim, random, tree
-    from fastllm.train.state import TrainState  # first: fastllm.train imports fastllm.sharding.step
+    from fastllm.train.state import TrainState
     from fastllm.sharding import Mesh, Partitioner
-    from fastllm.sharding.step import make_sharded_train_step
+    from fastllm.train.sharded_step import make_sharded_train_step
 
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)
@@ -170,7 +170,7 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     opt = optim.adamw(args.lr, weight_decay=0.1)
     owned = params if args.zero_stage in (0, 3) else None  # stages 1-2 own storage slices only
     if owned is None:
-        from fastllm.sharding.step import init_sharded_state
+        from fastllm.train.sharded_step import init_sharded_state
 
         state = init_sharded_state(config, partitioner, opt, random.key(0))
     else:

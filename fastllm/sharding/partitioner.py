@@ -30,7 +30,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-import optree
 import torch
 
 from fastllm import nn, random, tree
@@ -175,27 +174,6 @@ class Partitioner:
     def opt_state_specs(self, config_or_specs: Any) -> Any:
         """Specs of each params-shaped tree inside the optimizer state (scalars are replicated)."""
         return self.plan(config_or_specs).opt_state
-
-    def state_specs(self, config_or_specs: Any, opt_state: Any) -> Any:
-        """Specs of a whole optimizer state (e.g. ``opt.init(...)``): its params-shaped subtrees
-        (moments) follow :meth:`opt_state_specs`, other tensors (step counts) are replicated."""
-        specs = self.opt_state_specs(config_or_specs)
-        params_structure = optree.tree_structure(specs, is_leaf=is_spec)
-
-        def walk(node: Any) -> Any:
-            if isinstance(node, torch.Tensor):
-                return PartitionSpec(*([None] * node.ndim))
-            if optree.tree_structure(node) == params_structure:
-                return specs
-            if isinstance(node, tuple) and hasattr(node, "_fields"):
-                return type(node)(*(walk(child) for child in node))
-            if isinstance(node, (tuple, list)):
-                return type(node)(walk(child) for child in node)
-            if isinstance(node, dict):
-                return {name: walk(child) for name, child in node.items()}
-            return node  # Python scalars
-
-        return walk(opt_state)
 
     # --- materialising ------------------------------------------------------------------------
     def init_params(

@@ -6,6 +6,11 @@
 only a ``.tmp-<pid>`` leftover that :func:`latest` ignores and the next :func:`prune` removes) and
 refuses an incomplete or corrupted one with a message naming the file. Loading fills a freshly
 initialised *template* state, so a checkpoint of another model shape is refused naming the tensor.
+
+Under a mesh (``specs`` and ``mesh`` given) every rank writes its shards through
+:mod:`fastllm.sharding.checkpoint` into the same ``step-XXXXXXXX`` directory, with the same
+``COMPLETE`` manifest, so :func:`latest` and :func:`prune` serve both kinds, and loading reshards
+onto the loading mesh.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any, Optional
 
 from fastllm import checkpoint, random
 from fastllm.checkpoint import CheckpointError
+from fastllm.sharding import checkpoint as sharded
 from fastllm.train.state import TrainState
 
 __all__ = [
@@ -34,16 +40,29 @@ def _trees(state: TrainState) -> dict[str, Any]:
     return trees
 
 
-def save(run_dir: str | os.PathLike, state: TrainState, extra: dict[str, Any]) -> Path:
-    """Write ``state`` and the JSON-ready ``extra`` as ``checkpoints/step-<step>``; returns its path."""
+def save(
+    run_dir: str | os.PathLike, state: TrainState, extra: dict[str, Any], *, specs=None, mesh=None
+) -> Path:
+    """Write ``state`` and the JSON-ready ``extra`` as ``checkpoints/step-<step>``; returns its path.
+
+    Under a mesh pass ``specs`` (name -> spec tree of ``state``'s trees) and ``mesh``: a collective
+    that every rank calls; it returns once the checkpoint is complete."""
     meta = {"step": state.step, "key": {"seed": state.key.seed, "path": list(state.key.path)}, **extra}
     path = checkpoint.step_dir(checkpoint_dir(run_dir), state.step)
+    if mesh is not None:
+        return sharded.save(path, _trees(state), specs, mesh, meta, overwrite=True)
     return checkpoint.save(path, _trees(state), meta, overwrite=True)
 
 
-def load(path: str | os.PathLike, template: TrainState, *, device="cpu") -> tuple[TrainState, dict[str, Any]]:
-    """(state, extra) of the checkpoint at ``path``, laid out like ``template``."""
-    trees, meta = checkpoint.load(path, like=_trees(template), device=device)
+def load(
+    path: str | os.PathLike, template: TrainState, *, device="cpu", specs=None, mesh=None
+) -> tuple[TrainState, dict[str, Any]]:
+    """(state, extra) of the checkpoint at ``path``, laid out like ``template`` (under a mesh: this
+    rank's shards by ``specs``, whatever mesh wrote them)."""
+    if mesh is not None:
+        trees, meta = sharded.load(path, specs, mesh, like=_trees(template), device=device)
+    else:
+        trees, meta = checkpoint.load(path, like=_trees(template), device=device)
     key = random.Key(int(meta["key"]["seed"]), tuple(meta["key"]["path"]))
     extra = {name: value for name, value in meta.items() if name not in ("step", "key")}
     state = TrainState(trees["params"], trees["opt_state"], int(meta["step"]), key, trees.get("loss_scale"))
@@ -63,7 +82,8 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
 def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dict[str, Any]]:
     """(ModelConfig, params, saved config dict) of a training checkpoint, without optimizer state.
 
-    ``path`` is a checkpoint directory or a run directory (its newest checkpoint is used).
+    ``path`` is a checkpoint directory or a run directory (its newest checkpoint is used); a sharded
+    checkpoint is assembled into whole tensors in this process.
     """
     from fastllm.config import from_dict
     from fastllm.train.config import Config
@@ -72,7 +92,10 @@ def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dic
     newest = latest(path)
     if newest is not None:
         path = newest
-    trees, meta = checkpoint.load(path, names=["params"], device=device)
+    if sharded.is_sharded(path):
+        meta, trees = sharded.load_full(path, names=["params"], device=device)
+    else:
+        trees, meta = checkpoint.load(path, names=["params"], device=device)
     if "config" not in meta:
         raise CheckpointError(f"checkpoint {path} holds no training config; is it a training checkpoint?")
     config = from_dict(Config, meta["config"])

@@ -3,6 +3,7 @@
 Runs the Trainer, then (``run.export_hf``) writes a Hugging Face checkpoint to ``<run.dir>/hf`` and
 (``sample.prompt``) prints a sample from the trained model. A recipe module may define
 ``before_train(config) -> config`` (e.g. prepare its data) and ``after_train(config, result)``.
+Under a mesh the state holds shards: rank 0 exports from the last (sharded) checkpoint.
 """
 
 from __future__ import annotations
@@ -13,20 +14,21 @@ from types import ModuleType
 from typing import Optional
 
 from fastllm import random
+from fastllm.train import checkpointing
 from fastllm.train.trainer import Trainer, TrainResult
 
 __all__ = ["train", "export_hf", "sample_text"]
 
 
-def export_hf(config, result: TrainResult) -> Path:
-    """Write ``<run.dir>/hf`` (replacing an older export) and return its path."""
+def export_hf(config, params) -> Path:
+    """Write ``params`` (whole tensors) to ``<run.dir>/hf`` (replacing an older export); returns its path."""
     from fastllm import hf
 
     target = Path(config.run.dir) / "hf"
     if target.exists():
         shutil.rmtree(target)
     tokenizer = Path(config.run.dir) / "tokenizer.json"
-    hf.save(config.model_config, result.state.params, target, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    hf.save(config.model_config, params, target, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
     return target
 
 
@@ -55,15 +57,14 @@ def train(config, *, recipe: Optional[ModuleType] = None, print_fn=print) -> Tra
         config = recipe.before_train(config) or config
     trainer = Trainer(config)
     result = trainer.run()
-    if trainer.partitioner is not None:  # partitioner: the state holds shards; export from a checkpoint
+    if trainer.partitioner is not None:
         if trainer.is_main:
-            print_fn(f"step {result.state.step}: loss {result.final_loss:.4f} (sharded over "
-                     f"{trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)")
+            _after_sharded_run(config, trainer, result, print_fn)
         return result
     print_fn(f"step {result.state.step}: loss {result.final_loss:.4f}"
              + ("" if result.val_loss is None else f", validation loss {result.val_loss:.4f}"))
     if config.run.export_hf:
-        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, result)}")
+        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, result.state.params)}")
     tokenizer = Path(config.run.dir) / "tokenizer.json"
     s = config.sample
     if s.prompt and s.max_new_tokens and tokenizer.is_file():
@@ -74,3 +75,16 @@ def train(config, *, recipe: Optional[ModuleType] = None, print_fn=print) -> Tra
     if recipe is not None and hasattr(recipe, "after_train"):
         recipe.after_train(config, result)
     return result
+
+
+def _after_sharded_run(config, trainer: Trainer, result: TrainResult, print_fn) -> None:
+    """Rank 0, after a run on a mesh: the summary and the export, from the last checkpoint."""
+    print_fn(f"step {result.state.step}: loss {result.final_loss:.4f} (sharded over "
+             f"{trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)")
+    if config.run.export_hf:
+        # The run ends with a save, a collective that returns on every rank once the checkpoint is
+        # complete (the barrier): rank 0 assembles its whole tensors in this process.
+        _, params, _ = checkpointing.load_model(checkpointing.latest(config.run.dir))
+        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, params)}")
+    # No sample: decoding needs the whole model on one device, which a sharded run may not have room
+    # for, while the other ranks idle. `fastllm generate <run.dir>` samples from the checkpoint.

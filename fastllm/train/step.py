@@ -53,13 +53,18 @@ def _loss_fn(config: ModelConfig, remat: str) -> Callable[[Any, Batch], tuple[Te
     return lambda params, batch: models.loss(config, params, batch, remat=remat == "block")
 
 
-def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale):
-    """(sum of weighted fp32 gradients, weighted mean loss) over the micro-batches."""
+def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale, total_weight=None):
+    """(sum of weighted fp32 gradients, weighted mean loss) over the micro-batches.
+
+    ``total_weight`` (default: the micro-batches' own) is the ``N`` of the formula above; the
+    sharded step passes the valid targets of every data rank."""
     masters = tree.map(lambda p: p.detach().requires_grad_(True), params)
     leaves = tree.leaves(masters)
-    total_weight = sum(target_weight(m) for m in micro_batches).clamp(min=1.0)
+    if total_weight is None:
+        total_weight = sum(target_weight(m) for m in micro_batches)
+    total_weight = total_weight.clamp(min=1.0)
     grads = [torch.zeros_like(p) for p in leaves]
-    loss_sum = torch.zeros((), dtype=torch.float32)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=leaves[0].device)
     for micro in micro_batches:
         loss, _ = loss_fn(optim.cast_tree(masters, dtype), micro)
         share = target_weight(micro) / total_weight

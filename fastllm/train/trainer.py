@@ -20,8 +20,8 @@ import torch
 
 from fastllm import models, random
 from fastllm.config import to_dict
-from fastllm.sharding import training as sharded
 from fastllm.train import checkpointing
+from fastllm.train import sharded
 from fastllm.train.config import Config
 from fastllm.train.data import build_loaders, tokenizer_path
 from fastllm.train.metrics import MetricsLog, Throughput, mfu
@@ -69,7 +69,7 @@ class Trainer:
         self.model_config = config.model_config
         self.run_dir = Path(config.run.dir)
         self.device = resolve_device(config.run.device)
-        # partitioner: a mesh of more than one rank trains on shards (fastllm.sharding.training)
+        # partitioner: a mesh of more than one rank trains on shards (fastllm.train.sharded)
         self.partitioner = sharded.partitioner_from_config(config, mesh)
         self.mesh = mesh if self.partitioner is None else self.partitioner.mesh
         if self.partitioner is not None:
@@ -114,10 +114,8 @@ class Trainer:
         found = checkpointing.latest(self.run_dir)
         if found is None:
             return None
-        if self.partitioner is not None:  # partitioner: resharded onto this mesh
-            state, extra = sharded.restore(found, self.config, self.partitioner, self.init_state())
-        else:
-            state, extra = checkpointing.load(found, self.init_state(), device=self.device)
+        template = self.init_state()
+        state, extra = checkpointing.load(found, template, device=self.device, **self._mesh_args(template))
         if extra.get("config") != to_dict(self.config):
             print(f"note: resuming from {found}, written with a different config (run.resume=false starts afresh)")
         print(f"resuming from {found} at step {state.step}")
@@ -129,17 +127,16 @@ class Trainer:
             "config": to_dict(self.config),
             "data": {"train": self.train_data.state_dict()},
         }
-        if self.partitioner is not None:  # partitioner: every rank writes its shards
-            from fastllm import checkpoint
-
-            path = checkpoint.step_dir(checkpointing.checkpoint_dir(self.run_dir), state.step)
-            sharded.save(path, self.config, self.partitioner, state, extra)
-            if not self.is_main:
-                return path
-        else:
-            path = checkpointing.save(self.run_dir, state, extra)
-        checkpointing.prune(self.run_dir, keep=self.config.train.keep_checkpoints)
+        path = checkpointing.save(self.run_dir, state, extra, **self._mesh_args(state))
+        if self.is_main:  # one pruner: the others' next save cannot start before this returns
+            checkpointing.prune(self.run_dir, keep=self.config.train.keep_checkpoints)
         return path
+
+    def _mesh_args(self, state: TrainState) -> dict:
+        """Under a mesh, the spec trees and mesh of a sharded checkpoint (every rank its shards)."""
+        if self.partitioner is None:
+            return {}
+        return {"specs": sharded.checkpoint_specs(self.config, self.partitioner, state), "mesh": self.partitioner.mesh}
 
     # -- loop --------------------------------------------------------------------------------
     def _batch(self, source: Iterator) -> dict:

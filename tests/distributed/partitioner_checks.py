@@ -16,7 +16,7 @@ import torch
 from fastllm import models, optim, random, tree
 from fastllm.sharding import Mesh, Partitioner, shard, unshard
 from fastllm.sharding.spec import is_spec
-from fastllm.sharding.step import init_sharded_state, make_sharded_train_step
+from fastllm.train.sharded_step import init_sharded_state, make_sharded_train_step
 from fastllm.train.state import TrainState
 from fastllm.train.step import _gradients, make_train_step, split_micro_batches
 

@@ -239,9 +239,9 @@ def rows(batch: dict, mesh: Mesh) -> dict:
 
 def sharded_run(mesh: Mesh, zero_stage: int, path: str, *, save_at: int | None, resume: bool) -> list[float]:
     """Losses of steps ``RESUME_AT..`` (resumed from ``path``) or of every step (saving at ``save_at``)."""
-    from fastllm.train.state import TrainState  # first: fastllm.train imports fastllm.sharding.step
+    from fastllm.train.state import TrainState
     from fastllm.sharding import Partitioner
-    from fastllm.sharding.step import init_sharded_state, make_sharded_train_step
+    from fastllm.train.sharded_step import init_sharded_state, make_sharded_train_step
 
     config, opt, key = resume_config(), optim.adamw(LR, weight_decay=0.1), random.key(3)
     partitioner = Partitioner(mesh, zero_stage=zero_stage)

@@ -8,7 +8,7 @@ import torch
 from fastllm import models, optim, random, tree
 from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, Rules, describe, shard
 from fastllm.sharding.spec import is_spec
-from fastllm.sharding.step import init_sharded_state
+from fastllm.train.sharded_step import init_sharded_state
 
 CONFIG = models.preset("tiny-qwen2")  # tied embeddings, qkv biases, 2 KV heads
 

@@ -1,4 +1,4 @@
-"""The distributed train step: the single-process step of ``fastllm.train.step`` on local shards.
+"""The distributed train step: the single-process step of :mod:`fastllm.train.step` on local shards.
 
 Each data rank takes its own rows of the batch; each micro-batch's mean loss is weighted by its
 share of the valid target tokens of the *global* batch (all data ranks), so the gradients summed
@@ -11,6 +11,9 @@ stage, clipped by their global norm over all shards, and the functional optimize
 shards it owns (the storage blocks from stage 1 on), whose new values are gathered back into the
 compute layout (stages 1 and 2). Clipping belongs to the step, not the optimizer: the optimizer's
 ``clip_by_global_norm`` would see one rank's shards only.
+
+This is training code on top of :mod:`fastllm.sharding` (partitioner, ZeRO collectives); sharding
+itself never imports ``fastllm.train`` or ``fastllm.models``.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from fastllm import models, optim, random, tree
 from fastllm.sharding import zero
 from fastllm.sharding.partitioner import Partitioner
 from fastllm.train.state import TrainState
-from fastllm.train.step import COMPUTE_DTYPES, split_micro_batches, target_weight
+from fastllm.train.step import COMPUTE_DTYPES, _gradients, split_micro_batches, target_weight
 
 __all__ = ["ShardedTrainStep", "make_sharded_train_step", "make_sharded_eval_step", "init_sharded_state"]
 
@@ -74,6 +77,7 @@ class ShardedTrainStep:
         precision: Literal["fp32", "bf16"] = "fp32",
         max_grad_norm: Optional[float] = None,
         learning_rate: Callable[[int], float] | None = None,
+        remat: bool = False,
     ):
         if precision not in ("fp32", "bf16"):
             raise NotImplementedError(f"precision {precision!r} under a mesh: use fp32 or bf16 "
@@ -82,7 +86,7 @@ class ShardedTrainStep:
             raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
         self.config, self.partitioner, self.optimizer = config, partitioner, optimizer
         self.grad_accum, self.dtype = grad_accum, COMPUTE_DTYPES[precision]
-        self.max_grad_norm, self.learning_rate = max_grad_norm, learning_rate
+        self.max_grad_norm, self.learning_rate, self.remat = max_grad_norm, learning_rate, remat
         self.plan = partitioner.plan(config)
         self.layout = partitioner.layout(config)
 
@@ -90,23 +94,14 @@ class ShardedTrainStep:
         """(gradients in the stage's gradient layout, global mean loss, global valid tokens)."""
         p, mesh = self.partitioner, self.partitioner.mesh
         micro_batches = split_micro_batches(batch, self.grad_accum)
-        local_tokens = sum(target_weight(m) for m in micro_batches)
-        tokens = _sum_over(local_tokens, "data", p)
-        total = tokens.clamp(min=1.0)
-        masters = tree.map(lambda x: x.detach().requires_grad_(True), state.params)
-        leaves = tree.leaves(masters)
-        grads = [torch.zeros_like(x) for x in leaves]
-        loss_sum = torch.zeros((), dtype=torch.float32, device=mesh.device)
-        for micro in micro_batches:
-            loss, _ = models.loss(self.config, optim.cast_tree(masters, self.dtype), micro, layout=self.layout)
-            share = target_weight(micro) / total
-            micro_grads = torch.autograd.grad(loss.float() * share, leaves, allow_unused=True)
-            for acc, g in zip(grads, micro_grads):
-                if g is not None:
-                    acc.add_(g)
-            loss_sum = loss_sum + loss.detach().float() * share
+        tokens = _sum_over(sum(target_weight(m) for m in micro_batches), "data", p)
+
+        def loss_fn(params, micro):
+            return models.loss(self.config, params, micro, layout=self.layout, remat=self.remat)
+
+        grads, loss_sum = _gradients(loss_fn, state.params, micro_batches, self.dtype, None, total_weight=tokens)
         grads = zero.reduce_gradients(
-            _like(state.params, grads), zero_stage=p.zero_stage, data_dims=self.plan.data_dims,
+            grads, zero_stage=p.zero_stage, data_dims=self.plan.data_dims,
             compute_specs=self.plan.flat_compute, mesh=mesh, sequence_parallel=p.sequence_parallel,
             dtype=p.reduce_dtype, limit_bytes=p.bucket_bytes,
         )
@@ -138,14 +133,9 @@ class ShardedTrainStep:
         return TrainState(params, opt_state, state.step + 1, state.key, None), metrics
 
 
-def _like(values: Any, leaves: list[Tensor]) -> Any:
-    it = iter(leaves)
-    return tree.map(lambda _: next(it), values)
-
-
 def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **options) -> ShardedTrainStep:
     """:class:`ShardedTrainStep` (options: ``grad_accum``, ``precision``, ``max_grad_norm``,
-    ``learning_rate``)."""
+    ``learning_rate``, ``remat``)."""
     return ShardedTrainStep(config, partitioner, optimizer, **options)
 
 

@@ -1,5 +1,5 @@
 """What the Trainer needs to run a config's ``mesh``/``zero`` sections: the partitioner, the sharded
-steps, and checkpoints written by every rank (fastllm.sharding.checkpoint).
+steps and the spec trees its checkpoints are written and resharded with.
 
 Config keys (public schema, docs/config.md): ``mesh.data``, ``mesh.tensor``, ``mesh.pipe`` (must be
 1 for now), ``mesh.sequence_parallel``, ``zero.stage``. Under ``torchrun`` the mesh is built from the
@@ -9,20 +9,18 @@ launcher's environment; a mesh of one rank keeps the single-process path (no par
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Optional
 
 import torch.distributed as dist
 
 from fastllm import random
+from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.partitioner import Partitioner
+from fastllm.train.sharded_step import init_sharded_state, make_sharded_eval_step, make_sharded_train_step
 from fastllm.train.state import TrainState
 
-# fastllm.sharding.step is imported inside the functions: it imports fastllm.train, whose package
-# imports the Trainer, which imports this module.
-
-__all__ = ["partitioner_from_config", "build_steps", "init_state", "save", "restore", "is_main_rank"]
+__all__ = ["partitioner_from_config", "build_steps", "init_state", "checkpoint_specs", "is_main_rank"]
 
 
 def is_main_rank() -> bool:
@@ -46,43 +44,20 @@ def partitioner_from_config(config, mesh: Optional[Mesh] = None) -> Optional[Par
 
 def build_steps(config, partitioner: Partitioner, optimizer, schedule):
     """(train_step, eval_step) on shards. ``optimizer`` must not clip: the step clips over all shards."""
-    from fastllm.sharding.step import make_sharded_eval_step, make_sharded_train_step
-
     t = config.train
-    if t.remat != "none":
-        raise NotImplementedError(f"train.remat={t.remat!r} under a mesh is not supported yet; use train.remat=none")
     train_step = make_sharded_train_step(
         config.model_config, partitioner, optimizer, grad_accum=t.grad_accum, precision=t.precision,
-        max_grad_norm=t.grad_clip, learning_rate=schedule,
+        max_grad_norm=t.grad_clip, learning_rate=schedule, remat=t.remat == "block",
     )
     return train_step, make_sharded_eval_step(config.model_config, partitioner, precision=t.precision)
 
 
 def init_state(config, partitioner: Partitioner, optimizer) -> TrainState:
-    from fastllm.sharding.step import init_sharded_state
-
     return init_sharded_state(config.model_config, partitioner, optimizer, random.key(config.run.seed))
 
 
-def _specs(config, partitioner: Partitioner, state: TrainState) -> dict[str, Any]:
-    return {"params": partitioner.param_specs(config.model_config),
-            "opt_state": partitioner.state_specs(config.model_config, state.opt_state)}
-
-
-def save(path: Path, config, partitioner: Partitioner, state: TrainState, extra: dict) -> Path:
-    """Every rank writes its shards of ``state`` into the sharded checkpoint ``path`` (collective)."""
-    from fastllm.sharding import checkpoint
-
-    meta = {"step": state.step, "key": {"seed": state.key.seed, "path": list(state.key.path)}, **extra}
-    trees = {"params": state.params, "opt_state": state.opt_state}
-    return checkpoint.save(path, trees, _specs(config, partitioner, state), partitioner.mesh, meta, overwrite=True)
-
-
-def restore(path: Path, config, partitioner: Partitioner, template: TrainState) -> tuple[TrainState, dict]:
-    """(state, metadata) of a sharded checkpoint, resharded onto this partitioner's layout."""
-    from fastllm.sharding import checkpoint
-
-    like = {"params": template.params, "opt_state": template.opt_state}
-    trees, meta = checkpoint.load(path, _specs(config, partitioner, template), partitioner.mesh, like=like)
-    key = random.Key(int(meta["key"]["seed"]), tuple(meta["key"]["path"]))
-    return TrainState(trees["params"], trees["opt_state"], int(meta["step"]), key, None), meta
+def checkpoint_specs(config, partitioner: Partitioner, state: TrainState) -> dict[str, Any]:
+    """The spec trees of a train state's checkpoint trees (see :func:`fastllm.train.checkpointing.save`)."""
+    params = partitioner.param_specs(config.model_config)
+    opt_state = sharded_checkpoint.state_specs(state.opt_state, partitioner.opt_state_specs(config.model_config))
+    return {"params": params, "opt_state": opt_state}

@@ -1,0 +1,61 @@
+"""Every fastllm module imports on its own, as the first fastllm module of a process.
+
+An import cycle only fails for some orders (the module that starts the cycle sees a partially
+initialised one), so each module is imported first: one subprocess (torch imported once) drops
+every ``fastllm`` module from ``sys.modules`` before importing the next, and reports the failures.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import fastllm
+
+PACKAGE = Path(fastllm.__file__).parent
+
+CHILD = """
+import importlib, sys, traceback
+import torch  # noqa: F401 - shared by every import below; fastllm's own modules are re-imported
+failed = []
+for name in sys.argv[1:]:
+    for loaded in [m for m in sys.modules if m == "fastllm" or m.startswith("fastllm.")]:
+        del sys.modules[loaded]
+    try:
+        importlib.import_module(name)
+    except Exception:
+        failed.append(name + ":\\n" + traceback.format_exc(limit=-3))
+print("\\n".join(failed))
+sys.exit(1 if failed else 0)
+"""
+
+
+def module_names() -> list[str]:
+    names = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        if parts[-1] == "__main__":  # runs the command line
+            continue
+        names.append(".".join(parts[:-1] if parts[-1] == "__init__" else parts))
+    return names
+
+
+def test_every_module_imports_first():
+    names = module_names()
+    assert "fastllm.train.sharded_step" in names and "fastllm.sharding.partitioner" in names
+    env = {"FASTLLM_TYPECHECK": "0", "PATH": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", CHILD, *names], capture_output=True, text=True, env=env,
+                          cwd=PACKAGE.parent, timeout=300)
+    assert done.returncode == 0, f"modules that fail when imported first:\n{done.stdout}{done.stderr[-3000:]}"
+
+
+def test_sharding_never_imports_train():
+    """DESIGN.md: sharding serves train (train imports sharding, never the reverse). Lazy imports
+    inside functions count too."""
+    offenders = []
+    for path in sorted((PACKAGE / "sharding").rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            words = line.replace(",", " ").split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1 and (
+                    words[1].startswith("fastllm.train") or (words[1] == "fastllm" and "train" in words[2:])):
+                offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == [], offenders
