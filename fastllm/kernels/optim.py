@@ -154,14 +154,14 @@ def _witness(tensors: Sequence[Tensor], role: str) -> Tensor:
 def _tables(device, *roles: Sequence[Tensor]):
     """(address table per role, sizes, chunk -> tensor, chunk -> start, all 16-byte aligned)."""
     sizes = [t.numel() for t in roles[0]]
-    for role in roles:
-        for t, n in zip(role, sizes):
-            if not t.is_contiguous() or t.numel() != n or t.device != torch.device(device):
-                raise ValueError("multi-tensor kernel: every tensor must be contiguous, on "
-                                 f"{device}, and match its parameter's size ({n} elements)")
-    addresses = tuple(tuple(t.data_ptr() for t in role) for role in roles)
+    device = torch.device(device)
+    for role in roles:  # one comprehension per role: this runs on every optimizer step
+        if [t.numel() for t in role] != sizes or any(t.device != device or not t.is_contiguous() for t in role):
+            raise ValueError(f"multi-tensor kernel: every tensor must be contiguous, on {device}, and "
+                             "match its parameter's size (same numel, role by role)")
+    addresses = tuple(tuple([t.data_ptr() for t in role]) for role in roles)
     aligned = all(a % 16 == 0 for role in addresses for a in role)
-    return (*_device_tables(torch.device(device), addresses, tuple(sizes), _CHUNK), aligned)
+    return (*_device_tables(device, addresses, tuple(sizes), _CHUNK), aligned)
 
 
 @functools.lru_cache(maxsize=8)
