@@ -157,14 +157,14 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     Parameters are materialised from the meta device with random normals on the GPU (an exact
     sharded init draws on the CPU, which costs minutes at 8B and does not change the speed).
     """
-    from fastllm import optim, random, tree
+    from fastllm import models, optim, random, tree
     from fastllm.train.state import TrainState
     from fastllm.sharding import Mesh, Partitioner
     from fastllm.train.sharded_step import make_sharded_train_step
 
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)
-    meta = partitioner.init_params(config, random.key(0), device="meta")
+    meta = partitioner.init_params(models.param_specs(config), random.key(0), device="meta")
     torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
     params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
     opt = optim.adamw(args.lr, weight_decay=0.1)

@@ -48,14 +48,18 @@ def test_every_module_imports_first():
     assert done.returncode == 0, f"modules that fail when imported first:\n{done.stdout}{done.stderr[-3000:]}"
 
 
-def test_sharding_never_imports_train():
-    """DESIGN.md: sharding serves train (train imports sharding, never the reverse). Lazy imports
-    inside functions count too."""
+def test_sharding_never_imports_train_or_models():
+    """DESIGN.md: sharding serves train and models (they import sharding or are handed to it, never
+    the reverse: the partitioner takes the models' Param declarations from its caller). Lazy
+    imports inside functions count too."""
     offenders = []
     for path in sorted((PACKAGE / "sharding").rglob("*.py")):
         for number, line in enumerate(path.read_text().splitlines(), 1):
             words = line.replace(",", " ").split()
-            if words[:1] in (["import"], ["from"]) and len(words) > 1 and (
-                    words[1].startswith("fastllm.train") or (words[1] == "fastllm" and "train" in words[2:])):
-                offenders.append(f"{path.name}:{number}: {line.strip()}")
+            if words[:1] not in (["import"], ["from"]) or len(words) < 2:
+                continue
+            for package in ("train", "models"):
+                if words[1] == f"fastllm.{package}" or words[1].startswith(f"fastllm.{package}.") or (
+                        words[1] == "fastllm" and package in words[2:]):
+                    offenders.append(f"{path.name}:{number}: {line.strip()}")
     assert offenders == [], offenders

@@ -44,15 +44,15 @@ __all__ = ["Partitioner", "Plan", "param_declarations"]
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-def param_declarations(config_or_specs: Any) -> Any:
-    """The tree of :class:`fastllm.nn.Param` of a model config (or the tree itself)."""
-    leaves = tree.leaves(config_or_specs, is_leaf=nn.is_param)
-    if leaves and all(nn.is_param(leaf) for leaf in leaves) and not hasattr(config_or_specs, "vocab_size"):
-        return config_or_specs
-    # A convenience at the API edge: sharding serves models and does not depend on them otherwise.
-    from fastllm.models import param_specs
-
-    return param_specs(config_or_specs)
+def param_declarations(declarations: Any) -> Any:
+    """``declarations`` checked to be a tree of :class:`fastllm.nn.Param` (what a model's
+    ``param_specs(config)`` returns). The caller passes them: sharding never imports models."""
+    leaves = tree.leaves(declarations, is_leaf=nn.is_param)
+    if not leaves or not all(nn.is_param(leaf) for leaf in leaves):
+        got = type(declarations).__name__
+        raise TypeError(f"the partitioner takes a tree of fastllm.nn.Param declarations (e.g. "
+                        f"fastllm.models.param_specs(config)), got a {got}")
+    return declarations
 
 
 def _data_dim(compute: PartitionSpec, storage: PartitionSpec, path: str) -> int | None:
@@ -148,9 +148,9 @@ class Partitioner:
         return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp})"
 
     # --- specs ------------------------------------------------------------------------------
-    def plan(self, config_or_specs: Any) -> Plan:
-        """Compute and storage specs of every parameter of a model config (or Param tree)."""
-        declarations = param_declarations(config_or_specs)
+    def plan(self, declarations: Any) -> Plan:
+        """Compute and storage specs of every parameter of a tree of :class:`fastllm.nn.Param`."""
+        declarations = param_declarations(declarations)
         axes, shapes = nn.axes(declarations), nn.shapes(declarations)
         if self.mesh.size("tensor") > 1:
             _refuse_experts(axes)
@@ -164,21 +164,21 @@ class Partitioner:
         plan.data_dims  # validates storage against compute now, with the path in the error
         return plan
 
-    def param_specs(self, config_or_specs: Any) -> Any:
+    def param_specs(self, declarations: Any) -> Any:
         """Tree of :class:`PartitionSpec` of the params a train state holds at this ZeRO stage."""
-        return self.plan(config_or_specs).params
+        return self.plan(declarations).params
 
-    def grad_specs(self, config_or_specs: Any) -> Any:
-        return self.plan(config_or_specs).grads
+    def grad_specs(self, declarations: Any) -> Any:
+        return self.plan(declarations).grads
 
-    def opt_state_specs(self, config_or_specs: Any) -> Any:
+    def opt_state_specs(self, declarations: Any) -> Any:
         """Specs of each params-shaped tree inside the optimizer state (scalars are replicated)."""
-        return self.plan(config_or_specs).opt_state
+        return self.plan(declarations).opt_state
 
     # --- materialising ------------------------------------------------------------------------
     def init_params(
         self,
-        config_or_specs: Any,
+        declarations: Any,
         key: random.Key,
         *,
         dtype: torch.dtype = torch.float32,
@@ -186,7 +186,7 @@ class Partitioner:
     ) -> Any:
         """This rank's shards (in the params layout of the ZeRO stage): each parameter drawn from
         ``fold_in(key, path)`` as :func:`fastllm.nn.init` draws it, then sliced with its spec."""
-        plan = self.plan(config_or_specs)
+        plan = self.plan(declarations)
         device = self.mesh.device if device is None else torch.device(device)
         flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
 
@@ -200,17 +200,17 @@ class Partitioner:
 
         return tree.map_with_path(make, plan.declarations, is_leaf=nn.is_param)
 
-    def layout(self, config_or_specs: Any) -> ParallelLayout:
+    def layout(self, declarations: Any) -> ParallelLayout:
         """The activation layout to pass to ``fastllm.models.loss(..., layout=)``."""
-        plan = self.plan(config_or_specs)
+        plan = self.plan(declarations)
         gather = _Gather(self.mesh, plan.data_dims) if self.zero_stage >= 3 else None
         return ParallelLayout(self.mesh, sequence_parallel=self.sequence_parallel, gather=gather)
 
-    def describe(self, config_or_specs: Any, **kwargs):
+    def describe(self, declarations: Any, **kwargs):
         from fastllm.sharding.describe import describe
 
         return describe(
-            config_or_specs, self.mesh, compute_rules=self.compute_rules,
+            declarations, self.mesh, compute_rules=self.compute_rules,
             storage_rules=self.storage_rules, zero_stage=self.zero_stage, **kwargs,
         )
 

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from fastllm import random
+from fastllm import models, random
 from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.partitioner import Partitioner
@@ -58,6 +58,7 @@ def init_state(config, partitioner: Partitioner, optimizer) -> TrainState:
 
 def checkpoint_specs(config, partitioner: Partitioner, state: TrainState) -> dict[str, Any]:
     """The spec trees of a train state's checkpoint trees (see :func:`fastllm.train.checkpointing.save`)."""
-    params = partitioner.param_specs(config.model_config)
-    opt_state = sharded_checkpoint.state_specs(state.opt_state, partitioner.opt_state_specs(config.model_config))
+    declarations = models.param_specs(config.model_config)
+    params = partitioner.param_specs(declarations)
+    opt_state = sharded_checkpoint.state_specs(state.opt_state, partitioner.opt_state_specs(declarations))
     return {"params": params, "opt_state": opt_state}

@@ -57,8 +57,9 @@ def init_sharded_state(
 ) -> TrainState:
     """This rank's train state: its parameter shards and the optimizer state of the blocks it owns
     (keys derived from ``key`` as the single-process Trainer derives them)."""
-    plan = partitioner.plan(config)
-    params = partitioner.init_params(config, random.fold_in(key, "params"))
+    specs = models.param_specs(config)
+    plan = partitioner.plan(specs)
+    params = partitioner.init_params(specs, random.fold_in(key, "params"))
     opt_state = optimizer.init(_opt_view(partitioner, params, plan.data_dims))
     return TrainState(params, opt_state, 0, random.fold_in(key, "train"), None)
 
@@ -87,8 +88,8 @@ class ShardedTrainStep:
         self.config, self.partitioner, self.optimizer = config, partitioner, optimizer
         self.grad_accum, self.dtype = grad_accum, COMPUTE_DTYPES[precision]
         self.max_grad_norm, self.learning_rate, self.remat = max_grad_norm, learning_rate, remat
-        self.plan = partitioner.plan(config)
-        self.layout = partitioner.layout(config)
+        self.plan = partitioner.plan(models.param_specs(config))
+        self.layout = partitioner.layout(self.plan.declarations)
 
     def gradients(self, state: TrainState, batch: Batch) -> tuple[Any, Tensor, Tensor]:
         """(gradients in the stage's gradient layout, global mean loss, global valid tokens)."""
@@ -142,7 +143,7 @@ def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **optio
 def make_sharded_eval_step(config, partitioner: Partitioner, *, precision: Literal["fp32", "bf16"] = "fp32"):
     """``eval_step(params, batch) -> {"loss", "tokens"}`` over the global batch (all data ranks),
     without gradients; ``params`` and ``batch`` as for :class:`ShardedTrainStep`."""
-    dtype, layout = COMPUTE_DTYPES[precision], partitioner.layout(config)
+    dtype, layout = COMPUTE_DTYPES[precision], partitioner.layout(models.param_specs(config))
 
     def eval_step(params: Any, batch: Batch) -> dict[str, Tensor]:
         with torch.no_grad():

@@ -74,7 +74,7 @@ def nbytes(values) -> int:
 
 def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int) -> None:
     partitioner = Partitioner(mesh, zero_stage=zero_stage, sequence_parallel=sp)
-    plan = partitioner.plan(config)
+    plan = partitioner.plan(models.param_specs(config))
     opt = optim.adamw(LR, weight_decay=0.1)  # clipping lives in the sharded step
     state = init_sharded_state(config, partitioner, opt, key)
     flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
@@ -87,7 +87,7 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, 
     grad_specs = tree.flatten(plan.grads, is_leaf=is_spec)
     for path, g in tree.flatten(grads).items():
         close(unshard(g, grad_specs[path], mesh), tree.flatten(ref["grads"])[path], f"gradient of {path}")
-    totals = partitioner.describe(config).totals
+    totals = partitioner.describe(plan.declarations).totals
     held = {"params": nbytes(state.params), "grads": nbytes(grads), "optimizer": nbytes(state.opt_state)}
     for name, value in held.items():
         if value != totals[name]:

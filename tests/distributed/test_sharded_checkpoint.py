@@ -245,7 +245,7 @@ def sharded_run(mesh: Mesh, zero_stage: int, path: str, *, save_at: int | None, 
 
     config, opt, key = resume_config(), optim.adamw(LR, weight_decay=0.1), random.key(3)
     partitioner = Partitioner(mesh, zero_stage=zero_stage)
-    plan = partitioner.plan(config)
+    plan = partitioner.plan(models.param_specs(config))
     state = init_sharded_state(config, partitioner, opt, key)
     specs = {"params": plan.params, "opt_state": sharded.state_specs(state.opt_state, plan.opt_state)}
     first = 0

@@ -11,6 +11,7 @@ from fastllm.sharding.spec import is_spec
 from fastllm.train.sharded_step import init_sharded_state
 
 CONFIG = models.preset("tiny-qwen2")  # tied embeddings, qkv biases, 2 KV heads
+SPECS = models.param_specs(CONFIG)  # the partitioner takes declarations: sharding never imports models
 
 
 def nbytes(values) -> int:
@@ -25,8 +26,8 @@ def test_sharded_init_is_the_slice_of_the_full_init_on_every_rank(stage):
     for rank in range(4):
         mesh = Mesh.abstract(data=2, tensor=2, rank=rank)
         partitioner = Partitioner(mesh, zero_stage=stage)
-        specs = tree.flatten(partitioner.param_specs(CONFIG), is_leaf=is_spec)
-        local = tree.flatten(partitioner.init_params(CONFIG, key))
+        specs = tree.flatten(partitioner.param_specs(SPECS), is_leaf=is_spec)
+        local = tree.flatten(partitioner.init_params(SPECS, key))
         for path, value in local.items():
             assert torch.equal(value, shard(full[path], specs[path], mesh)), path
             pieces.setdefault(path, []).append(value)
@@ -42,7 +43,7 @@ def test_describe_matches_what_a_rank_allocates(stage):
     partitioner = Partitioner(mesh, zero_stage=stage)
     opt = optim.adamw(1e-3)
     state = init_sharded_state(CONFIG, partitioner, opt, random.key(0))
-    totals = partitioner.describe(CONFIG).totals
+    totals = partitioner.describe(SPECS).totals
     assert totals["params"] == nbytes(state.params)
     assert totals["optimizer"] == nbytes(state.opt_state)
     full = models.param_count(CONFIG) * 4
@@ -52,10 +53,10 @@ def test_describe_matches_what_a_rank_allocates(stage):
 
 
 def test_describe_table_names_every_parameter():
-    text = str(describe(models.preset("llama3-8b"), Mesh.abstract(data=8, tensor=8), zero_stage=3))
+    text = str(describe(models.param_specs(models.preset("llama3-8b")), Mesh.abstract(data=8, tensor=8), zero_stage=3))
     assert "layers.31.attention.wq" in text and "(tensor, None, data)" in text
     assert "per rank: params" in text and "optimizer" in text
-    d = describe(models.preset("llama3-8b"), Mesh.abstract(data=8, tensor=8), zero_stage=3)
+    d = describe(models.param_specs(models.preset("llama3-8b")), Mesh.abstract(data=8, tensor=8), zero_stage=3)
     assert d.totals["params"] == sum(math.prod(r.local_shape) * 4 for r in d.rows)
     assert d.totals["optimizer"] == 2 * d.totals["grads"] == 2 * d.totals["params"]
 
@@ -66,12 +67,14 @@ def test_errors_name_the_problem():
     with pytest.raises(ValueError, match="zero_stage"):
         Partitioner(Mesh.abstract(data=2), zero_stage=4)
     with pytest.raises(NotImplementedError, match="experts.*tensor=1"):
-        Partitioner(Mesh.abstract(tensor=2)).plan(models.preset("tiny-mixtral"))
+        Partitioner(Mesh.abstract(tensor=2)).plan(models.param_specs(models.preset("tiny-mixtral")))
     bad_storage = Rules((("heads", "data"),), fallback=None) + COMPUTE_RULES
     with pytest.raises(ValueError, match=r"layers\.0\.attention\.b?q: storage spec .* must be the compute spec"):
-        Partitioner(Mesh.abstract(data=2, tensor=2), storage_rules=bad_storage).plan(CONFIG)
+        Partitioner(Mesh.abstract(data=2, tensor=2), storage_rules=bad_storage).plan(SPECS)
+    with pytest.raises(TypeError, match=r"fastllm.models.param_specs\(config\)"):
+        Partitioner(Mesh.abstract(data=2)).plan(CONFIG)
     with pytest.raises(ValueError, match="kv_heads"):
-        Partitioner(Mesh.abstract(tensor=4)).plan(CONFIG)  # 2 KV heads over 4 ranks
+        Partitioner(Mesh.abstract(tensor=4)).plan(SPECS)  # 2 KV heads over 4 ranks
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-mixtral"])
@@ -80,7 +83,7 @@ def test_one_process_layout_computes_the_same_loss(name):
     params = models.init(config, random.key(0))
     tokens = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
-    layout = Partitioner(Mesh(), zero_stage=3, sequence_parallel=True).layout(config)
+    layout = Partitioner(Mesh(), zero_stage=3, sequence_parallel=True).layout(models.param_specs(config))
     expected, _ = models.loss(config, params, batch)
     actual, _ = models.loss(config, params, batch, layout=layout)
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
