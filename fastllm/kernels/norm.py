@@ -24,17 +24,23 @@ from fastllm.kernels.registry import Choice, resolve
 __all__ = ["rms_norm", "layer_norm", "rms_norm_reference", "layer_norm_reference"]
 
 
-def rms_norm_reference(x: Tensor, scale: Tensor, eps: float) -> Tensor:
+def rms_norm_reference(
+    x: Float[Tensor, "*batch embed"], scale: Float[Tensor, " embed"], eps: float
+) -> Float[Tensor, "*batch embed"]:
+    """The torch RMSNorm (``fastllm.nn.norm.rms_norm``): statistics in at least fp32, the normalised
+    row rounded to the input dtype before the scale multiplies (transformers' Llama)."""
     x32 = _triton.upcast(x)
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
     return scale * normed.to(x.dtype)
 
 
-def layer_norm_reference(x: Tensor, scale: Tensor, bias: Tensor | None, eps: float) -> Tensor:
-    x32 = _triton.upcast(x)
-    bias32 = None if bias is None else bias.to(x32.dtype)
-    out = torch.nn.functional.layer_norm(x32, x.shape[-1:], scale.to(x32.dtype), bias32, eps)
-    return out.to(x.dtype)
+def layer_norm_reference(
+    x: Float[Tensor, "*batch embed"], scale: Float[Tensor, " embed"], bias: Float[Tensor, " embed"] | None,
+    eps: float,
+) -> Float[Tensor, "*batch embed"]:
+    """The torch LayerNorm (``fastllm.nn.norm.layer_norm``): ``F.layer_norm``, biased variance; torch
+    reduces 16-bit rows in fp32 and rounds once, as the kernel does."""
+    return torch.nn.functional.layer_norm(x, x.shape[-1:], scale, bias, eps)
 
 
 @_triton.jit

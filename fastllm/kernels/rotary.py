@@ -22,23 +22,28 @@ from fastllm.kernels import _triton
 from fastllm.kernels._triton import tl
 from fastllm.kernels.registry import Choice, resolve
 
-__all__ = ["apply_rotary", "apply_rotary_reference"]
+__all__ = ["apply_rotary", "apply_rotary_reference", "rotate_reference", "rotate_half"]
 
 
-def _rotate_half(x: Tensor) -> Tensor:
+def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
     first, second = x.chunk(2, dim=-1)
     return torch.cat((-second, first), dim=-1)
 
 
-def _rotate_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def rotate_reference(
+    x: Float[Tensor, "batch heads seq head_dim"], cos: Float[Tensor, "#batch seq rot"],
+    sin: Float[Tensor, "#batch seq rot"],
+) -> Float[Tensor, "batch heads seq head_dim"]:
+    """One tensor's rotation in torch (``fastllm.nn.rotary.apply``): the first ``rot`` dims of every
+    head turn, the rest pass through (partial rotary)."""
     rot = cos.shape[-1]
     cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    turned = x[..., :rot] * cos + _rotate_half(x[..., :rot]) * sin
+    turned = x[..., :rot] * cos + rotate_half(x[..., :rot]) * sin
     return torch.cat((turned, x[..., rot:]), dim=-1) if rot < x.shape[-1] else turned
 
 
 def apply_rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    return _rotate_reference(q, cos, sin), _rotate_reference(k, cos, sin)
+    return rotate_reference(q, cos, sin), rotate_reference(k, cos, sin)
 
 
 @_triton.jit

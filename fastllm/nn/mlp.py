@@ -3,14 +3,16 @@
 
 Activations match transformers' names: ``gelu`` is the exact erf GELU, ``gelu_tanh`` the tanh
 approximation (GPT-2's ``gelu_new``, StarCoder's ``gelu_pytorch_tanh``), ``silu``, ``relu``.
-Where the layer's ``kernels.activation`` resolves to Triton, ``act(gate) * up`` (or ``act(up)``) is
-one fused elementwise pass (:mod:`fastllm.kernels.activation`); the matmuls stay cuBLAS.
+The activations are defined once, in :mod:`fastllm.kernels.activation`: where the layer's
+``kernels.activation`` resolves to Triton, ``act(gate) * up`` (or ``act(up)``) is one fused elementwise
+pass, else its torch reference runs; the matmuls stay cuBLAS.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import torch.nn.functional as F
@@ -18,39 +20,32 @@ from jaxtyping import Float
 from torch import Tensor
 
 from fastllm.kernels import KernelConfig, select
-from fastllm.kernels.activation import activation as fused_activation
-from fastllm.kernels.activation import gated as fused_gated
+from fastllm.kernels.activation import ACTIVATIONS, activation_reference
+from fastllm.kernels.activation import activation as kernel_activation
+from fastllm.kernels.activation import gated as kernel_gated
 from fastllm.nn import layout as _layout
 from fastllm.nn.param import Param, normal, zeros
 
 __all__ = ["MLP", "Activation", "activation", "activate", "params", "apply"]
 
-Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]
-
-_ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-}
+Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]  # the kernel module's ACTIVATIONS
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
-    if name not in _ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; known: {sorted(_ACTIVATIONS)}")
-    return _ACTIVATIONS[name]
+    """The torch function ``x -> act(x)`` for ``name`` (the kernel module's reference)."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; known: {sorted(ACTIVATIONS)}")
+    return functools.partial(activation_reference, name=name)
 
 
 def activate(
     name: str, up: Tensor, gate: Optional[Tensor] = None, *, kernels: Optional[KernelConfig] = None
 ) -> Tensor:
     """``act(gate) * up`` (gated) or ``act(up)``, fused where ``kernels.activation`` says Triton."""
-    if select(kernels, "activation", up.device) == "triton":
-        if gate is None:
-            return fused_activation(up, name, impl="triton")
-        return fused_gated(gate, up, name, impl="triton")
-    act = activation(name)
-    return act(up) if gate is None else act(gate) * up
+    impl = select(kernels, "activation", up.device)
+    if gate is None:
+        return kernel_activation(up, name, impl=impl)
+    return kernel_gated(gate, up, name, impl=impl)
 
 
 @dataclass(frozen=True)

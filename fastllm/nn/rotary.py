@@ -11,6 +11,9 @@ Scalings of ``inv_freq``:
 * ``llama3`` (Llama 3.1): wavelengths longer than ``original_max_positions / low_freq_factor``
   are divided by ``factor``, shorter than ``original_max_positions / high_freq_factor`` kept, and
   the band between interpolated smoothly.
+
+The rotation itself (``apply``, ``rotate_half``) is defined once, in :mod:`fastllm.kernels.rotary`,
+beside its fused kernel; this module computes the angles.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ from typing import Literal
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
+
+from fastllm.kernels.rotary import rotate_half
+from fastllm.kernels.rotary import rotate_reference as apply
 
 __all__ = ["Rotary", "inverse_frequencies", "cos_sin", "apply", "rotate_half"]
 
@@ -79,22 +85,3 @@ def cos_sin(
     angles = positions[..., None].float() * inv_freq  # [batch, seq, rot/2]
     angles = torch.cat((angles, angles), dim=-1)  # [batch, seq, rot]
     return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: Float[Tensor, "*batch dim"]) -> Float[Tensor, "*batch dim"]:
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
-
-
-def apply(
-    x: Float[Tensor, "batch heads seq head_dim"],
-    cos: Float[Tensor, "batch seq rot"],
-    sin: Float[Tensor, "batch seq rot"],
-) -> Float[Tensor, "batch heads seq head_dim"]:
-    """Rotate the first ``rot`` dims of every head; the rest pass through (partial rotary)."""
-    rot_dim = cos.shape[-1]
-    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-    if rot_dim == x.shape[-1]:
-        return x * cos + rotate_half(x) * sin
-    rotated, passed = x[..., :rot_dim], x[..., rot_dim:]
-    return torch.cat((rotated * cos + rotate_half(rotated) * sin, passed), dim=-1)
