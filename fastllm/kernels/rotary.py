@@ -6,10 +6,10 @@ With ``x = (x1, x2)`` the two halves of the first ``rot`` dims of a head and ``c
     forward:   y1 = x1 c1 - x2 s1        y2 = x2 c2 + x1 s2
     backward:  dx1 = dy1 c1 + dy2 s2     dx2 = dy2 c2 - dy1 s1     (the transposed rotation)
 
-so backward is the forward kernel with ``(s1, s2) -> (-s2, -s1)``. One program per block of positions
-(of one batch row) loads their cos/sin once and rotates every query and key head there, each a contiguous
-``[positions, rot]`` slab (fully coalesced); dims
-past ``rot`` (partial rotary) pass through. Any strides work as long as the last dim is contiguous,
+so backward is the forward kernel with ``(s1, s2) -> (-s2, -s1)``. One program per block of
+positions (of one batch row) loads their cos/sin once and rotates every query and key head there,
+each a contiguous ``[positions, rot]`` slab (fully coalesced); dims past ``rot`` (partial rotary)
+pass through. Any strides work as long as the last dim is contiguous,
 so the ``[batch, heads, seq, head_dim]`` views out of the projections need no copy. ``cos``/``sin``
 are constants of the positions: they get no gradient.
 """

@@ -66,3 +66,17 @@ def test_experts_equal_the_nn_moe_layer(dtype):
     for name, g, w in zip(("x", *params), got_grads, want_grads):
         scale = w.abs().max().item()
         torch.testing.assert_close(g / scale, w / scale, **tol, msg=name)
+
+
+def test_gather_several_rows_per_program(monkeypatch):
+    from fastllm.kernels import make_routing, moe_combine, moe_dispatch
+    import sys
+    moe_module = sys.modules["fastllm.kernels.moe"]
+    monkeypatch.setattr(moe_module, "_GATHER_ROWS", 4)  # 26 rows: the last tile is cut short
+    gen = torch.Generator().manual_seed(3)
+    routing = make_routing(torch.rand(13, 4, generator=gen).topk(2, dim=-1).indices, 4)
+    x = torch.randn(13, 40, generator=gen)
+    assert torch.equal(moe_dispatch(x, routing, impl="triton"), moe_module.moe_dispatch_reference(x, routing))
+    ys, w = torch.randn(26, 40, generator=gen), torch.rand(13, 2, generator=gen)
+    torch.testing.assert_close(moe_combine(ys, w, routing, impl="triton"),
+                               moe_module.moe_combine_reference(ys, w, routing))

@@ -42,3 +42,20 @@ def test_works_under_torch_func_grad():
     grad = torch.func.grad(lambda s: rms_norm(x, s, 1e-6, impl="triton").square().sum())(s)
     want = torch.func.grad(lambda s: rms_norm(x, s, 1e-6, impl="torch").square().sum())(s)
     torch.testing.assert_close(grad, want)
+
+
+@pytest.mark.parametrize("rms", [True, False])
+def test_multi_row_tiles_and_partial_slices(rms):
+    """Tiles of several rows, a last tile and a last program slice that are cut short."""
+    from fastllm.kernels import norm
+
+    x, s, b, dy = torch.randn(37, 100), torch.randn(100), torch.randn(100), torch.randn(37, 100)
+    leaves = [t.clone().requires_grad_() for t in (x, s, b)]
+    ref = norm.rms_norm_reference(*leaves[:2], 1e-5) if rms else norm.layer_norm_reference(*leaves, 1e-5)
+    want = torch.autograd.grad(ref, leaves[:2] if rms else leaves, dy)
+    for rows in (2, 4):
+        y, mean, rstd = norm._forward(x, s, None if rms else b, 1e-5, rms, rows_per_program=rows, num_warps=4)
+        torch.testing.assert_close(y, ref.detach(), rtol=1e-4, atol=1e-5)
+        got = norm._backward(dy, x, s, mean, rstd, has_bias=not rms, rms=rms, tile_rows=rows)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

@@ -48,3 +48,17 @@ def test_gradcheck_float64():
     q, k, cos, sin = _inputs(torch.float64, 8, 0.5, batch=1, heads=2, kv_heads=1, seq=3)
     q, k = q.detach().requires_grad_(), k.detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda q, k: apply_rotary(q, k, cos, sin, impl="triton"), (q, k), fast_mode=True)
+
+
+def test_position_blocks_cut_short():
+    """Several position blocks per batch row, the last one partial, partial rotary tail untouched."""
+    from fastllm.kernels import rotary
+
+    q, k = torch.randn(2, 4, 11, 16), torch.randn(2, 2, 11, 16)
+    cos, sin = torch.randn(1, 11, 12), torch.randn(1, 11, 12)
+    q_out, k_out = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+    q_out[..., 12:], k_out[..., 12:] = q[..., 12:], k[..., 12:]
+    rotary._launch(q, k, q_out, k_out, cos, sin, False, block_s=4, num_warps=4)
+    want_q, want_k = rotary.apply_rotary_reference(q, k, cos, sin)
+    torch.testing.assert_close(q_out, want_q)
+    torch.testing.assert_close(k_out, want_k)
