@@ -1,6 +1,6 @@
 """Causal attention on PyTorch's fused kernels: flash SDPA for plain causal, FlexAttention for masks.
 
-Mask semantics equal :func:`fastllm.nn.attention.mask`: key ``j`` is visible from query ``i`` iff
+Mask semantics (:func:`visible`, which ``fastllm.nn.attention`` calls ``mask``): key ``j`` is visible from query ``i`` iff
 ``j <= i``, ``i - j < window`` (Mistral's sliding window, the query itself counted) and both share a
 segment id (packed documents). Where it runs (``impl`` resolved to "triton", i.e. fused):
 
@@ -9,7 +9,8 @@ segment id (packed documents). Where it runs (``impl`` resolved to "triton", i.e
 * sliding window and/or segment ids: FlexAttention (``torch.compile``d on CUDA) with a block mask,
   so fully masked tiles are skipped and the ``[seq, seq]`` mask is never materialised.
 
-The reference (``"torch"``) repeats k/v per query group and calls SDPA with a boolean mask.
+The reference (``"torch"``, the model's unfused path) repeats k/v per query group and calls SDPA, with
+the causal flag alone or with the boolean mask of :func:`visible` for windows and segments.
 """
 
 import functools
@@ -18,7 +19,7 @@ from typing import Optional, no_type_check
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from fastllm.kernels.registry import Choice, resolve
@@ -26,22 +27,47 @@ from fastllm.kernels.registry import Choice, resolve
 __all__ = ["attention", "attention_reference", "visible"]
 
 
-def visible(seq_len: int, window: Optional[int], segment_ids: Optional[Tensor], device) -> Tensor:
-    """``[#batch, 1, seq, seq]`` boolean: may query i see key j."""
-    i = torch.arange(seq_len, device=device)[:, None]
+def visible(
+    seq_len: int,
+    *,
+    window: Optional[int] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+    device: torch.device | str = "cpu",
+    queries: Optional[int] = None,
+) -> Bool[Tensor, "#batch 1 queries seq"]:
+    """``True`` where query ``i`` may attend to key ``j``: causal, in window, same segment.
+
+    ``queries`` (default ``seq_len``): the rows of the last ``queries`` positions only (decoding).
+    """
+    queries = seq_len if queries is None else queries
+    i = torch.arange(seq_len - queries, seq_len, device=device)[:, None]
     j = torch.arange(seq_len, device=device)[None, :]
-    allowed = (j <= i) if window is None else (j <= i) & (i - j < window)
-    allowed = allowed[None, None]
+    allowed = j <= i
+    if window is not None:
+        allowed = allowed & (i - j < window)
+    allowed = allowed[None, None]  # [1, 1, queries, seq]
     if segment_ids is not None:
-        allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq, seq]
+        allowed = allowed & same[:, None]
     return allowed
 
 
-def attention_reference(q, k, v, *, window=None, segment_ids=None):
+def attention_reference(
+    q: Float[Tensor, "batch heads seq head_dim"],
+    k: Float[Tensor, "batch kv_heads seq head_dim"],
+    v: Float[Tensor, "batch kv_heads seq head_dim"],
+    *,
+    window: Optional[int] = None,
+    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
+) -> Float[Tensor, "batch heads seq head_dim"]:
     groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=visible(q.shape[2], window, segment_ids, q.device))
+    if groups > 1:
+        # Same head mapping as transformers' repeat_kv: kv head j serves query heads j*g..j*g+g-1.
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    if window is None and segment_ids is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    allowed = visible(q.shape[2], window=window, segment_ids=segment_ids, device=q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
 
 
 @functools.cache

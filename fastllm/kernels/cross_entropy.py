@@ -29,7 +29,7 @@ from fastllm.kernels import _triton
 from fastllm.kernels._triton import tl
 from fastllm.kernels.registry import Choice, resolve
 
-__all__ = ["VocabShard", "fused_linear_cross_entropy", "linear_cross_entropy_reference"]
+__all__ = ["VocabShard", "fused_linear_cross_entropy", "linear_cross_entropy_reference", "token_weights"]
 
 _BLOCK = 4096
 # Elements of one chunk's logits (512 MiB in bf16; 2048 tokens at vocab 128k). Each chunk also
@@ -88,9 +88,12 @@ def _per_token_loss(lse, target_logit, logit_sum, vocab, z_loss, label_smoothing
     return loss + z_loss * lse.square() if z_loss else loss
 
 
-def _token_weights(targets: Tensor, ignore_index: int, loss_mask: Optional[Tensor], dtype) -> Tensor:
-    """Each token's weight in the loss: 0 where ignored, else the (bool or float) loss mask."""
-    weight = (targets != ignore_index).to(dtype)
+def token_weights(
+    targets: Int[Tensor, "*batch"], ignore_index: int, loss_mask: Optional[Tensor],
+    dtype: torch.dtype = torch.float32,
+) -> Float[Tensor, " tokens"]:
+    """Each token's weight in the loss, flattened: 0 where ignored, else the (bool or float) loss mask."""
+    weight = (targets.reshape(-1) != ignore_index).to(dtype)
     return weight if loss_mask is None else weight * loss_mask.reshape(-1).to(dtype)
 
 
@@ -116,7 +119,7 @@ def linear_cross_entropy_reference(hidden, weight, targets, *, ignore_index=-100
     logit_sum = _all_reduce(logits.sum(-1), shard, "sum", differentiable=True)
     vocab = shard.size if shard else weight.shape[0]
     per_token = _per_token_loss(lse, picked, logit_sum, vocab, z_loss, label_smoothing)
-    token_weight = _normalised(_token_weights(targets, ignore_index, loss_mask, logits.dtype), reduction)
+    token_weight = _normalised(token_weights(targets, ignore_index, loss_mask, logits.dtype), reduction)
     return (per_token * token_weight).sum()
 
 
@@ -206,7 +209,7 @@ def _fused_forward(hidden: Tensor, weight: Tensor, targets: Tensor, loss_mask: O
     local = targets - (o.shard.start if o.shard is not None else 0)
     local = torch.where(valid & (local >= 0) & (local < n_vocab), local, -1)  # -1: not in this shard
     acc = torch.promote_types(hidden.dtype, torch.float32)
-    weight_of_row = _normalised(_token_weights(targets, o.ignore_index, loss_mask, acc), o.reduction)
+    weight_of_row = _normalised(token_weights(targets, o.ignore_index, loss_mask, acc), o.reduction)
     per_token = torch.empty(n_rows, device=hidden.device, dtype=acc)
     grad_hidden = torch.empty_like(hidden) if o.grad_hidden else None
     grad_weight = torch.zeros_like(weight) if o.grad_weight else None

@@ -6,10 +6,11 @@ grouped-query: query head ``h`` reads key/value head ``h // (n_heads / n_kv_head
 heads. The score is ``softmax(q k^T / sqrt(head_dim) + mask) v`` where key ``j`` is visible from
 query ``i`` iff ``j <= i``, ``i - j < window`` (sliding window, Mistral; the query itself counts)
 and both tokens share a segment id (packed documents). Everything the mask decides lives in
-:func:`dot_product_attention`, the one function a fused kernel replaces: where the layer's
-``kernels.attention`` resolves to Triton it runs :func:`fastllm.kernels.attention.attention` (flash
-SDPA, or FlexAttention for windows and segments), and ``kernels.rotary`` picks the fused rotary kernel
-(:func:`fastllm.kernels.rotary.apply_rotary`, q and k in one pass) over :func:`rotary.apply`.
+:func:`dot_product_attention`, the one function a fused kernel replaces: it runs
+:func:`fastllm.kernels.attention.attention` with the implementation the layer's ``kernels.attention``
+resolves to (flash SDPA, or FlexAttention for windows and segments; else the torch reference, which
+with :func:`mask` is defined there once), and ``kernels.rotary`` picks the fused rotary kernel
+(:func:`fastllm.kernels.rotary.apply_rotary`, q and k in one pass) or its reference, :func:`rotary.apply`.
 
 Decoding with a key/value cache (:class:`KVCache`): the new tokens' keys and values (rotary
 applied) are appended to the cached ones and the new queries, the last positions of the sequence,
@@ -23,14 +24,14 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastllm.kernels import KernelConfig, select
-from fastllm.kernels.attention import attention as fused_attention
-from fastllm.kernels.rotary import apply_rotary as fused_rotary
+from fastllm.kernels.attention import attention as kernel_attention
+from fastllm.kernels.attention import visible as mask
+from fastllm.kernels.rotary import apply_rotary
 from fastllm.nn import layout as _layout
-from fastllm.nn import rotary
 from fastllm.nn.param import Param, normal, zeros
 
 __all__ = ["Attention", "KVCache", "params", "apply", "dot_product_attention", "mask"]
@@ -89,31 +90,6 @@ def params(layer: Attention) -> dict:
     return spec
 
 
-def mask(
-    seq_len: int,
-    *,
-    window: Optional[int] = None,
-    segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
-    device: torch.device | str = "cpu",
-    queries: Optional[int] = None,
-) -> Bool[Tensor, "#batch 1 queries seq"]:
-    """``True`` where query ``i`` may attend to key ``j``: causal, in window, same segment.
-
-    ``queries`` (default ``seq_len``): the rows of the last ``queries`` positions only (decoding).
-    """
-    queries = seq_len if queries is None else queries
-    i = torch.arange(seq_len - queries, seq_len, device=device)[:, None]
-    j = torch.arange(seq_len, device=device)[None, :]
-    allowed = j <= i
-    if window is not None:
-        allowed = allowed & (i - j < window)
-    allowed = allowed[None, None]  # [1, 1, seq, seq]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [batch, seq, seq]
-        allowed = allowed & same[:, None]
-    return allowed
-
-
 def dot_product_attention(
     q: Float[Tensor, "batch heads seq head_dim"],
     k: Float[Tensor, "batch kv_heads seq head_dim"],
@@ -123,19 +99,11 @@ def dot_product_attention(
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     kernels: Optional[KernelConfig] = None,
 ) -> Float[Tensor, "batch heads seq head_dim"]:
-    """The reference below repeats k/v per group and builds the boolean mask; the fused path needs
-    neither (see docs/performance.md, "Attention: what each mask runs on")."""
-    if select(kernels, "attention", q.device) == "triton":
-        return fused_attention(q, k, v, window=window, segment_ids=segment_ids, impl="triton")
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        # Same head mapping as transformers' repeat_kv: kv head j serves query heads j*g..j*g+g-1.
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-    if window is None and segment_ids is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    allowed = mask(q.shape[2], window=window, segment_ids=segment_ids, device=q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    """The torch reference repeats k/v per group and, for windows or segments, builds the boolean
+    :func:`mask`; the fused path needs neither (see docs/performance.md, "Attention: what each mask
+    runs on")."""
+    impl = select(kernels, "attention", q.device)
+    return kernel_attention(q, k, v, window=window, segment_ids=segment_ids, impl=impl)
 
 
 def _project_in(
@@ -145,12 +113,6 @@ def _project_in(
     bias = None if b is None else b.reshape(heads * head_dim)
     y = F.linear(x, w.reshape(heads * head_dim, embed), bias)
     return y.unflatten(-1, (heads, head_dim)).transpose(1, 2)
-
-
-def _rotate(q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor], kernels: KernelConfig) -> tuple[Tensor, Tensor]:
-    if select(kernels, "rotary", q.device) == "triton":
-        return fused_rotary(q, k, *rope, impl="triton")
-    return rotary.apply(q, *rope), rotary.apply(k, *rope)
 
 
 def apply(
@@ -175,7 +137,7 @@ def apply(
     k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
     v = _project_in(x, p["wv"], p.get("bv"))
     if rope is not None:
-        q, k = _rotate(q, k, rope, layer.kernels)
+        q, k = apply_rotary(q, k, *rope, impl=select(layer.kernels, "rotary", q.device))
     if cache is None:
         out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
     else:

@@ -19,6 +19,7 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from fastllm.kernels import Choice, VocabShard, fused_linear_cross_entropy, resolve
+from fastllm.kernels.cross_entropy import token_weights
 
 __all__ = ["IGNORE_INDEX", "cross_entropy", "linear_cross_entropy"]
 
@@ -39,16 +40,9 @@ def cross_entropy(
         ignore_index=ignore_index,
         reduction="none",
     )  # [tokens], zero where ignored
-    weight = _valid_weight(targets, loss_mask, ignore_index)
+    weight = token_weights(targets, ignore_index, loss_mask)
     total = weight.sum()
     return (per_token * weight).sum() / total.clamp(min=torch.finfo(torch.float32).tiny), total
-
-
-def _valid_weight(targets: Tensor, loss_mask: Optional[Tensor], ignore_index: int) -> Tensor:
-    weight = (targets.reshape(-1) != ignore_index).float()
-    if loss_mask is not None:
-        weight = weight * loss_mask.reshape(-1).float()
-    return weight
 
 
 def linear_cross_entropy(
@@ -69,7 +63,7 @@ def linear_cross_entropy(
     """
     if resolve(impl, hidden.device) == "torch" and shard is None:
         return cross_entropy(F.linear(hidden, head), targets, loss_mask=loss_mask, ignore_index=ignore_index)
-    total = _valid_weight(targets, loss_mask, ignore_index).sum()
+    total = token_weights(targets, ignore_index, loss_mask).sum()
     loss = fused_linear_cross_entropy(hidden, head, targets, ignore_index=ignore_index, shard=shard,
                                       loss_mask=loss_mask, impl=impl)
     return loss.float(), total
