@@ -35,6 +35,8 @@ import torch
 from fastllm import nn, random, tree
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import Mesh
+from fastllm.sharding.overlap import GradientReduction
+from fastllm.sharding.prefetch import PrefetchGather
 from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rules, resolve
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard
 from fastllm.sharding.tensor_parallel import ParallelLayout
@@ -114,6 +116,9 @@ class Partitioner:
     ``sequence_parallel`` keeps the residual stream split over ``seq`` between the tensor-parallel
     regions; ``reduce_dtype`` is the dtype gradients are summed in over ``data`` (float32, or
     bfloat16 to halve the traffic); ``bucket_bytes`` bounds one flattened gradient collective.
+    ``overlap`` (default) reduces gradients during backward and prefetches ZeRO-3 gathers one block
+    ahead (:mod:`fastllm.sharding.overlap`, :mod:`fastllm.sharding.prefetch`); ``overlap=False``
+    runs every collective synchronously where it is needed (same results; for debugging).
     """
 
     def __init__(
@@ -126,6 +131,7 @@ class Partitioner:
         sequence_parallel: bool = False,
         reduce_dtype: torch.dtype = torch.float32,
         bucket_bytes: int = 64 << 20,
+        overlap: bool = True,
     ):
         if zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
@@ -142,10 +148,12 @@ class Partitioner:
         self.sequence_parallel = bool(sequence_parallel) and mesh.size("tensor") > 1
         self.reduce_dtype = reduce_dtype
         self.bucket_bytes = int(bucket_bytes)
+        self.overlap = bool(overlap)
 
     def __repr__(self) -> str:
         sp = ", sequence_parallel" if self.sequence_parallel else ""
-        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp})"
+        sync = ", overlap=False" if not self.overlap else ""
+        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp}{sync})"
 
     # --- specs ------------------------------------------------------------------------------
     def plan(self, declarations: Any) -> Plan:
@@ -203,8 +211,22 @@ class Partitioner:
     def layout(self, declarations: Any) -> ParallelLayout:
         """The activation layout to pass to ``fastllm.models.loss(..., layout=)``."""
         plan = self.plan(declarations)
-        gather = _Gather(self.mesh, plan.data_dims) if self.zero_stage >= 3 else None
+        gather = None
+        if self.zero_stage >= 3 and self.overlap and self.mesh.size("data") > 1:
+            gather = PrefetchGather(self.mesh, plan.data_dims, self.reduce_dtype)
+        elif self.zero_stage >= 3:
+            gather = _Gather(self.mesh, plan.data_dims)
         return ParallelLayout(self.mesh, sequence_parallel=self.sequence_parallel, gather=gather)
+
+    def gradient_reduction(self, plan: Plan, masters: Any, layout: ParallelLayout) -> GradientReduction:
+        """One step's gradient reduction overlapped with backward (``overlap=True``): ``masters``
+        is the tree of leaves the step differentiates, ``layout`` the one its model runs under."""
+        gather = layout.gather if isinstance(layout.gather, PrefetchGather) else None
+        return GradientReduction(
+            masters, zero_stage=self.zero_stage, data_dims=plan.data_dims, compute_specs=plan.flat_compute,
+            mesh=self.mesh, sequence_parallel=self.sequence_parallel, dtype=self.reduce_dtype,
+            limit_bytes=self.bucket_bytes, gather=gather,
+        )
 
     def describe(self, declarations: Any, **kwargs):
         from fastllm.sharding.describe import describe

@@ -90,12 +90,17 @@ class ShardedTrainStep:
         self.max_grad_norm, self.learning_rate, self.remat = max_grad_norm, learning_rate, remat
         self.plan = partitioner.plan(models.param_specs(config))
         self.layout = partitioner.layout(self.plan.declarations)
+        self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
 
     def gradients(self, state: TrainState, batch: Batch) -> tuple[Any, Tensor, Tensor]:
         """(gradients in the stage's gradient layout, global mean loss, global valid tokens)."""
         p, mesh = self.partitioner, self.partitioner.mesh
         micro_batches = split_micro_batches(batch, self.grad_accum)
         tokens = _sum_over(sum(target_weight(m) for m in micro_batches), "data", p)
+
+        if p.overlap:
+            grads, loss_sum = self._overlapped_gradients(state.params, micro_batches, tokens)
+            return grads, _sum_over(loss_sum, "data", p), tokens
 
         def loss_fn(params, micro):
             return models.loss(self.config, params, micro, layout=self.layout, remat=self.remat)
@@ -107,6 +112,25 @@ class ShardedTrainStep:
             dtype=p.reduce_dtype, limit_bytes=p.bucket_bytes,
         )
         return grads, _sum_over(loss_sum, "data", p), tokens
+
+    def _overlapped_gradients(self, params: Any, micro_batches: list[Batch], tokens: Tensor) -> tuple[Any, Tensor]:
+        """As :func:`fastllm.train.step._gradients` followed by the reduction, but the reduction runs
+        during the last micro-batch's backward (earlier ones accumulate locally) and ZeRO-3 gathers
+        are prefetched: see fastllm/sharding/overlap.py."""
+        masters = tree.map(lambda t: t.detach().requires_grad_(True), params)
+        reduction = self.partitioner.gradient_reduction(self.plan, masters, self.layout)
+        total = tokens.clamp(min=1.0)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=tree.leaves(params)[0].device)
+        for index, micro in enumerate(micro_batches):
+            compute = optim.cast_tree(masters, self.dtype)
+            with reduction.micro_batch(compute, last=index == len(micro_batches) - 1):
+                loss, _ = models.loss(self.config, compute, micro, layout=self.layout, remat=self.remat)
+                share = target_weight(micro) / total
+                reduction.backward(loss.float() * share, remat=self.remat)
+            loss_sum = loss_sum + loss.detach().float() * share
+        grads = reduction.finish()
+        self.overlap_stats = reduction.stats
+        return grads, loss_sum
 
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         if state.loss_scale is not None:

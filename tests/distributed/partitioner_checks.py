@@ -72,8 +72,22 @@ def nbytes(values) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves(values) if t.ndim > 0)
 
 
-def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int) -> None:
-    partitioner = Partitioner(mesh, zero_stage=zero_stage, sequence_parallel=sp)
+def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool) -> None:
+    """The overlap path really overlapped: some buckets started during backward, and ZeRO-3
+    gathers were prefetched (forward and, under remat, backward) with one in flight at most."""
+    stats = step.overlap_stats
+    if mesh.size("data") > 1 and stats["buckets"] and not stats["started_in_backward"]:
+        raise AssertionError(f"no gradient bucket started during backward: {stats}")
+    if zero_stage == 3 and mesh.size("data") > 1:
+        blocks = config.n_layers * (2 if remat else 1)
+        if stats["prefetched"] < blocks or stats["most_in_flight"] != 1:
+            raise AssertionError(f"ZeRO-3 prefetch: expected >= {blocks} prefetched gathers, one in flight "
+                                 f"at most: {stats}")
+
+
+def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int,
+                 overlap: bool = True, remat: bool = False) -> None:
+    partitioner = Partitioner(mesh, zero_stage=zero_stage, sequence_parallel=sp, overlap=overlap)
     plan = partitioner.plan(models.param_specs(config))
     opt = optim.adamw(LR, weight_decay=0.1)  # clipping lives in the sharded step
     state = init_sharded_state(config, partitioner, opt, key)
@@ -82,8 +96,10 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, 
         expected = shard(tree.flatten(ref["params"])[path], flat_specs[path], mesh)
         if not torch.equal(value, expected):
             raise AssertionError(f"sharded init of {path} differs from the slice of the full init")
-    step = make_sharded_train_step(config, partitioner, opt, grad_accum=grad_accum, max_grad_norm=CLIP)
+    step = make_sharded_train_step(config, partitioner, opt, grad_accum=grad_accum, max_grad_norm=CLIP, remat=remat)
     grads, _, _ = step.gradients(state, local_rows(ref["data"][0], mesh))
+    if overlap:
+        check_overlap(step, config, mesh, zero_stage, remat)
     grad_specs = tree.flatten(plan.grads, is_leaf=is_spec)
     for path, g in tree.flatten(grads).items():
         close(unshard(g, grad_specs[path], mesh), tree.flatten(ref["grads"])[path], f"gradient of {path}")
@@ -101,14 +117,22 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, 
             raise AssertionError(f"loss of step {i + 1}: {a!r} vs one process {b!r} (all: {losses} vs {ref['losses']})")
 
 
-LAYOUTS = [  # (name, mesh sizes, zero stage, sequence parallel)
-    ("data4_zero1", dict(data=4), 1, False),
-    ("data4_zero2", dict(data=4), 2, False),
-    ("data4_zero3", dict(data=4), 3, False),
-    ("tensor4", dict(tensor=4), 0, False),
-    ("tensor4_sp", dict(tensor=4), 0, True),
-    ("data2_tensor2_zero3", dict(data=2, tensor=2), 3, False),
-    ("data2_tensor2_zero3_sp", dict(data=2, tensor=2), 3, True),
+# (name, mesh sizes, zero stage, sequence parallel, options): communication overlapped with
+# compute by default (fastllm/sharding/overlap.py); "sync" layouts run every collective in place
+# (overlap=False), "remat" ones recompute blocks (ZeRO-3 re-gathers them in backward, prefetched).
+LAYOUTS = [
+    ("data4_zero1", dict(data=4), 1, False, {}),
+    ("data4_zero2", dict(data=4), 2, False, {}),
+    ("data4_zero3", dict(data=4), 3, False, {}),
+    ("data4_zero3_remat", dict(data=4), 3, False, dict(remat=True)),
+    ("tensor4", dict(tensor=4), 0, False, {}),
+    ("tensor4_sp", dict(tensor=4), 0, True, {}),
+    ("data2_tensor2_zero3", dict(data=2, tensor=2), 3, False, {}),
+    ("data2_tensor2_zero3_sp", dict(data=2, tensor=2), 3, True, {}),
+    ("data2_tensor2_zero3_sp_remat", dict(data=2, tensor=2), 3, True, dict(remat=True)),
+    ("data4_zero2_sync", dict(data=4), 2, False, dict(overlap=False)),
+    ("data4_zero3_sync", dict(data=4), 3, False, dict(overlap=False)),
+    ("data2_tensor2_zero3_sp_sync", dict(data=2, tensor=2), 3, True, dict(overlap=False)),
 ]
 
 
@@ -119,13 +143,13 @@ def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2)) -> dict[st
     configs = {2: models.preset(preset), 4: models.preset(preset, n_kv_heads=4)}
     refs = {tp: reference(config, key) for tp, config in configs.items()}
     report = {}
-    for name, sizes, stage, sp in LAYOUTS:
+    for name, sizes, stage, sp, options in LAYOUTS:
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
         tp = 4 if mesh.size("tensor") == 4 else 2
         for accum in grad_accums:
             check = f"{preset}/{name}/accum{accum}"
             try:
-                check_layout(configs[tp], refs[tp], key, mesh, stage, sp, accum)
+                check_layout(configs[tp], refs[tp], key, mesh, stage, sp, accum, **options)
                 report[check] = "ok"
             except Exception:  # noqa: BLE001 - reported per check
                 report[check] = traceback.format_exc()

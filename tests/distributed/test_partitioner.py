@@ -1,7 +1,9 @@
 """Every layout trains like one process: tiny Llama and Qwen2 on 4 spawned gloo ranks.
 
 Per layout (data=4 at ZeRO 1/2/3; tensor=4 with and without sequence parallelism; data=2 x
-tensor=2 at ZeRO 3, with and without sequence parallelism), without and with gradient accumulation:
+tensor=2 at ZeRO 3, with and without sequence parallelism; communication overlapped with compute,
+as by default, and some layouts again synchronous and with remat), without and with gradient
+accumulation:
 sharded init equals the slice of the full init bitwise, gradients after step 1 and the losses of 5
 AdamW steps (with clipping) match one process within 1e-5 relative, and each rank holds the bytes
 ``describe`` predicts. See partitioner_checks.py.

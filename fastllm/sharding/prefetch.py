@@ -1,0 +1,168 @@
+"""ZeRO-3 parameter gathers prefetched one block ahead (FSDP's schedule, Zhao et al. 2023).
+
+Each part of the model (``embed``, ``layers.i``, ``final_norm``, ``lm_head``) is all-gathered over
+``data`` as one flat buffer of its storage blocks. When part ``k`` is used, the gather of the next
+part is started (``async_op=True``), so it travels while part ``k`` computes; under ``remat`` the
+backward recomputes the blocks last to first and re-gathers them the same way, one block ahead. At
+most one gather is in flight besides the part in use: about two blocks of gathered parameters are
+alive under ``remat`` (without it autograd keeps every block's gathered parameters until backward
+anyway). The gather's backward packs the part's gradients into a ``[data, n]`` buffer and starts
+their reduce-scatter; bound to a step, it hands the result to a
+:class:`~fastllm.sharding.overlap.GradientSink` (waited for when the next part's reduce-scatter
+starts, so it overlaps that part's backward) instead of returning it through autograd. Unbound
+(evaluation, a caller's own backward) the same hook gathers when asked and its backward waits: a
+plain autograd function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from fastllm import tree
+from fastllm.sharding.mesh import Mesh
+from fastllm.sharding.overlap import GradientSink, Pending, from_rows, gather_async, part_order, reduce_scatter_async, to_rows
+
+__all__ = ["PrefetchGather"]
+
+
+class _PartLayout:
+    """Where each ``data``-split leaf of one part lies in the flat buffer of its storage blocks."""
+
+    def __init__(self, path: str, subs: list[str], blocks: list[Tensor], dims: list[int], n: int):
+        self.path, self.subs, self.dims, self.n = path, subs, dims, n
+        self.shapes = [b.shape for b in blocks]
+        self.dtypes = [b.dtype for b in blocks]
+        self.sizes = [b.numel() for b in blocks]
+
+    def unpack_gathered(self, rows: Tensor) -> list[Tensor]:
+        parts = rows.split(self.sizes, dim=1)
+        return [from_rows(p, d, s).to(t) for p, d, s, t in zip(parts, self.dims, self.shapes, self.dtypes)]
+
+    def pack_grads(self, grads: tuple[Tensor, ...], dtype: torch.dtype) -> Tensor:
+        rows = grads[0].new_empty((self.n, sum(self.sizes)), dtype=dtype)
+        for part, g, d in zip(rows.split(self.sizes, dim=1), grads, self.dims):
+            part.copy_(to_rows(g, d, self.n))
+        return rows
+
+    def unpack_blocks(self, mine: Tensor) -> dict[str, Tensor]:
+        return {f"{self.path}.{sub}": part.view(shape)
+                for sub, part, shape in zip(self.subs, mine.split(self.sizes), self.shapes)}
+
+
+class _GatherPart(torch.autograd.Function):
+    """Storage blocks of one part -> its compute shards (waiting for a prefetched gather if given).
+    Backward: reduce-scatter of the gradients, handed to ``sink`` (no autograd result) or waited for."""
+
+    @staticmethod
+    def forward(ctx, layout: _PartLayout, pending: Optional[Pending], sink, gather: "PrefetchGather", *blocks):
+        if pending is None:
+            pending = gather.launch(blocks)
+        ctx.layout, ctx.sink, ctx.gather = layout, sink, gather
+        return tuple(layout.unpack_gathered(pending.wait()))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        layout, gather = ctx.layout, ctx.gather
+        pending = reduce_scatter_async(layout.pack_grads(grads, gather.reduce_dtype), "data", gather.mesh)
+        if ctx.sink is not None:
+            ctx.sink.put(layout.unpack_blocks, pending)
+            return (None,) * (4 + len(grads))
+        blocks = layout.unpack_blocks(pending.wait()).values()
+        return (None,) * 4 + tuple(g.to(t) for g, t in zip(blocks, layout.dtypes))
+
+
+class PrefetchGather:
+    """The ZeRO-3 ``params`` hook of :class:`~fastllm.sharding.tensor_parallel.ParallelLayout`, with
+    prefetch while bound (:meth:`bind` ... :meth:`reverse` ... :meth:`release`, one micro-batch)."""
+
+    def __init__(self, mesh: Mesh, data_dims: dict[str, int | None], reduce_dtype: torch.dtype = torch.float32):
+        self.mesh, self.data_dims, self.reduce_dtype = mesh, data_dims, reduce_dtype
+        self._parts: Optional[dict[str, Any]] = None
+        self._order: list[str] = []
+        self._pending: dict[str, Pending] = {}
+        self._seen: set[str] = set()
+        self._backward = False
+        self.sink: Optional[GradientSink] = None
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        """What overlapped since the last reset: gathers, how many were prefetched, and the most
+        prefetches in flight at once (the memory bound)."""
+        self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0}
+
+    # --- one micro-batch ---
+    def bind(self, params: Any, sink: Optional[GradientSink]) -> None:
+        """The forward of a micro-batch on ``params`` (the tree the model is called with) begins."""
+        self._order = part_order(params)
+        self._parts = {path: _part(params, path) for path in self._order}
+        self._pending, self._seen, self._backward, self.sink = {}, set(), False, sink
+
+    def reverse(self, remat: bool) -> None:
+        """Backward begins: under ``remat`` the blocks are re-gathered last to first; start the last."""
+        self._backward, self._seen = True, set()
+        blocks = self._blocks()
+        if remat and blocks:
+            self._prefetch(blocks[-1])
+
+    def release(self) -> None:
+        """Wait for gathers nobody used (every rank started them, so every rank waits) and unbind."""
+        for pending in self._pending.values():
+            pending.wait()
+        self._parts, self._order, self._pending, self.sink = None, [], {}, None
+
+    # --- the hook ---
+    def __call__(self, path: str, part: Any) -> Any:
+        split = self._split(path, part)
+        if split is None:
+            return part
+        layout, blocks = split
+        pending = self._pending.pop(path, None)
+        self.counts["gathers"] += 1
+        self.counts["prefetched"] += pending is not None
+        if pending is None and self._parts is not None:
+            pending = self.launch(blocks)  # before the next part's: the same order on every rank
+        self._seen.add(path)
+        following = None if self._parts is None else self._next(path)
+        if following is not None:
+            self._prefetch(following)
+        gathered = dict(zip(layout.subs, _GatherPart.apply(layout, pending, self.sink, self, *blocks)))
+        return tree.map_with_path(lambda sub, x: gathered.get(sub, x), part)
+
+    def launch(self, blocks) -> Pending:
+        flat = torch.cat([b.detach().reshape(-1) for b in blocks])
+        return gather_async(flat, "data", self.mesh)
+
+    def _split(self, path: str, part: Any) -> Optional[tuple[_PartLayout, tuple[Tensor, ...]]]:
+        split = [(sub, x, self.data_dims[f"{path}.{sub}"]) for sub, x in tree.leaves_with_path(part)]
+        split = [(sub, x, dim) for sub, x, dim in split if dim is not None]
+        if not split:
+            return None
+        subs, blocks, dims = zip(*split)
+        return _PartLayout(path, list(subs), list(blocks), list(dims), self.mesh.size("data")), blocks
+
+    # --- prefetch order ---
+    def _blocks(self) -> list[str]:
+        return [path for path in self._order if path.rsplit(".", 1)[-1].isdigit()]
+
+    def _next(self, path: str) -> Optional[str]:
+        order = self._order if not self._backward else self._blocks()[::-1]
+        if path not in order:
+            return None
+        index = order.index(path) + 1
+        return order[index] if index < len(order) else None
+
+    def _prefetch(self, path: str) -> None:
+        if path in self._seen or path in self._pending:
+            return
+        split = self._split(path, self._parts[path])
+        if split is not None:
+            self._pending[path] = self.launch(split[1])
+            self.counts["most_in_flight"] = max(self.counts["most_in_flight"], len(self._pending))
+
+
+def _part(params: Any, path: str) -> Any:
+    name, _, index = path.partition(".")
+    return params[name][int(index)] if index else params[name]
