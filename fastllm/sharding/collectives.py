@@ -140,90 +140,36 @@ def _all_to_all(x: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mes
     return torch.cat(received.unbind(0), dim=concat_dim)
 
 
-# --- autograd functions --------------------------------------------------------------------------
-class _AllGather(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, axis, mesh):
-        return _gather(x, dim, axis, mesh)
+# --- autograd functions: one per row of the table above -----------------------------------------
+def _paired(name: str, forward, backward) -> type[torch.autograd.Function]:
+    """A Function computing ``forward(x, *args)`` whose input gradient is ``backward(grad, *args)``
+    (the non-tensor ``args``, dims, axis and mesh, get no gradient)."""
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        _, ctx.dim, ctx.axis, ctx.mesh = inputs
+        ctx.args = inputs[1:]
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter(grad, ctx.dim, ctx.axis, ctx.mesh), None, None, None
+    def grad(ctx, grad_output):
+        return (backward(grad_output, *ctx.args), *(None for _ in ctx.args))
 
-
-class _ReduceScatter(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, axis, mesh):
-        return _reduce_scatter(x, dim, axis, mesh)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.dim, ctx.axis, ctx.mesh = inputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.axis, ctx.mesh), None, None, None
+    return type(name, (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(grad)})
 
 
-class _AllReduce(torch.autograd.Function):
-    @staticmethod
-    def forward(x, axis, mesh):
-        return _all_reduce(x, axis, mesh)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None, None
+def _identity(x: Tensor, axis: str, mesh: Mesh) -> Tensor:
+    return x.view_as(x)
 
 
-class _CopyToParallel(torch.autograd.Function):
-    @staticmethod
-    def forward(x, axis, mesh):
-        return x.view_as(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.axis, ctx.mesh = inputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.axis, ctx.mesh), None, None
+def _all_to_all_back(grad: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mesh) -> Tensor:
+    return _all_to_all(grad, concat_dim, split_dim, axis, mesh)
 
 
-class _Split(torch.autograd.Function):
-    @staticmethod
-    def forward(x, dim, axis, mesh):
-        return _split(x, dim, axis, mesh)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.dim, ctx.axis, ctx.mesh = inputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather(grad, ctx.dim, ctx.axis, ctx.mesh), None, None, None
-
-
-class _AllToAll(torch.autograd.Function):
-    @staticmethod
-    def forward(x, split_dim, concat_dim, axis, mesh):
-        return _all_to_all(x, split_dim, concat_dim, axis, mesh)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _, ctx.split_dim, ctx.concat_dim, ctx.axis, ctx.mesh = inputs
-
-    @staticmethod
-    def backward(ctx, grad):
-        back = _all_to_all(grad, ctx.concat_dim, ctx.split_dim, ctx.axis, ctx.mesh)
-        return back, None, None, None, None
+_AllGather = _paired("_AllGather", _gather, _reduce_scatter)
+_ReduceScatter = _paired("_ReduceScatter", _reduce_scatter, _gather)
+_AllReduce = _paired("_AllReduce", _all_reduce, _identity)
+_CopyToParallel = _paired("_CopyToParallel", _identity, _all_reduce)
+_Split = _paired("_Split", _split, _gather)
+_AllToAll = _paired("_AllToAll", _all_to_all, _all_to_all_back)
 
 
 # --- public API ----------------------------------------------------------------------------------
