@@ -25,9 +25,9 @@ all small) are reduced synchronously after backward, as before.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import contextmanager
 from functools import partial
-from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
