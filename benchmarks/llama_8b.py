@@ -13,8 +13,10 @@ rank, identical for the two) with AdamW, bf16 compute and fp32 gradient reductio
   ``MixedPrecisionPolicy(param_dtype=bfloat16, reduce_dtype=float32)``, each decoder layer wrapped
   in ``torch.compile`` before sharding (torchtitan's order), ``torch.optim.AdamW`` (fused on GPU),
   SDPA attention, no activation checkpointing (``--peer-ac`` turns it on);
-* **fastllm**: the partitioner's sharded train step at ZeRO-3 over ``data`` = the world
-  (:func:`build_fastllm_step`, the one place to adapt as the partitioner evolves).
+* **fastllm**: the partitioner's sharded train step at ZeRO-3 over ``data`` = the world, gradient
+  reduction overlapped with backward and parameter gathers prefetched one block ahead
+  (``--no-overlap``: synchronous; :func:`build_fastllm_step`, the one place to adapt as the
+  partitioner evolves).
 
 A step is forward, backward, gradient reduction and the optimizer update of ``--micro-batch``
 sequences of ``--seq-len`` tokens per GPU. Reported per system: the median step time over
@@ -58,6 +60,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="peer without torch.compile")
     parser.add_argument("--peer-ac", action="store_true", help="activation checkpointing per peer layer")
     parser.add_argument("--zero-stage", type=int, default=3, help="fastllm ZeRO stage (default 3)")
+    parser.add_argument("--no-overlap", dest="overlap", action="store_false",
+                        help="fastllm with synchronous collectives (default: reduction overlapped with "
+                             "backward, ZeRO-3 gathers prefetched one block ahead)")
+    parser.add_argument("--bucket-mib", type=int, default=64, help="fastllm gradient bucket size (MiB)")
+    parser.add_argument("--remat", action="store_true", help="fastllm recomputes each block in backward")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
@@ -163,7 +170,8 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     from fastllm.train.sharded_step import make_sharded_train_step
 
     mesh = Mesh(data=dist.get_world_size())
-    partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32)
+    partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32,
+                              overlap=args.overlap, bucket_bytes=args.bucket_mib << 20)
     meta = partitioner.init_params(models.param_specs(config), random.key(0), device="meta")
     torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
     params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
@@ -175,7 +183,7 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
         state = init_sharded_state(config, partitioner, opt, random.key(0))
     else:
         state = TrainState(params, opt.init(owned), 0, random.key(0), None)
-    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16")
+    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16", remat=args.remat)
     holder = {"state": state}
 
     def step(batch: dict) -> torch.Tensor:
@@ -269,7 +277,8 @@ def main(argv=None) -> int:
         if name == "peer":
             fields.update(compile=args.compile, activation_checkpointing=args.peer_ac)
         else:
-            fields.update(zero_stage=args.zero_stage)
+            fields.update(zero_stage=args.zero_stage, overlap=args.overlap, bucket_mib=args.bucket_mib,
+                          remat=args.remat)
         try:
             fields.update(measure(name, builders[name], args, config, device))
         except Exception as error:  # noqa: BLE001 - report and go on with the other system
