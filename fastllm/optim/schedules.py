@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from collections.abc import Callable, Sequence
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 import torch
 from torch import Tensor
@@ -82,6 +82,20 @@ def _check_peak(peak: float, warmup_steps: int, min_ratio: float = 0.0) -> None:
     _require(0 <= min_ratio <= 1, "min_ratio", f"must be in [0, 1], got {min_ratio}")
 
 
+def _remaining(q: Tensor, shape: str) -> Tensor:
+    """The fraction of ``peak - floor`` left after decay progress ``q`` in [0, 1]."""
+    if shape == "linear":
+        return 1 - q
+    if shape == "cosine":
+        return 0.5 * (1 + torch.cos(math.pi * q))
+    return 1 - torch.sqrt(q)
+
+
+def _after_warmup(s: Tensor, peak: float, warmup_steps: int, value: Tensor) -> Tensor:
+    """The warmup ramp for ``s < W``, ``value`` from there on."""
+    return torch.where(s < warmup_steps, peak * _warmup(s, warmup_steps), value)
+
+
 @dataclass(frozen=True)
 class Constant:
     value: float
@@ -103,11 +117,14 @@ class WarmupConstant:
 
 
 @dataclass(frozen=True)
-class Cosine:
+class _WarmupDecay:
+    """Warmup to ``peak``, then decay to ``floor`` at ``total_steps`` along the subclass' ``_shape``."""
+
     peak: float
     total_steps: int
     warmup_steps: int = 0
     min_ratio: float = 0.0
+    _shape: ClassVar[str]
 
     def __post_init__(self):
         _check_peak(self.peak, self.warmup_steps, self.min_ratio)
@@ -118,30 +135,18 @@ class Cosine:
         s = _steps(step)
         p = _progress(s, self.warmup_steps, self.total_steps - self.warmup_steps)
         floor = self.peak * self.min_ratio
-        decayed = floor + (self.peak - floor) * 0.5 * (1 + torch.cos(math.pi * p))
-        return _result(step, torch.where(s < self.warmup_steps,
-                                         self.peak * _warmup(s, self.warmup_steps), decayed))
+        decayed = floor + (self.peak - floor) * _remaining(p, self._shape)
+        return _result(step, _after_warmup(s, self.peak, self.warmup_steps, decayed))
 
 
 @dataclass(frozen=True)
-class LinearDecay:
-    peak: float
-    total_steps: int
-    warmup_steps: int = 0
-    min_ratio: float = 0.0
+class Cosine(_WarmupDecay):
+    _shape: ClassVar[str] = "cosine"
 
-    def __post_init__(self):
-        _check_peak(self.peak, self.warmup_steps, self.min_ratio)
-        _require(self.total_steps >= self.warmup_steps, "total_steps",
-                 f"must be >= warmup_steps={self.warmup_steps}, got {self.total_steps}")
 
-    def __call__(self, step: Step) -> Union[float, Tensor]:
-        s = _steps(step)
-        p = _progress(s, self.warmup_steps, self.total_steps - self.warmup_steps)
-        floor = self.peak * self.min_ratio
-        decayed = floor + (self.peak - floor) * (1 - p)
-        return _result(step, torch.where(s < self.warmup_steps,
-                                         self.peak * _warmup(s, self.warmup_steps), decayed))
+@dataclass(frozen=True)
+class LinearDecay(_WarmupDecay):
+    _shape: ClassVar[str] = "linear"
 
 
 @dataclass(frozen=True)
@@ -165,19 +170,12 @@ class WSD:
     def __call__(self, step: Step) -> Union[float, Tensor]:
         s = _steps(step)
         start = self.total_steps - self.decay_steps
-        q = _progress(s, start, self.decay_steps)
-        if self.shape == "linear":
-            remaining = 1 - q
-        elif self.shape == "cosine":
-            remaining = 0.5 * (1 + torch.cos(math.pi * q))
-        else:
-            remaining = 1 - torch.sqrt(q)
+        remaining = _remaining(_progress(s, start, self.decay_steps), self.shape)
         floor = self.peak * self.min_ratio
         value = floor + (self.peak - floor) * torch.where(s < start, torch.ones_like(s), remaining)
         if self.decay_steps == 0:  # no decay phase: the step after the end stays at peak
             value = torch.full_like(s, self.peak)
-        return _result(step, torch.where(s < self.warmup_steps,
-                                         self.peak * _warmup(s, self.warmup_steps), value))
+        return _result(step, _after_warmup(s, self.peak, self.warmup_steps, value))
 
 
 @dataclass(frozen=True)
