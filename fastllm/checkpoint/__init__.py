@@ -39,7 +39,9 @@ API::
     latest(run_dir) -> newest complete checkpoint or None
     prune(run_dir, keep, *, remove_partial=False) -> removed paths
 
-Typical use in a trainer (rank 0 only; sharded per-rank saving is not implemented yet)::
+Typical use in a one-process trainer (under a mesh every rank writes its own shards instead, with
+:mod:`fastllm.sharding.checkpoint`, into the same ``step-XXXXXXXX`` names; ``step_dir``, ``latest``
+and ``prune`` serve both)::
 
     checkpoint.save(checkpoint.step_dir(run, step),
                     {"params": params, "opt_state": opt_state}, {"step": step, "config": ...})

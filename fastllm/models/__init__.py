@@ -7,7 +7,8 @@
 
 from fastllm.models.config import FAMILIES, MoEConfig, ModelConfig, RopeConfig
 from fastllm.models.counting import flops_per_token, matmul_param_count, param_count
-from fastllm.models.decoder import apply, forward, init, logical_axes, loss, param_specs
+from fastllm.models.decoder import (apply, forward, hidden_states, init, init_cache, lm_head, logical_axes, loss,
+                                    param_specs)
 from fastllm.models.presets import PRESETS, preset
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     "logical_axes",
     "apply",
     "forward",
+    "hidden_states",
+    "lm_head",
+    "init_cache",
     "loss",
     "preset",
     "PRESETS",
