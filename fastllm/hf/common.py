@@ -1,4 +1,5 @@
-"""Pieces every family shares: activation names, rotary settings, sliding-window layers, errors.
+"""Pieces every family shares: activation names, rotary settings, sliding-window layers, the LM
+head, errors.
 
 Whatever we cannot represent raises :class:`UnsupportedConfig` naming the Hugging Face field and its
 value, so a checkpoint never loads with silently different maths.
@@ -6,6 +7,7 @@ value, so a checkpoint never loads with silently different maths.
 
 from __future__ import annotations
 
+from fastllm.hf.rules import Rule, rename
 from fastllm.models.config import ModelConfig, RopeConfig
 from fastllm.models.decoder import layer_window
 
@@ -19,6 +21,8 @@ __all__ = [
     "rope_to_hf",
     "window_pattern",
     "window_fields",
+    "head_rules",
+    "is_tied_head",
 ]
 
 
@@ -105,3 +109,13 @@ def window_fields(family: str, pattern: list[bool], window: int | None, field: s
         raise unsupported(family, field, ["sliding" if p else "full" for p in pattern],
                           "ModelConfig expresses only full layers followed by sliding-window layers")
     return {"sliding_window": window, "sliding_window_layers": first or None}
+
+
+def head_rules(config: ModelConfig) -> list[Rule]:
+    """transformers' ``lm_head.weight``; a tied head is the token embedding and has no rule."""
+    return [] if config.tie_embeddings else [rename("lm_head.weight", "lm_head.w")]
+
+
+def is_tied_head(name: str, config: ModelConfig) -> bool:
+    """The duplicate ``lm_head.weight`` some files carry for a tied head (ignored on load)."""
+    return config.tie_embeddings and name == "lm_head.weight"

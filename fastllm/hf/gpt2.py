@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from fastllm.hf.common import activation_from_hf, activation_to_hf, require_equal, unsupported
+from fastllm.hf.common import (activation_from_hf, activation_to_hf, head_rules, is_tied_head, require_equal,
+                               unsupported)
 from fastllm.hf.rules import Rule, heads_out, rename, transposed
 from fastllm.models.config import ModelConfig
 
@@ -134,12 +135,10 @@ def rules(config: ModelConfig, names: frozenset[str] = frozenset()) -> list[Rule
                 linear(f"{hf}.mlp.c_proj.weight", f"{ours}.mlp.w_down"),
                 rename(f"{hf}.mlp.c_proj.bias", f"{ours}.mlp.b_down")]
     out += [rename("transformer.ln_f.weight", "final_norm.scale"), rename("transformer.ln_f.bias", "final_norm.bias")]
-    if not config.tie_embeddings:
-        out.append(rename("lm_head.weight", "lm_head.w"))
-    return out
+    return out + head_rules(config)
 
 
 def is_ignored(name: str, config: ModelConfig) -> bool:
     """Old GPT-2 files carry the causal-mask buffers ``attn.bias`` / ``attn.masked_bias``."""
     return (name.endswith(".attn.bias") or name.endswith(".attn.masked_bias")
-            or (config.tie_embeddings and name == "lm_head.weight"))
+            or is_tied_head(name, config))

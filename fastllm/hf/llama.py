@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from fastllm.hf.common import (activation_from_hf, activation_to_hf, require_equal, rope_from_hf, rope_to_hf,
-                               unsupported, window_fields, window_pattern)
+from fastllm.hf.common import (activation_from_hf, activation_to_hf, head_rules, is_tied_head, require_equal,
+                               rope_from_hf, rope_to_hf, unsupported, window_fields, window_pattern)
 from fastllm.hf.rules import Rule, heads_in, heads_out, rename
 from fastllm.models.config import ModelConfig, MoEConfig
 
@@ -178,11 +178,9 @@ def rules(config: ModelConfig, names: frozenset[str] = frozenset()) -> list[Rule
         else:
             out += _mlp_rules(config, f"{layer}.mlp", f"{ours}.mlp")
     out.append(rename("model.norm.weight", "final_norm.scale"))
-    if not config.tie_embeddings:
-        out.append(rename("lm_head.weight", "lm_head.w"))
-    return out
+    return out + head_rules(config)
 
 
 def is_ignored(name: str, config: ModelConfig) -> bool:
     """Non-parameters some checkpoints carry (rotary caches) and the duplicate of a tied head."""
-    return name.endswith("rotary_emb.inv_freq") or (config.tie_embeddings and name == "lm_head.weight")
+    return name.endswith("rotary_emb.inv_freq") or is_tied_head(name, config)

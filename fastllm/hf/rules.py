@@ -57,9 +57,7 @@ def load_tensors(rules: list[Rule], get: Callable[[str], torch.Tensor], availabl
     missing = [name for rule in rules for name in rule.hf if name not in available]
     used = {name for rule in rules for name in rule.hf}
     unexpected = sorted(name for name in available if name not in used and not ignored(name))
-    if missing or unexpected:
-        raise ValueError(f"{source}: checkpoint does not match the config: "
-                         f"missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
+    _require_match(f"{source}: checkpoint does not match the config", missing, unexpected)
     flat = {}
     for rule in rules:
         inputs = [get(name) for name in rule.hf]
@@ -72,14 +70,18 @@ def save_tensors(rules: list[Rule], flat: dict[str, torch.Tensor], source: str) 
     needed = [path for rule in rules for path in rule.ours]
     missing = [path for path in needed if path not in flat]
     unexpected = sorted(set(flat) - set(needed))
-    if missing or unexpected:
-        raise ValueError(f"{source}: params do not match the config: "
-                         f"missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
+    _require_match(f"{source}: params do not match the config", missing, unexpected)
     tensors = {}
     for rule in rules:
         outputs = _run(rule.to_hf, [flat[path] for path in rule.ours], rule.ours, rule.hf, source)
         tensors.update(zip(rule.hf, (t.contiguous() for t in outputs)))
     return tensors
+
+
+def _require_match(what: str, missing: list[str], unexpected: list[str]) -> None:
+    """One error naming every missing and every unexpected name."""
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
 
 
 def _run(fn: Fn, inputs: list[torch.Tensor], names: tuple[str, ...], targets: tuple[str, ...],
