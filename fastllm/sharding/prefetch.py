@@ -23,7 +23,9 @@ from torch import Tensor
 
 from fastllm import tree
 from fastllm.sharding.mesh import Mesh
-from fastllm.sharding.overlap import GradientSink, Pending, from_rows, gather_async, part_order, reduce_scatter_async, to_rows
+from fastllm.sharding.overlap import (
+    GradientSink, Pending, from_rows, gather_async, part_order, reduce_scatter_async, to_rows,
+)
 
 __all__ = ["PrefetchGather"]
 
