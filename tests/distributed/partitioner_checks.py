@@ -5,6 +5,10 @@ cheap), then runs the sharded step on its shards and compares: the sharded init 
 of the unsharded init (bitwise), the gradients after step 1 (gathered to global tensors) and the
 losses of 5 AdamW steps (within 1e-5 relative), and the bytes it holds against ``describe``.
 Returns ``{check name: "ok" | traceback}`` so one spawn reports every failure at once.
+
+``device`` (default CPU, for the gloo ranks) is where the reference, the batches and the comparisons
+live; it must be the mesh's device (``cuda:LOCAL_RANK`` under NCCL, see nccl_partitioner.py), so the
+reference and the sharded run see the same kernels and rounding.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ RTOL = 1e-5
 BUCKET_BYTES = 64 << 10  # several gradient buckets per tiny model (~400 KiB of fp32 params)
 
 
-def batches(config, seed: int = 0) -> list[dict]:
+def batches(config, seed: int = 0, device: torch.device | str = "cpu") -> list[dict]:
     """STEPS global batches with some ignored targets (uneven valid tokens per rank) and packed
-    documents (segment ids)."""
+    documents (segment ids); drawn on CPU (the same on every device), then moved to ``device``."""
     out = []
     for step in range(STEPS):
         gen = torch.Generator().manual_seed(seed * 100 + step)
@@ -36,15 +40,16 @@ def batches(config, seed: int = 0) -> list[dict]:
         targets[torch.rand(targets.shape, generator=gen) < 0.2] = -100
         boundary = torch.randint(1, SEQ, (BATCH, 1), generator=gen)  # two packed documents a row
         segment_ids = (torch.arange(SEQ)[None, :] >= boundary).long()
-        out.append({"tokens": tokens[:, :-1].contiguous(), "targets": targets, "segment_ids": segment_ids})
+        batch = {"tokens": tokens[:, :-1].contiguous(), "targets": targets, "segment_ids": segment_ids}
+        out.append({name: value.to(device) for name, value in batch.items()})
     return out
 
 
-def reference(config, key) -> dict:
-    """One process: params at init, gradients of step 1 and the losses of every step."""
+def reference(config, key, device: torch.device | str = "cpu") -> dict:
+    """One process on ``device``: params at init, gradients of step 1 and the losses of every step."""
     opt = optim.adamw(LR, weight_decay=0.1, max_grad_norm=CLIP)
-    params = models.init(config, random.fold_in(key, "params"))
-    data = batches(config)
+    params = models.init(config, random.fold_in(key, "params"), device=device)
+    data = batches(config, device=device)
     grads, _ = _gradients(lambda p, b: models.loss(config, p, b), params, [data[0]], torch.float32, None)
     step = make_train_step(config, opt)
     state = TrainState(params, opt.init(params), 0, key)
@@ -140,16 +145,23 @@ LAYOUTS = [
 ]
 
 
-def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2)) -> dict[str, str]:
-    """Every layout of LAYOUTS for one tiny preset; tensor=4 needs 4 KV heads (the tiny presets
-    have 2), so those layouts use the preset with ``n_kv_heads=4``."""
-    key = random.key(7)
+def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: torch.device | str = "cpu",
+                  layouts: list | None = None) -> dict[str, str]:
+    """Every layout of ``layouts`` (default LAYOUTS) for one tiny preset; tensor=4 needs 4 KV heads
+    (the tiny presets have 2), so those layouts use the preset with ``n_kv_heads=4``. The reference
+    of each config is computed once, on ``device``, when a layout first needs it."""
+    key, device = random.key(7), torch.device(device)
     configs = {2: models.preset(preset), 4: models.preset(preset, n_kv_heads=4)}
-    refs = {tp: reference(config, key) for tp, config in configs.items()}
+    refs = {}
     report = {}
-    for name, sizes, stage, sp, options in LAYOUTS:
+    for name, sizes, stage, sp, options in LAYOUTS if layouts is None else layouts:
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
+        if mesh.device != device:
+            raise ValueError(f"layout {name}: the mesh computes on {mesh.device} but the reference was "
+                             f"asked for on {device}; pass device=mesh.device")
         tp = 4 if mesh.size("tensor") == 4 else 2
+        if tp not in refs:
+            refs[tp] = reference(configs[tp], key, device)
         for accum in grad_accums:
             check = f"{preset}/{name}/accum{accum}"
             try:
