@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 4 benchmarks/llama_8b.py                   # both systems, 4 GPUs
     torchrun --nproc-per-node 4 benchmarks/llama_8b.py --layers 4 --steps 3   # a quick check
     torchrun --nproc-per-node 2 benchmarks/llama_8b.py --tiny --no-compile    # CPU + gloo smoke test
+    torchrun --nproc-per-node 4 benchmarks/llama_8b.py --system fastllm --compile-blocks  # compiled blocks
 
 Both systems train the same shapes on the same tokens (random ids; a batch per step and data
 rank, identical for the two) with AdamW, bf16 compute and fp32 gradient reduction:
@@ -16,7 +17,7 @@ rank, identical for the two) with AdamW, bf16 compute and fp32 gradient reductio
 * **fastllm**: the partitioner's sharded train step at ZeRO-3 over ``data`` = the world, gradient
   reduction overlapped with backward and parameter gathers prefetched one block ahead
   (``--no-overlap``: synchronous; :func:`build_fastllm_step`, the one place to adapt as the
-  partitioner evolves).
+  partitioner evolves); ``--compile-blocks`` compiles each decoder block as the peer does.
 
 A step is forward, backward, gradient reduction and the optimizer update of ``--micro-batch``
 sequences of ``--seq-len`` tokens per GPU. Reported per system: the median step time over
@@ -65,6 +66,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "backward, ZeRO-3 gathers prefetched one block ahead)")
     parser.add_argument("--bucket-mib", type=int, default=64, help="fastllm gradient bucket size (MiB)")
     parser.add_argument("--remat", action="store_true", help="fastllm recomputes each block in backward")
+    parser.add_argument("--compile-blocks", action="store_true",
+                        help="fastllm compiles each decoder block (torch.compile, inductor; norms, rotary and "
+                             "activation as torch ops inside; fastllm/train/compile.py); needs FASTLLM_TYPECHECK=0")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
@@ -183,7 +187,8 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
         state = init_sharded_state(config, partitioner, opt, random.key(0))
     else:
         state = TrainState(params, opt.init(owned), 0, random.key(0), None)
-    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16", remat=args.remat)
+    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16", remat=args.remat,
+                                         compile=args.compile_blocks)
     holder = {"state": state}
 
     def step(batch: dict) -> torch.Tensor:
@@ -278,7 +283,7 @@ def main(argv=None) -> int:
             fields.update(compile=args.compile, activation_checkpointing=args.peer_ac)
         else:
             fields.update(zero_stage=args.zero_stage, overlap=args.overlap, bucket_mib=args.bucket_mib,
-                          remat=args.remat)
+                          remat=args.remat, compile_blocks=args.compile_blocks)
         try:
             fields.update(measure(name, builders[name], args, config, device))
         except Exception as error:  # noqa: BLE001 - report and go on with the other system

@@ -13,6 +13,7 @@ norm scales one, biases zero; GPT-2 and StarCoder also scale the residual output
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Optional, Union
 
 import torch
@@ -151,6 +152,7 @@ def forward(
     layout: Optional[Layout] = None,
     remat: bool = False,
     cache: Optional[list[KVCache]] = None,
+    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> Union[
     tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]],
     tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor], list[KVCache]],
@@ -161,9 +163,10 @@ def forward(
     this rank's shards and the logits this rank's block of the vocabulary. ``remat``: recompute
     each block's activations in backward (see :func:`hidden_states`). ``cache`` (decoding, from
     :func:`init_cache`): ``tokens`` continue the cached ones; also returns the extended cache.
+    ``block_fn``: runs each block in place of :func:`fastllm.nn.block.apply` (see :func:`hidden_states`).
     """
     out = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout,
-                        remat=remat, cache=cache)
+                        remat=remat, cache=cache, block_fn=block_fn)
     logits = nn.linear.linear(L.enter_parallel(layout, out[0]), lm_head(config, params, layout))  # [batch, seq, vocab]
     return (logits, *out[1:])
 
@@ -185,6 +188,7 @@ def hidden_states(
     layout: Optional[Layout] = None,
     remat: bool = False,
     cache: Optional[list[KVCache]] = None,
+    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> Union[
     tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor]],
     tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor], list[KVCache]],
@@ -196,6 +200,10 @@ def hidden_states(
     only its input alive; same values, less memory, one more forward. A ZeRO-3 layout gathers the
     block's parameters inside the recomputed region, so the gathered copies are freed too and
     gathered again in backward. ``cache``: see :func:`forward`.
+
+    ``block_fn`` (default :func:`fastllm.nn.block.apply`, same signature) computes a block from its
+    gathered params, e.g. a compiled one (:class:`fastllm.train.compile.CompiledBlocks`); the
+    ``params`` hook and ``remat``'s checkpoint stay around it, in eager mode.
     """
     if remat and cache is not None:
         raise ValueError("remat is for training; decoding with a KV cache keeps no activations to drop")
@@ -206,10 +214,12 @@ def hidden_states(
     rot = rotary_layer(config)
     rope = None if rot is None else nn.rotary.cos_sin(rot, positions, dtype=h.dtype)
     run = _block if not remat else lambda *args: checkpoint(_block, *args, use_reentrant=False)
+    block_fn = nn.block.apply if block_fn is None else block_fn
     router_logits, new_cache = [], []
     for index, layer_params in enumerate(params["layers"]):
         layer_cache = None if cache is None else cache[index]
-        h, logits_of_router, *extended = run(config, index, layer_params, h, rope, segment_ids, layout, layer_cache)
+        h, logits_of_router, *extended = run(block_fn, config, index, layer_params, h, rope, segment_ids, layout,
+                                             layer_cache)
         new_cache += extended
         if logits_of_router is not None:
             router_logits.append(logits_of_router)
@@ -219,11 +229,10 @@ def hidden_states(
     return (h, aux) if cache is None else (h, aux, new_cache)
 
 
-def _block(config, index, layer_params, h, rope, segment_ids, layout, cache):
+def _block(block_fn, config, index, layer_params, h, rope, segment_ids, layout, cache):
     """Block ``index``; a ZeRO-3 layout gathers its params here (inside the region remat recomputes)."""
     p = L.params(layout, f"layers.{index}", layer_params)
-    return nn.block.apply(block_layer(config, index), p, h, rope=rope, segment_ids=segment_ids, layout=layout,
-                          cache=cache)
+    return block_fn(block_layer(config, index), p, h, rope=rope, segment_ids=segment_ids, layout=layout, cache=cache)
 
 
 def init_cache(
@@ -258,13 +267,19 @@ def apply(
 
 
 def loss(
-    config: ModelConfig, params: dict, batch: dict, *, layout: Optional[Layout] = None, remat: bool = False
+    config: ModelConfig,
+    params: dict,
+    batch: dict,
+    *,
+    layout: Optional[Layout] = None,
+    remat: bool = False,
+    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean cross-entropy over valid targets plus the weighted MoE auxiliary losses.
 
     ``batch``: ``tokens`` and ``targets`` ``[batch, seq]`` int64 (-100 ignored), optional
     ``positions``, ``segment_ids`` and ``loss_mask``. Metrics are detached scalars. ``remat``:
-    recompute each block's activations in backward (:func:`hidden_states`).
+    recompute each block's activations in backward; ``block_fn``: see :func:`hidden_states`.
     """
     for name in ("tokens", "targets"):
         if name not in batch:
@@ -272,6 +287,7 @@ def loss(
     h, aux = hidden_states(
         config, params, batch["tokens"],
         positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout, remat=remat,
+        block_fn=block_fn,
     )
     # the LM head and the loss together: the fused kernel never materialises the logits
     ce, valid = L.linear_cross_entropy(layout, h, lm_head(config, params, layout), batch["targets"],

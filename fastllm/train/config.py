@@ -83,6 +83,7 @@ class TrainSection:
     grad_accum: int = 1  # micro-batches per optimizer step
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype; master weights stay fp32
     remat: Literal["none", "block"] = "none"  # "block": recompute each block's activations in backward
+    compile: bool = False  # torch.compile each decoder block (fastllm.train.compile); needs FASTLLM_TYPECHECK=0
     grad_clip: Optional[float] = 1.0  # clip the global gradient norm; None: no clipping
     loss_scale: float = 2.0**15  # fp16 only: initial dynamic loss scale
     loss_scale_growth_interval: int = 2000  # fp16 only: good steps before the scale doubles

@@ -48,6 +48,7 @@ def build_steps(config, partitioner: Partitioner, optimizer, schedule):
     train_step = make_sharded_train_step(
         config.model_config, partitioner, optimizer, grad_accum=t.grad_accum, precision=t.precision,
         max_grad_norm=t.grad_clip, learning_rate=schedule, remat=t.remat == "block",
+        compile=t.compile,
     )
     return train_step, make_sharded_eval_step(config.model_config, partitioner, precision=t.precision)
 

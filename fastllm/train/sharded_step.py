@@ -29,7 +29,7 @@ from fastllm import models, optim, random, tree
 from fastllm.sharding import zero
 from fastllm.sharding.partitioner import Partitioner
 from fastllm.train.state import TrainState
-from fastllm.train.step import COMPUTE_DTYPES, _gradients, split_micro_batches, target_weight
+from fastllm.train.step import COMPUTE_DTYPES, _gradients, block_fn_for, split_micro_batches, target_weight
 
 __all__ = ["ShardedTrainStep", "make_sharded_train_step", "make_sharded_eval_step", "init_sharded_state"]
 
@@ -79,6 +79,8 @@ class ShardedTrainStep:
         max_grad_norm: Optional[float] = None,
         learning_rate: Callable[[int], float] | None = None,
         remat: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
     ):
         if precision not in ("fp32", "bf16"):
             raise NotImplementedError(f"precision {precision!r} under a mesh: use fp32 or bf16 "
@@ -88,6 +90,7 @@ class ShardedTrainStep:
         self.config, self.partitioner, self.optimizer = config, partitioner, optimizer
         self.grad_accum, self.dtype = grad_accum, COMPUTE_DTYPES[precision]
         self.max_grad_norm, self.learning_rate, self.remat = max_grad_norm, learning_rate, remat
+        self.block_fn = block_fn_for(compile, compile_backend)  # fastllm.train.compile: gathers stay eager
         self.plan = partitioner.plan(models.param_specs(config))
         self.layout = partitioner.layout(self.plan.declarations)
         self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
@@ -103,7 +106,8 @@ class ShardedTrainStep:
             return grads, _sum_over(loss_sum, "data", p), tokens
 
         def loss_fn(params, micro):
-            return models.loss(self.config, params, micro, layout=self.layout, remat=self.remat)
+            return models.loss(self.config, params, micro, layout=self.layout, remat=self.remat,
+                               block_fn=self.block_fn)
 
         grads, loss_sum = _gradients(loss_fn, state.params, micro_batches, self.dtype, None, total_weight=tokens)
         grads = zero.reduce_gradients(
@@ -124,7 +128,8 @@ class ShardedTrainStep:
         for index, micro in enumerate(micro_batches):
             compute = optim.cast_tree(masters, self.dtype)
             with reduction.micro_batch(compute, last=index == len(micro_batches) - 1):
-                loss, _ = models.loss(self.config, compute, micro, layout=self.layout, remat=self.remat)
+                loss, _ = models.loss(self.config, compute, micro, layout=self.layout, remat=self.remat,
+                                      block_fn=self.block_fn)
                 share = target_weight(micro) / total
                 reduction.backward(loss.float() * share, remat=self.remat)
             loss_sum = loss_sum + loss.detach().float() * share
@@ -160,7 +165,7 @@ class ShardedTrainStep:
 
 def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **options) -> ShardedTrainStep:
     """:class:`ShardedTrainStep` (options: ``grad_accum``, ``precision``, ``max_grad_norm``,
-    ``learning_rate``, ``remat``)."""
+    ``learning_rate``, ``remat``, ``compile``, ``compile_backend``)."""
     return ShardedTrainStep(config, partitioner, optimizer, **options)
 
 

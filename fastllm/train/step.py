@@ -26,7 +26,8 @@ from fastllm.models.config import ModelConfig
 from fastllm.nn.loss import IGNORE_INDEX
 from fastllm.train.state import TrainState
 
-__all__ = ["COMPUTE_DTYPES", "make_train_step", "make_eval_step", "split_micro_batches", "target_weight"]
+__all__ = ["COMPUTE_DTYPES", "make_train_step", "make_eval_step", "split_micro_batches", "target_weight",
+           "block_fn_for"]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = dict[str, Tensor]
@@ -49,8 +50,18 @@ def split_micro_batches(batch: Batch, count: int) -> list[Batch]:
     return [{name: parts[i] for name, parts in chunks.items()} for i in range(count)]
 
 
-def _loss_fn(config: ModelConfig, remat: str) -> Callable[[Any, Batch], tuple[Tensor, dict]]:
-    return lambda params, batch: models.loss(config, params, batch, remat=remat == "block")
+def _loss_fn(config: ModelConfig, remat: str, block_fn=None) -> Callable[[Any, Batch], tuple[Tensor, dict]]:
+    return lambda params, batch: models.loss(config, params, batch, remat=remat == "block", block_fn=block_fn)
+
+
+def block_fn_for(compile: bool, backend: str = "inductor"):
+    """The ``block_fn`` of :func:`fastllm.models.loss`: ``None`` (eager) or one
+    :class:`~fastllm.train.compile.CompiledBlocks` for the step's every block and micro-batch."""
+    if not compile:
+        return None
+    from fastllm.train.compile import CompiledBlocks  # imports the compiler stack only when asked
+
+    return CompiledBlocks(backend)
 
 
 def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale, total_weight=None):
@@ -97,10 +108,15 @@ def make_train_step(
     precision: Literal["fp32", "bf16", "fp16"] = "fp32",
     remat: Literal["none", "block"] = "none",
     learning_rate: Callable[[int], float] | None = None,
+    compile: bool = False,
+    compile_backend: str = "inductor",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """The pure step for a model and optimizer; ``learning_rate(step)`` is only reported."""
+    """The pure step for a model and optimizer; ``learning_rate(step)`` is only reported.
+
+    ``compile``: each decoder block runs through ``torch.compile`` (``compile_backend``), see
+    :mod:`fastllm.train.compile`; same loss and gradients up to rounding."""
     dtype = COMPUTE_DTYPES[precision]
-    loss_fn = _loss_fn(config, remat)
+    loss_fn = _loss_fn(config, remat, block_fn_for(compile, compile_backend))
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         micro_batches = split_micro_batches(batch, grad_accum)

@@ -81,7 +81,7 @@ class Trainer:
             t = config.train
             self.train_step = make_train_step(
                 self.model_config, self.optimizer, grad_accum=t.grad_accum, precision=t.precision,
-                remat=t.remat, learning_rate=self.schedule,
+                remat=t.remat, learning_rate=self.schedule, compile=t.compile,
             )
             self.eval_step = make_eval_step(self.model_config, precision=t.precision)
         self.is_main = sharded.is_main_rank()
