@@ -8,7 +8,8 @@ conversion and sharding rules all speak in these paths.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optree
 

@@ -15,7 +15,8 @@ torch sum finishes (deterministic, no atomics).
 
 import functools
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

@@ -18,7 +18,8 @@ import socket
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 __all__ = ["run", "free_port", "DistributedTestError"]
 
