@@ -96,9 +96,11 @@ def _apply(layer, p, x, rope, segment_ids, layout):
 
 def _reference_elementwise(layer: nn.Block) -> nn.Block:
     """``layer`` with the kernels in :data:`FUSED_BY_COMPILE` set to the torch references."""
-    torch_ops = {op: "torch" for op in FUSED_BY_COMPILE}
-    kernels = lambda part: dataclasses.replace(part, kernels=part.kernels.replace(**torch_ops))  # noqa: E731
-    return dataclasses.replace(kernels(layer), attention=kernels(layer.attention), ffn=kernels(layer.ffn))
+    def with_references(part):
+        return dataclasses.replace(part, kernels=part.kernels.replace(**{op: "torch" for op in FUSED_BY_COMPILE}))
+
+    return dataclasses.replace(with_references(layer), attention=with_references(layer.attention),
+                               ffn=with_references(layer.ffn))
 
 
 def _tensor_ranks(layout: Layout) -> Optional[int]:
