@@ -1,6 +1,6 @@
 """Quickstart: train a small Llama on the Python standard library's source, on a CPU, in minutes.
 
-    fastllm train recipes/quickstart.py                 # about 2.5 minutes on 2 cores
+    fastllm train recipes/quickstart.py                 # two to four minutes on 2 cores
     fastllm train recipes/quickstart.py train.steps=50  # a quicker look
 
 Before training, :func:`before_train` writes a deterministic selection of stdlib ``.py`` files as
