@@ -19,6 +19,7 @@ __all__ = [
     "map_with_path",
     "leaves",
     "leaves_with_path",
+    "with_leaves",
     "flatten",
     "unflatten",
     "partition",
@@ -61,6 +62,11 @@ def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf=N
 
 def leaves(tree: PyTree, is_leaf=None) -> list[Any]:
     return optree.tree_leaves(tree, is_leaf=is_leaf)
+
+
+def with_leaves(structure: PyTree, new_leaves: list[Any]) -> PyTree:
+    """A tree shaped like ``structure`` holding ``new_leaves`` (in :func:`leaves` order)."""
+    return optree.tree_unflatten(optree.tree_structure(structure), list(new_leaves))
 
 
 def leaves_with_path(tree: PyTree, is_leaf=None) -> list[tuple[str, Any]]:

@@ -116,12 +116,7 @@ def to_compute(values: Any, data_dims: dict[str, int | None], mesh: Mesh, limit_
     leaves = [t for _, t in flat]
     for (i, _, _), g in zip(split, gathered):
         leaves[i] = g
-    return _like(values, leaves)
-
-
-def _like(values: Any, leaves: list[Tensor]) -> Any:
-    it = iter(leaves)
-    return tree.map(lambda _: next(it), values)
+    return tree.with_leaves(values, leaves)
 
 
 def reduce_gradients(
@@ -156,7 +151,7 @@ def reduce_gradients(
     summed = all_reduce_flat([leaves[i] for i in whole], "data", mesh, dtype, limit_bytes)
     for i, g in zip(whole, summed):
         leaves[i] = g
-    return _like(grads, leaves)
+    return tree.with_leaves(grads, leaves)
 
 
 def global_norm(values: Any, specs: Any, mesh: Mesh) -> Tensor:

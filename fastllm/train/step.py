@@ -85,13 +85,7 @@ def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale, t
             if g is not None:
                 acc.add_(g)
         loss_sum = loss_sum + loss.detach().float() * share
-    return _like(params, grads), loss_sum
-
-
-def _like(params, leaves: list[Tensor]):
-    """A tree shaped like ``params`` holding ``leaves`` (in ``tree.leaves`` order)."""
-    it = iter(leaves)
-    return tree.map(lambda _: next(it), params)
+    return tree.with_leaves(params, grads), loss_sum
 
 
 def _grad_norm(grads, opt_state) -> Tensor:
