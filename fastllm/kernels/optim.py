@@ -1,10 +1,14 @@
 """Multi-tensor optimizer kernels: a fused AdamW step and a fused global gradient norm.
 
 AdamW (Loshchilov & Hutter 2019), as ``torch.optim.AdamW``, on fp32 master weights ``p`` with the
-gradient ``g`` scaled by ``grad_scale`` (a device scalar, so clipping needs no host sync):
+gradient ``g`` scaled by ``grad_scale``:
 
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps);  model copy <- p (e.g. bf16)
+
+The learning rate ``lr``, the step ``t``, and ``grad_scale`` may be Python numbers or 0-d device tensors
+(a scheduled learning rate, the optimizer's step counter, a clipping factor): the scalars the kernel
+reads are computed on the device (bias corrections in float64, then fp32), with no host sync.
 
 Hundreds of parameter tensors are updated by ONE launch (apex's multi_tensor_apply idea): the work
 is cut into chunks of ``_CHUNK`` elements; a table gives each chunk its tensor and offset, and
@@ -14,7 +18,6 @@ torch sum finishes (deterministic, no atomics).
 """
 
 import functools
-import math
 from collections.abc import Sequence
 from typing import Optional
 
@@ -37,17 +40,36 @@ _NORM_WARPS = 8
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+def _hyperparameters(lr, step, grad_scale, beta1: float, beta2: float, weight_decay: float,
+                     device: torch.device) -> Tensor:
+    """``[grad_scale, lr, 1 - lr wd, 1 - b1^t, 1 - b2^t]``, fp32 on ``device``, by tensor ops only:
+    each input may be a number or a 0-d tensor on the device, and nothing is read back to the host.
+    Bias corrections in float64 (``1 - 0.999^t`` loses bits in fp32), as ``optim.scale_by_adam``."""
+
+    def scalar(value) -> Tensor:
+        if isinstance(value, Tensor):
+            return value.to(device=device, dtype=torch.float64).reshape(())
+        return torch.full((), float(value), dtype=torch.float64, device=device)  # a fill, no copy
+
+    t, rate = scalar(step), scalar(lr)
+    values = [scalar(grad_scale), rate, 1 - rate * weight_decay, 1 - beta1**t, 1 - beta2**t]
+    return torch.stack(values).to(torch.float32)
+
+
 def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, master, *, lr, beta1, beta2, eps,
                          weight_decay, step, grad_scale=1.0) -> None:
-    """The same update with torch ops, tensor by tensor, in place."""
+    """The same update with torch ops, tensor by tensor, in place (the kernel's order of operations)."""
+    if not params:
+        return
     master = params if master is None else master
-    bias1, bias2 = 1 - beta1**step, 1 - beta2**step
+    hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, master[0].device)
+    scale, rate, decay, bias1, bias2 = hyper.unbind()
     for p, g, m, v, w in zip(params, grads, exp_avgs, exp_avg_sqs, master):
-        g = g.to(w.dtype) * grad_scale
-        w.mul_(1 - lr * weight_decay)
+        g = g.to(w.dtype) * scale
+        w.mul_(decay)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        w.addcdiv_(m / bias1, (v / bias2).sqrt().add_(eps), value=-lr)
+        w.sub_(m.div(bias1).mul_(rate).div_((v / bias2).sqrt_().add_(eps)))
         if p is not w:
             p.copy_(w)
 
@@ -97,8 +119,8 @@ def _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1,
 
 
 @_triton.jit
-def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, GRAD_SCALE,
-           P_LIKE, G_LIKE, W_LIKE, lr, beta1, beta2, eps, decay, bias1, bias2,
+def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, HYPER,
+           P_LIKE, G_LIKE, W_LIKE, beta1, beta2, eps,
            HAS_MASTER: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     chunk = tl.program_id(0)
     tensor = tl.load(CHUNK_TENSOR + chunk)
@@ -109,7 +131,11 @@ def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, GRAD_S
     w_ptr = _typed(MASTER, tensor, W_LIKE, ALIGNED)
     m_ptr = _typed(M, tensor, W_LIKE, ALIGNED)
     v_ptr = _typed(V, tensor, W_LIKE, ALIGNED)
-    scale = tl.load(GRAD_SCALE)
+    scale = tl.load(HYPER)  # the device scalars of _hyperparameters
+    lr = tl.load(HYPER + 1)
+    decay = tl.load(HYPER + 2)
+    bias1 = tl.load(HYPER + 3)
+    bias2 = tl.load(HYPER + 4)
     if start + CHUNK <= size:  # a whole chunk: no masks, so the accesses vectorise
         for offset in range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
@@ -181,15 +207,16 @@ def _device_tables(device: torch.device, addresses: tuple, sizes: tuple, chunk: 
 def adamw_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor], master: Optional[Sequence[Tensor]] = None, *,
-    lr: float, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-    weight_decay: float = 0.0, step: int, grad_scale: Tensor | float = 1.0, impl: Choice = "auto",
+    lr: float | Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
+    weight_decay: float = 0.0, step: int | Tensor, grad_scale: Tensor | float = 1.0, impl: Choice = "auto",
 ) -> None:
     """One AdamW step, in place, over all tensors at once. ``master``: fp32 copies of ``params``
-    (then ``params`` only receive the rounded result); moments share the master dtype."""
+    (then ``params`` only receive the rounded result); moments share the master dtype. ``lr``,
+    ``step`` (counting from 1) and ``grad_scale``: numbers or 0-d tensors on the params' device."""
     if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs)) or (
             master is not None and len(master) != len(params)):
         raise ValueError("adamw_step: params, grads, moments (and master) need equal lengths")
-    if step < 1:
+    if not isinstance(step, Tensor) and step < 1:  # a device step is not read back to check it
         raise ValueError(f"adamw_step: step counts from 1, got {step}")
     if not params:
         return
@@ -201,14 +228,12 @@ def adamw_step(
     device = params[0].device
     (p_t, g_t, w_t, m_t, v_t), sizes, chunk_tensor, chunk_start, aligned = _tables(
         device, params, grads, weights, exp_avgs, exp_avg_sqs)
-    scale = torch.as_tensor(grad_scale, dtype=torch.float32, device=device).reshape(1)
+    hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, device)
     _triton.launch(_adamw, (chunk_tensor.numel(),), device, p_t, g_t, w_t, m_t, v_t, sizes,
-                   chunk_tensor, chunk_start, scale, _witness(params, "params"), _witness(grads, "grads"),
+                   chunk_tensor, chunk_start, hyper, _witness(params, "params"), _witness(grads, "grads"),
                    _witness(list(weights) + list(exp_avgs) + list(exp_avg_sqs), "master/moments"),
-                   float(lr), float(beta1), float(beta2), float(eps),
-                   1.0 - lr * weight_decay, 1.0 - beta1**step, 1.0 - beta2**step, HAS_MASTER=master is not None,
-                   ALIGNED=aligned, CHUNK=_CHUNK, BLOCK=_BLOCK,
-                   num_warps=_WARPS)
+                   float(beta1), float(beta2), float(eps), HAS_MASTER=master is not None,
+                   ALIGNED=aligned, CHUNK=_CHUNK, BLOCK=_BLOCK, num_warps=_WARPS)
 
 
 def global_norm(tensors: Sequence[Tensor], *, impl: Choice = "auto") -> Tensor:

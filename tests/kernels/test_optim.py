@@ -28,6 +28,19 @@ def test_adamw_matches_reference(param_dtype):
             torch.testing.assert_close(g, w, **(tol if g.dtype == torch.float32 else {}))
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_adamw_takes_lr_and_step_as_device_tensors(impl):
+    """A scheduled lr (float64 0-d) and the optimizer's int64 step counter: same result as numbers."""
+    numbers, tensors = _state(torch.float32), _state(torch.float32)
+    adamw_step(*numbers[:4], lr=3e-3, weight_decay=0.1, step=7, grad_scale=0.5, impl=impl)
+    adamw_step(*tensors[:4], lr=torch.tensor(3e-3, dtype=torch.float64), weight_decay=0.1,
+               step=torch.tensor(7), grad_scale=torch.tensor(0.5), impl=impl)
+    for got, want in zip(tensors[:4], numbers[:4]):
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+    assert not torch.equal(tensors[0][0], _state(torch.float32)[0][0])  # the step did move them
+
+
 def test_adamw_equals_torch_optim():
     p = torch.randn(10, requires_grad=True)
     q, m, v = p.detach().clone(), torch.zeros(10), torch.zeros(10)
