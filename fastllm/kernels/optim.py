@@ -141,8 +141,8 @@ def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, HYPER,
             idx = start + offset + tl.arange(0, BLOCK)
             _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps,
                          decay, bias1, bias2, HAS_MASTER, False)
-    else:
-        for offset in range(0, CHUNK, BLOCK):
+    else:  # the tensor's last chunk: only the blocks that reach into the tensor
+        for offset in range(0, size - start, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2,
                          eps, decay, bias1, bias2, HAS_MASTER, True)
@@ -162,7 +162,7 @@ def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, LIKE,
             x = tl.load(ptr + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
             acc += x * x
     else:
-        for offset in range(0, CHUNK, BLOCK):
+        for offset in range(0, size - start, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             x = tl.load(ptr + idx, mask=idx < size, other=0.0).to(tl.float32)
             acc += x * x

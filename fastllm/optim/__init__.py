@@ -5,6 +5,7 @@
     state = opt.init(params)
     updates, state = opt.update(grads, state, params)
     params = optim.apply_updates(params, updates)
+    # or: params, state = optim.apply_gradients(opt, grads, state, params)  (fused, in place)
 """
 
 from fastllm.optim import schedules
@@ -12,6 +13,7 @@ from fastllm.optim.alias import adam, adamw, sgd
 from fastllm.optim.base import (
     EmptyState,
     GradientTransformation,
+    apply_gradients,
     apply_updates,
     cast_tree,
     chain,
@@ -49,6 +51,7 @@ __all__ = [
     "EmptyState",
     "chain",
     "apply_updates",
+    "apply_gradients",
     "global_norm",
     "cast_tree",
     "select_tree",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from fastllm.optim.base import GradientTransformation, chain
+from fastllm.optim.fused import fused_adamw
 from fastllm.optim.masks import Mask, default_decay_mask
 from fastllm.optim.schedules import Schedule
 from fastllm.optim.transforms import (
@@ -34,7 +35,8 @@ def adamw(
     The decay is scaled by the (scheduled) learning rate, as in ``torch.optim.AdamW``. Unlike torch,
     only ``mask``-selected leaves decay (default: matrices, not embeddings/norms/biases; pass
     ``fastllm.optim.decay_all`` for torch's behaviour). ``max_grad_norm`` prepends
-    ``clip_by_global_norm``.
+    ``clip_by_global_norm``. The transformation carries a ``fused`` step (one multi-tensor kernel
+    pass, in place) that :func:`~fastllm.optim.apply_gradients` uses: see :mod:`fastllm.optim.fused`.
     """
     transforms = [
         scale_by_adam(b1, b2, eps),
@@ -43,7 +45,8 @@ def adamw(
     ]
     if max_grad_norm is not None:
         transforms.insert(0, clip_by_global_norm(max_grad_norm))
-    return chain(*transforms)
+    fused = fused_adamw(learning_rate, b1, b2, eps, weight_decay, mask, max_grad_norm)
+    return chain(*transforms)._replace(fused=fused)
 
 
 def adam(

@@ -4,6 +4,10 @@
     updates, state = transform.update(grads, state, params)
     params = apply_updates(params, updates)
 
+or, in one call that uses the transform's fused kernel when it has one (``adamw`` does):
+
+    params, state = apply_gradients(transform, grads, state, params)
+
 ``updates`` enter as gradients and leave as the *deltas* to add to the parameters (the learning-rate
 transform negates). State is a NamedTuple whose tensor fields are either 0-d scalars (step counts,
 norms) or whole pytrees with the structure of ``params`` (moments), so :func:`state_axes` can give
@@ -21,6 +25,7 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from fastllm import tree
+from fastllm.kernels.registry import KernelConfig
 from fastllm.optim import _multi
 from fastllm.tree import PyTree
 
@@ -29,6 +34,7 @@ __all__ = [
     "EmptyState",
     "chain",
     "apply_updates",
+    "apply_gradients",
     "global_norm",
     "cast_tree",
     "select_tree",
@@ -41,10 +47,17 @@ Reduce = Optional[Callable[[Tensor], Tensor]]
 
 
 class GradientTransformation(NamedTuple):
-    """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``."""
+    """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
+
+    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale)`` does ``update``
+    and ``apply_updates`` in one pass, writing the new params and state tensors IN PLACE, and
+    returns ``(params, state)``, a state equal in structure and meaning to ``update``'s; or ``None``
+    (having changed nothing) when it cannot take these leaves. See :func:`apply_gradients`.
+    """
 
     init: Callable[[PyTree], Any]
     update: Callable[..., tuple[PyTree, Any]]
+    fused: Optional[Callable[..., Optional[tuple[PyTree, Any]]]] = None
 
 
 class EmptyState(NamedTuple):
@@ -76,6 +89,34 @@ def apply_updates(params: PyTree, updates: PyTree) -> PyTree:
         return params
     deltas = [u if u.dtype == p.dtype else u.to(p.dtype) for p, u in zip(leaves, tree.leaves(updates))]
     return optree.tree_unflatten(spec, _multi.add(leaves, deltas))
+
+
+def apply_gradients(
+    transform: GradientTransformation,
+    grads: PyTree,
+    state: Any,
+    params: PyTree,
+    *,
+    kernels: Optional[KernelConfig] = None,
+    grad_scale: Optional[Tensor] = None,
+) -> tuple[PyTree, Any]:
+    """One optimizer step: ``(new params, new state)`` from the gradients.
+
+    With ``transform.fused`` the params and the state's moments are updated in place by one fused
+    kernel pass: the caller DONATES ``params`` and ``state`` (their tensors hold the new values
+    afterwards; do not keep them as "the previous step"). Otherwise, or when the fused path
+    declines these leaves, ``update`` then ``apply_updates``, out of place. ``grad_scale``: a 0-d
+    factor applied to ``grads`` first (a clipping factor computed by the caller); ``kernels``:
+    Triton or the torch reference for the fused path (fields ``adamw`` and ``grad_norm``).
+    """
+    if transform.fused is not None:
+        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale)
+        if done is not None:
+            return done
+    if grad_scale is not None and tree.leaves(grads):
+        grads = tree.with_leaves(grads, _multi.mul(tree.leaves(grads), grad_scale))
+    updates, state = transform.update(grads, state, params)
+    return apply_updates(params, updates), state
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:

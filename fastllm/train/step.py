@@ -8,8 +8,11 @@ target tokens, so the accumulated gradient is the gradient of the mean loss over
     grad = sum_i (n_i / N) * grad(loss_i)        (n_i valid targets of micro-batch i, N = sum n_i)
 
 Gradients land on the fp32 master weights (the cast is differentiable) and the optimizer state is
-fp32. With fp16 the loss is multiplied by a dynamic scale before backward and the update is skipped
-(via ``torch.where``, no host sync) when a gradient overflows (Micikevicius et al. 2018).
+fp32. The update goes through :func:`fastllm.optim.apply_gradients`: an optimizer with a fused
+kernel (``optim.adamw``) writes the new params and moments into the input state's tensors (the
+step consumes its input state unless ``donate=False``). With fp16 the loss is multiplied by a
+dynamic scale before backward and the update is skipped (via ``torch.where``, no host sync) when a
+gradient overflows (Micikevicius et al. 2018).
 Metrics are 0-d tensors; reading them is the caller's (the Trainer's) choice of sync point.
 """
 
@@ -104,11 +107,15 @@ def make_train_step(
     learning_rate: Callable[[int], float] | None = None,
     compile: bool = False,
     compile_backend: str = "inductor",
+    donate: bool = True,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """The pure step for a model and optimizer; ``learning_rate(step)`` is only reported.
+    """The step for a model and optimizer; ``learning_rate(step)`` is only reported.
 
     ``compile``: each decoder block runs through ``torch.compile`` (``compile_backend``), see
-    :mod:`fastllm.train.compile`; same loss and gradients up to rounding."""
+    :mod:`fastllm.train.compile`; same loss and gradients up to rounding. ``donate``: the step may
+    write the new params and optimizer moments into the input state's tensors (the optimizer's
+    fused path, one kernel pass); ``False`` keeps the input state intact (the unfused chain, a pure
+    step). With fp16 loss scaling the step is always pure: a skipped step keeps the old params."""
     dtype = COMPUTE_DTYPES[precision]
     loss_fn = _loss_fn(config, remat, block_fn_for(compile, compile_backend))
 
@@ -119,9 +126,13 @@ def make_train_step(
         grads, loss = _gradients(loss_fn, state.params, micro_batches, dtype, scale)
         if loss_scale is not None:
             grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        if loss_scale is None and donate:  # fused when the optimizer has a kernel for it: in place
+            params, opt_state = optim.apply_gradients(optimizer, grads, state.opt_state, state.params,
+                                                      kernels=config.kernels)
+        else:
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optim.apply_updates(state.params, updates)
         grad_norm = _grad_norm(grads, opt_state)
-        params = optim.apply_updates(state.params, updates)
         if loss_scale is not None:  # an overflowing fp16 step changes nothing but the scale
             params, opt_state = optim.select_tree(finite, (params, opt_state), (state.params, state.opt_state))
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": target_weight(batch)}
