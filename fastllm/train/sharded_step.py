@@ -148,11 +148,12 @@ class ShardedTrainStep:
         grads = _opt_view(p, grads, self.plan.data_dims) if p.zero_stage == 1 else grads
         owned = _opt_view(p, state.params, self.plan.data_dims)
         grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh)
-        if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor
+        factor = None
+        if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-            grads = tree.map(lambda g: g * factor, grads)
-        updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)
-        owned = optim.apply_updates(owned, updates)
+        # fused AdamW when it can: `owned` (views of the params or the params) and the moments in place
+        owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
+                                                 kernels=self.config.kernels, grad_scale=factor)
         if p.zero_stage in (1, 2):
             params = zero.to_compute(owned, self.plan.data_dims, p.mesh, p.bucket_bytes)
         else:

@@ -52,7 +52,7 @@ def reference(config, key, device: torch.device | str = "cpu") -> dict:
     data = batches(config, device=device)
     grads, _ = _gradients(lambda p, b: models.loss(config, p, b), params, [data[0]], torch.float32, None)
     step = make_train_step(config, opt)
-    state = TrainState(params, opt.init(params), 0, key)
+    state = TrainState(tree.map(torch.clone, params), opt.init(params), 0, key)  # `params` stay the init
     losses = []
     for batch in data:
         state, metrics = step(state, batch)
