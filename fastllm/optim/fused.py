@@ -12,8 +12,8 @@ with ``kernels.global_norm`` and ``kernels.adamw_step`` (decayed and non-decayed
 launches), writing params and moments in place. ``lr_t``, ``t`` and ``c`` stay 0-d device tensors.
 The returned state is the chain's, leaf for leaf: the same NamedTuples, counters advanced the same
 way, the pre-clip norm in ``ClipByGlobalNormState``. Leaves the kernel cannot take (non-fp32
-params or moments, mixed gradient dtypes, non-contiguous tensors, several devices) and tracing
-under ``torch.compile`` return ``None``: the caller then runs the unfused chain.
+params or moments, mixed gradient dtypes, non-contiguous tensors, several devices, one tensor at
+two leaves) and tracing under ``torch.compile`` return ``None``: the caller runs the chain.
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ __all__ = ["fused_adamw"]
 
 def _fusable(params: list, grads: list, mu: list, nu: list) -> bool:
     """Whether the kernel takes these leaves as they are (else the chain must run)."""
-    if not params or not len(params) == len(grads) == len(mu) == len(nu) or torch.compiler.is_compiling():  # raw pointers cannot be traced
+    if torch.compiler.is_compiling():  # the kernel takes raw addresses: nothing dynamo can trace
+        return False
+    if not params or not len(params) == len(grads) == len(mu) == len(nu):
         return False
     if not all(isinstance(t, Tensor) for group in (params, grads, mu, nu) for t in group):
+        return False
+    if len({p.data_ptr() for p in params}) != len(params):  # a tensor twice would be stepped twice
         return False
     device, grad_dtype = params[0].device, grads[0].dtype
     if not grad_dtype.is_floating_point:
