@@ -55,10 +55,10 @@ _SCATTER_SINGLE = getattr(dist, "reduce_scatter_single", None) or dist.reduce_sc
 class Pending:
     """A collective in flight; :meth:`wait` returns its result."""
 
-    def __init__(self, work, finish: Callable[[], Tensor]):
+    def __init__(self, work, finish: Callable[[], Any]):
         self._work, self._finish = work, finish
 
-    def wait(self) -> Tensor:
+    def wait(self) -> Any:  # a Tensor, or a list of them (several collectives as one)
         if self._work is not None:
             self._work.wait()
             self._work = None

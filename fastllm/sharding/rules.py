@@ -83,9 +83,11 @@ COMPUTE_RULES = Rules(
     )
 )
 
-# ZeRO-3 storage: the compute layout, plus ``embed`` split over ``data`` (placed first so it wins
-# over the compute table's ``embed -> None``), plus a ``data`` shard wherever else one fits.
-STORAGE_RULES = Rules((("embed", "data"),), fallback="data") + COMPUTE_RULES
+# ZeRO storage: the compute layout plus a ``data`` shard on the first dim of each compute shard that
+# it divides. For ``[out, in]`` weights that is dim 0, so a storage block is a run of whole rows of
+# the compute shard: the all-gather of the blocks writes the compute shard in place (no unpacking
+# copy) and the reduce-scatter reads the gradient as it is (no packing copy).
+STORAGE_RULES = Rules(COMPUTE_RULES.table, fallback="data")
 
 
 def spec_for(

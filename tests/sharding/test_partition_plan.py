@@ -54,7 +54,7 @@ def test_describe_matches_what_a_rank_allocates(stage):
 
 def test_describe_table_names_every_parameter():
     text = str(describe(models.param_specs(models.preset("llama3-8b")), Mesh.abstract(data=8, tensor=8), zero_stage=3))
-    assert "layers.31.attention.wq" in text and "(tensor, None, data)" in text
+    assert "layers.31.attention.wq" in text and "(tensor, data, None)" in text  # 4 local heads: data takes head_dim
     assert "per rank: params" in text and "optimizer" in text
     d = describe(models.param_specs(models.preset("llama3-8b")), Mesh.abstract(data=8, tensor=8), zero_stage=3)
     assert d.totals["params"] == sum(math.prod(r.local_shape) * 4 for r in d.rows)

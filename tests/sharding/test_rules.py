@@ -118,9 +118,10 @@ def test_compute_rules_give_megatron_tensor_parallel():
 def test_storage_rules_shard_every_parameter_over_data():
     specs = contract_specs()
     flat = tree.flatten(resolve(nn.axes(specs), nn.shapes(specs), MESH, STORAGE_RULES), is_leaf=is_spec)
-    assert flat["layers.0.attention.wq"] == ("tensor", None, "data")
+    # data nests inside tensor on dim 0: a storage block is whole rows of the compute shard
+    assert flat["layers.0.attention.wq"] == (("tensor", "data"), None, None)
     assert flat["layers.0.attention.wo"] == ("data", "tensor", None)
-    assert flat["layers.0.attention.bq"] == (("tensor", "data"), None)  # fallback
+    assert flat["layers.0.attention.bq"] == (("tensor", "data"), None)
     assert flat["final_norm.scale"] == ("data",)
     for path, spec in flat.items():
         assert "data" in spec.used_axes, path
