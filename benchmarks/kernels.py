@@ -439,6 +439,47 @@ def bench_attention(bench: Bench, batch: int, heads: int, kv_heads: int, seq: in
                                   flops=2.5 * flops, shape=shape))
             except Exception as error:
                 bench.skip(f"attention[{mask}]", "bwd", name, f"{type(error).__name__}: {error}"[:200])
+    if dev.type == "cuda":
+        bench_sdpa_backends(bench, q, k, v)
+
+
+def bench_sdpa_backends(bench: Bench, q, k, v):
+    """Causal attention on each fused SDPA backend PyTorch has here, k/v shared per group
+    (``enable_gqa``) or expanded to every head first (the expansion is timed with it)."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    batch, heads, seq, head_dim = q.shape
+    flops = 4 * batch * heads * head_dim * seq * (seq + 1) / 2
+    shape = f"b={batch} h={heads} kv={k.shape[1]} s={seq} d={head_dim} causal"
+    groups = heads // k.shape[1]
+
+    def expanded(q, k, v):
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def shared(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+
+    with torch.no_grad():
+        reference = expanded(q.float(), k.float(), v.float())
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        for kv, fn in (("gqa", shared), ("expanded k/v", expanded)):
+            name = f"sdpa {backend.name.lower()} ({kv})"
+
+            def run(q, k, v, fn=fn, backend=backend):
+                with sdpa_kernel(backend):
+                    return fn(q, k, v)
+
+            try:
+                with torch.no_grad():
+                    error = (run(q, k, v).float() - reference).abs().max().item() / reference.abs().max().item()
+                bench.record(Case("attention[causal]", "fwd", name, lambda: run(q, k, v), flops=flops, shape=shape),
+                             note=f"rel. err vs fp32 {error:.1e}")
+                bench.record(Case("attention[causal]", "bwd", name, grad_of(run, (q, k, v)),
+                                  flops=2.5 * flops, shape=shape))
+            except Exception as error:  # a backend that refuses these inputs
+                bench.skip("attention[causal]", "fwd+bwd", name, f"{type(error).__name__}: {error}"[:200])
 
 
 # ----------------------------------------------------------------------------- report

@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-blocks", action="store_true",
                         help="fastllm compiles each decoder block (torch.compile, inductor; norms, rotary and "
                              "activation as torch ops inside; fastllm/train/compile.py); needs FASTLLM_TYPECHECK=0")
+    parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default",
+                        help="SDPA backend preferred for both systems' attention (default: PyTorch's choice)")
+    parser.add_argument("--tag", default="", help="suffix of the profile's file names")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after measuring, profile one more step; rank 0 writes DIR/<system>.json.gz "
+                             "(a Chrome trace) and DIR/<system>.txt (kernels by device time)")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
@@ -224,6 +230,8 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
             times.append(elapsed)
         log(f"{name}: step {i + 1}/{args.warmup + args.steps} {'warmup' if i < args.warmup else ''} "
             f"{elapsed:.3f} s loss {losses[-1]:.4f}")
+    if args.profile:
+        profile_step(name, step, batch_for(args.warmup + args.steps, args, config.vocab_size, device), args, device)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     step_time = statistics.median(slowest.tolist())
@@ -231,6 +239,31 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
     return {"system": name, "step_time_s": round(step_time, 4), "tokens_per_s_per_gpu": round(tokens_per_gpu, 1),
             "mfu": round(tokens_per_gpu * flops_per_token(config, args) / PEAK_FLOPS, 4),
             "peak_memory_gib": _peak_memory_gib(device), "losses": [round(x, 4) for x in losses]}
+
+
+def profile_step(name: str, step: StepFn, batch: dict, args, device: torch.device) -> None:
+    """One step under torch.profiler (every rank steps; rank 0 writes the trace and a summary)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(batch)
+        _sync(device)
+    if dist.get_rank() != 0:
+        return
+    os.makedirs(args.profile, exist_ok=True)
+    tag = f"{name}-{args.tag}" if args.tag else name
+    trace = os.path.join(args.profile, f"{tag}.json")
+    prof.export_chrome_trace(trace)
+    import gzip
+    import shutil
+
+    with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    os.remove(trace)
+    sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    with open(os.path.join(args.profile, f"{tag}.txt"), "w") as out:
+        out.write(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
 
 
 def flops_per_token(config, args) -> float:
@@ -250,6 +283,19 @@ def _peak_memory_gib(device: torch.device) -> float | None:
     peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)), device=device)
     dist.all_reduce(peak, op=dist.ReduceOp.MAX)
     return round(peak.item() / 2**30, 2)
+
+
+def sdpa_preference(choice: str):
+    """A context preferring one SDPA backend (the others stay allowed, after it)."""
+    import contextlib
+
+    if choice == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[choice]
+    rest = [SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    return sdpa_kernel([first] + [b for b in rest if b != first], set_priority=True)
 
 
 def log(message: str) -> None:
@@ -284,8 +330,10 @@ def main(argv=None) -> int:
         else:
             fields.update(zero_stage=args.zero_stage, overlap=args.overlap, bucket_mib=args.bucket_mib,
                           remat=args.remat, compile_blocks=args.compile_blocks)
+        fields["sdpa"] = args.sdpa
         try:
-            fields.update(measure(name, builders[name], args, config, device))
+            with sdpa_preference(args.sdpa):
+                fields.update(measure(name, builders[name], args, config, device))
         except Exception as error:  # noqa: BLE001 - report and go on with the other system
             failed = True
             fields["error"] = f"{type(error).__name__}: {error}"
