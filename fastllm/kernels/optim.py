@@ -142,9 +142,10 @@ def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, HYPER,
             _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps,
                          decay, bias1, bias2, HAS_MASTER, False)
     else:  # the tensor's last chunk: only the blocks that reach into the tensor
-        for offset in range(0, size - start, BLOCK):
-            idx = start + offset + tl.arange(0, BLOCK)
-            _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2,
+        # (names apart from the branch above: Triton merges same-named values of both branches)
+        for tail_offset in range(0, size - start, BLOCK):
+            tail_idx = start + tail_offset + tl.arange(0, BLOCK)
+            _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, tail_idx, size, scale, lr, beta1, beta2,
                          eps, decay, bias1, bias2, HAS_MASTER, True)
 
 
@@ -162,9 +163,9 @@ def _sum_squares(TENSORS, SIZES, CHUNK_TENSOR, CHUNK_START, PARTIAL, LIKE,
             x = tl.load(ptr + start + offset + tl.arange(0, BLOCK)).to(tl.float32)
             acc += x * x
     else:
-        for offset in range(0, size - start, BLOCK):
-            idx = start + offset + tl.arange(0, BLOCK)
-            x = tl.load(ptr + idx, mask=idx < size, other=0.0).to(tl.float32)
+        for tail_offset in range(0, size - start, BLOCK):  # not "offset": see _adamw
+            tail_idx = start + tail_offset + tl.arange(0, BLOCK)
+            x = tl.load(ptr + tail_idx, mask=tail_idx < size, other=0.0).to(tl.float32)
             acc += x * x
     tl.store(PARTIAL + chunk, tl.sum(acc, axis=0))
 
@@ -200,8 +201,16 @@ def _device_tables(device: torch.device, addresses: tuple, sizes: tuple, chunk: 
     first = torch.cumsum(counts, 0) - counts
     chunk_start = (torch.arange(chunk_tensor.numel()) - first[chunk_tensor]) * chunk
     packed = torch.tensor([list(role) for role in addresses] + [list(sizes)], dtype=torch.int64)
-    packed, chunks = packed.to(device), torch.stack([chunk_tensor, chunk_start]).to(device)
+    packed, chunks = _upload(packed, device), _upload(torch.stack([chunk_tensor, chunk_start]), device)
     return list(packed[:-1]), packed[-1], chunks[0], chunks[1]
+
+
+def _upload(table: Tensor, device: torch.device) -> Tensor:
+    """``table`` on ``device`` without a host sync: a copy from pageable memory would wait for the
+    GPU to drain its queue, and a step whose gradient buffers moved rebuilds its tables."""
+    if device.type != "cuda":
+        return table.to(device)
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def adamw_step(
