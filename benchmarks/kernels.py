@@ -213,6 +213,16 @@ def bench_copy(bench: Bench, n: int):
     bench.record(case)
 
 
+def bench_cast(bench: Bench, rows: int, dim: int):
+    """bf16 -> fp32 (the gradients before a float32 reduce-scatter)."""
+    from fastllm import kernels
+
+    x = torch.randn(rows, dim, device=bench.device, dtype=torch.bfloat16)
+    shape, nbytes = f"[{rows}, {dim}] bf16 -> fp32", x.numel() * 6
+    bench.record(Case("cast", "fwd", "fastllm", lambda: kernels.cast(x, torch.float32), bytes=nbytes, shape=shape))
+    bench.record(Case("cast", "fwd", "eager", lambda: x.float(), bytes=nbytes, shape=shape))
+
+
 def bench_norms(bench: Bench, rows: int, dim: int):
     from fastllm import kernels
     from fastllm.kernels import norm
@@ -510,7 +520,7 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="start no new suite after this many seconds (the table is still written)")
-    parser.add_argument("--only", default="", help="comma-separated subset: norms,activations,rotary,"
+    parser.add_argument("--only", default="", help="comma-separated subset: cast,norms,activations,rotary,"
                         "cross_entropy,optim,moe,attention")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -525,6 +535,7 @@ def main(argv=None):
     started = time.perf_counter()
     tiny = args.dry_run
     suites = {
+        "cast": lambda: bench_cast(bench, *((5, 1000) if tiny else (14336, 4096))),
         "norms": lambda: bench_norms(bench, *((6, 100) if tiny else (32768, 4096))),
         "activations": lambda: bench_activations(bench, *((3, 130) if tiny else (16384, 14336))),
         # Two sizes: the smaller one's backward is short enough (~0.25 ms) for autograd's host

@@ -40,7 +40,8 @@ from fastllm.sharding.spec import PartitionSpec
 from fastllm.sharding.zero import reduce_gradients
 
 __all__ = [
-    "Pending", "gather_async", "reduce_scatter_async", "all_reduce_async", "to_rows", "from_rows",
+    "Pending", "gather_async", "reduce_scatter_async", "gather_each_async", "reduce_scatter_each_async",
+    "all_reduce_async", "to_rows", "from_rows",
     "part_order", "GradientSink", "GradientReduction", "MAX_IN_FLIGHT",
 ]
 
@@ -98,6 +99,40 @@ def reduce_scatter_async(rows: Tensor, axis: str, mesh: Mesh) -> Pending:
     return Pending(work, lambda: rows[mesh.rank(axis)])
 
 
+def _coalesced(group) -> bool:
+    """Whether to launch a list of collectives as one NCCL group (one kernel): NCCL only; gloo
+    runs them one by one."""
+    return dist.get_backend(group) == "nccl"
+
+
+def gather_each_async(flats: list[Tensor], axis: str, mesh: Mesh) -> Pending:
+    """:func:`gather_async` of each 1-D tensor of ``flats``, launched together; the result is the list
+    of ``[ranks, numel]`` tensors."""
+    n, group = mesh.size(axis), mesh.group(axis)
+    if not _coalesced(group):
+        pendings = [gather_async(flat, axis, mesh) for flat in flats]
+        return Pending(None, lambda: [p.wait() for p in pendings])
+    outs = [flat.new_empty((n, flat.numel())) for flat in flats]
+    with dist.distributed_c10d._coalescing_manager(group=group, async_ops=True) as manager:
+        for out, flat in zip(outs, flats):
+            _GATHER_SINGLE(out.view(-1), flat, group=group)
+    return Pending(manager, lambda: outs)
+
+
+def reduce_scatter_each_async(rows: list[Tensor], axis: str, mesh: Mesh) -> Pending:
+    """:func:`reduce_scatter_async` of each ``[ranks, m]`` tensor of ``rows``, launched together; the
+    result is the list of this rank's rows."""
+    group = mesh.group(axis)
+    if not _coalesced(group):
+        pendings = [reduce_scatter_async(r, axis, mesh) for r in rows]
+        return Pending(None, lambda: [p.wait() for p in pendings])
+    outs = [r.new_empty(r.shape[1:]) for r in rows]
+    with dist.distributed_c10d._coalescing_manager(group=group, async_ops=True) as manager:
+        for out, r in zip(outs, rows):
+            _SCATTER_SINGLE(out, r.reshape(-1), group=group)
+    return Pending(manager, lambda: outs)
+
+
 def all_reduce_async(flat: Tensor, axis: str, mesh: Mesh) -> Pending:
     """Start summing ``flat`` over ``axis`` in place."""
     return Pending(dist.all_reduce(flat, group=mesh.group(axis), async_op=True), lambda: flat)
@@ -135,7 +170,10 @@ class GradientSink:
 
     def put(self, unpack: Callable[[Tensor], dict[str, Tensor]], pending: Pending) -> None:
         self._pending.append((unpack, pending))
-        while len(self._pending) > MAX_IN_FLIGHT - 1:  # overlap one block's backward, then collect
+        # A part's reduce-scatter is waited for when the one after next starts: it has a whole
+        # block's backward to finish (waiting at the next part's start stalled the GPU behind the
+        # LM head's 2 GB reduce-scatter, since the final norm's backward between them is tiny).
+        while len(self._pending) > MAX_IN_FLIGHT:
             self._collect_one()
 
     def drain(self) -> None:

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from fastllm import tree
+from fastllm.kernels.cast import cast
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import (
-    GradientSink, Pending, from_rows, gather_async, part_order, reduce_scatter_async, to_rows,
+    GradientSink, Pending, from_rows, gather_each_async, part_order, reduce_scatter_each_async, to_rows,
 )
 
 __all__ = ["PrefetchGather"]
@@ -47,7 +48,7 @@ class _PartLayout:
 
     def gather(self, blocks: tuple[Tensor, ...], mesh: Mesh) -> Pending:
         """Start one all-gather per block; each result is ``[ranks, block numel]``."""
-        return _each([gather_async(b.detach().reshape(-1), "data", mesh) for b in blocks])
+        return gather_each_async([b.detach().reshape(-1) for b in blocks], "data", mesh)
 
     def unpack_gathered(self, gathered: list[Tensor]) -> list[Tensor]:
         """The compute shards: views of the gathered rows when split along dim 0, else one copy."""
@@ -55,16 +56,11 @@ class _PartLayout:
 
     def scatter_grads(self, grads: tuple[Tensor, ...], dtype: torch.dtype, mesh: Mesh) -> Pending:
         """Start one reduce-scatter per gradient (``to_rows`` is a view for dim 0 splits)."""
-        return _each([reduce_scatter_async(to_rows(g.to(dtype), d, self.n), "data", mesh)
-                      for g, d in zip(grads, self.dims)])
+        return reduce_scatter_each_async([to_rows(cast(g, dtype), d, self.n) for g, d in zip(grads, self.dims)],
+                                         "data", mesh)
 
     def unpack_blocks(self, mine: list[Tensor]) -> dict[str, Tensor]:
         return {f"{self.path}.{sub}": part.view(shape) for sub, part, shape in zip(self.subs, mine, self.shapes)}
-
-
-def _each(pendings: list[Pending]) -> Pending:
-    """Several collectives in flight as one :class:`Pending` whose result is the list of theirs."""
-    return Pending(None, lambda: [p.wait() for p in pendings])
 
 
 class _GatherPart(torch.autograd.Function):
