@@ -66,7 +66,8 @@ def init_sharded_state(
 
 class ShardedTrainStep:
     """``step(state, batch) -> (state, metrics)`` on this rank's shards; ``batch`` holds this data
-    rank's rows (``[micro_batch_size * grad_accum, seq]``), the same on every tensor rank."""
+    rank's rows (``[micro_batch_size * grad_accum, seq]``), the same on every tensor rank. The step
+    donates ``state``: the fused optimizer writes the new params and moments into its tensors."""
 
     def __init__(
         self,
