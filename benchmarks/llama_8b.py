@@ -246,7 +246,7 @@ def profile_step(name: str, step: StepFn, batch: dict, args, device: torch.devic
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         step(batch)
         _sync(device)
     if dist.get_rank() != 0:
