@@ -106,18 +106,13 @@ def dot_product_attention(
     return kernel_attention(q, k, v, window=window, segment_ids=segment_ids, impl=impl)
 
 
-def _project_qkv(x: Tensor, p: dict) -> tuple[Tensor, Tensor, Tensor]:
-    """``[batch, seq, embed]`` -> q ``[batch, heads, seq, head_dim]``, k and v ``[batch, kv_heads, seq,
-    head_dim]`` with ONE matmul over the stacked ``wq, wk, wv`` (one copy of the weights, ~0.03 ms for
-    Llama-8B): a k or v projection alone is too narrow to fill a GPU (an H200 ran Llama-8B's
-    ``[8192, 4096] x [4096, 1024]`` at 360 TFLOP/s against ~700 for the wide ones)."""
-    wq, wk, wv = p["wq"], p["wk"], p["wv"]
-    heads, kv_heads, head_dim = wq.shape[0], wk.shape[0], wq.shape[1]
-    w = torch.cat([wq, wk, wv]).flatten(0, 1)  # [(heads + 2 kv_heads) * head_dim, embed]
-    b = None if p.get("bq") is None else torch.cat([p["bq"], p["bk"], p["bv"]]).flatten()
-    y = F.linear(x, w, b).unflatten(-1, (heads + 2 * kv_heads, head_dim)).transpose(1, 2)
-    q, k, v = y.split([heads, kv_heads, kv_heads], dim=1)
-    return q, k, v
+def _project_in(
+    x: Tensor, w: Tensor, b: Optional[Tensor]
+) -> Tensor:  # [batch, seq, embed] -> [batch, heads, seq, head_dim]
+    heads, head_dim, embed = w.shape
+    bias = None if b is None else b.reshape(heads * head_dim)
+    y = F.linear(x, w.reshape(heads * head_dim, embed), bias)
+    return y.unflatten(-1, (heads, head_dim)).transpose(1, 2)
 
 
 def apply(
@@ -138,7 +133,9 @@ def apply(
     ``(output, cache extended by x's keys and values)``.
     """
     x = _layout.enter_parallel(layout, x)  # [batch, seq, embed]: every token, this rank's heads
-    q, k, v = _project_qkv(x, p)  # [batch, heads | kv_heads, seq, head_dim]
+    q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]
+    k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
+    v = _project_in(x, p["wv"], p.get("bv"))
     if rope is not None:
         q, k = apply_rotary(q, k, *rope, impl=select(layer.kernels, "rotary", q.device))
     if cache is None:
