@@ -91,6 +91,8 @@ def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool) -> Non
         if stats["prefetched"] < blocks or stats["most_in_flight"] != 1:
             raise AssertionError(f"ZeRO-3 prefetch: expected >= {blocks} prefetched gathers, one in flight "
                                  f"at most: {stats}")
+        if not config.tie_embeddings and stats["companions"] < 1:  # the final norm brings the LM head
+            raise AssertionError(f"ZeRO-3 prefetch: the LM head should be gathered with the final norm: {stats}")
 
 
 def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int,
