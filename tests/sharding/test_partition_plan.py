@@ -87,3 +87,23 @@ def test_one_process_layout_computes_the_same_loss(name):
     expected, _ = models.loss(config, params, batch)
     actual, _ = models.loss(config, params, batch, layout=layout)
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
+
+
+def test_zero3_blocks_are_whole_rows_so_gathers_and_scatters_need_no_copy():
+    """With the default storage rules every Llama weight splits over data along dim 0, so the
+    gathered ``[ranks, block]`` buffer *is* the compute weight and a gradient *is* its rows."""
+    import torch
+
+    from fastllm.sharding import Partitioner
+    from fastllm.sharding.overlap import from_rows, to_rows
+
+    config = models.preset("tiny-llama")
+    plan = Partitioner(Mesh.abstract(data=2), zero_stage=3).plan(models.param_specs(config))
+    assert set(plan.data_dims.values()) == {0}, plan.data_dims
+    full = torch.randn(8, 3, 5)
+    rows = to_rows(full, 0, 2)
+    assert rows.data_ptr() == full.data_ptr() and rows.shape == (2, 60)  # a view: nothing packed
+    back = from_rows(rows, 0, torch.Size((4, 3, 5)))
+    assert back.data_ptr() == rows.data_ptr() and torch.equal(back, full)  # a view: nothing unpacked
+    other = from_rows(to_rows(full, 1, 3), 1, torch.Size((8, 1, 5)))  # another dim still works, by copy
+    assert torch.equal(other, full)
