@@ -29,6 +29,7 @@ from torch import Tensor
 
 from fastllm import tree
 from fastllm.kernels.cast import cast
+from fastllm.sharding.embedding import sharded_lookup
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import (
     GradientSink, Pending, from_rows, gather_each_async, part_order, reduce_scatter_each_async, to_rows,
@@ -99,6 +100,7 @@ class PrefetchGather:
         self._seen: set[str] = set()
         self._small: set[str] = set()  # parts prefetched together with the one after them
         self._largest = 0
+        self._sparse_embed = False
         self._backward = False
         self.sink: Optional[GradientSink] = None
         self.reset_counts()
@@ -106,8 +108,8 @@ class PrefetchGather:
     def reset_counts(self) -> None:
         """What overlapped since the last reset: gathers, how many were prefetched, the most
         prefetches in flight at once, tiny parts not counted (the memory bound), and how many parts
-        a tiny part brought along."""
-        self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0, "companions": 0}
+        a tiny part brought along, and token lookups from the table's storage block."""
+        self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0, "companions": 0, "lookups": 0}
 
     # --- one micro-batch ---
     def bind(self, params: Any, sink: Optional[GradientSink]) -> None:
@@ -116,6 +118,10 @@ class PrefetchGather:
         self._parts = {path: _part(params, path) for path in self._order}
         self._largest = max(_nbytes(tree.leaves(part)) for part in self._parts.values())
         self._small = set()
+        # The table is looked up from its storage block when its rows are split over data and it is
+        # not also the LM head (tied: the head needs the whole block of every rank anyway).
+        self._sparse_embed = ("lm_head" in self._order and self.data_dims.get("embed.tokens") == 0
+                              and self.mesh.size("tensor") == 1)
         self._pending, self._seen, self._backward, self.sink = {}, set(), False, sink
 
     def reverse(self, remat: bool) -> None:
@@ -130,11 +136,16 @@ class PrefetchGather:
         for pending in self._pending.values():
             pending.wait()
         self._parts, self._order, self._pending, self.sink = None, [], {}, None
+        self._sparse_embed = False
 
     # --- the hook ---
     def __call__(self, path: str, part: Any) -> Any:
         split = self._split(path, part)
         if split is None:
+            if self._parts is not None and path not in self._seen:  # nothing to gather
+                self._seen.add(path)
+                if not (path == "embed" and self._sparse_embed):  # else lookup() prefetches, after its own
+                    self._prefetch_after(path)
             return part
         layout, blocks = split
         pending = self._pending.pop(path, None)
@@ -152,8 +163,25 @@ class PrefetchGather:
     def launch(self, layout: _PartLayout, blocks) -> Pending:
         return layout.gather(blocks, self.mesh)
 
+    def lookup(self, table: Tensor, ids: Tensor) -> Optional[Tensor]:
+        """The token embeddings from the table's storage block (:mod:`fastllm.sharding.embedding`) when
+        this micro-batch looks up without gathering the table, else ``None`` (the caller gathered it)."""
+        if not self._sparse_embed:
+            return None
+        self.counts["lookups"] += 1
+        out = sharded_lookup(table, ids, self.mesh, sink=self.sink, reduce_dtype=self.reduce_dtype)
+        self._prefetch_after("embed")  # its collectives are queued first: the lookup waits on no gather
+        return out
+
+    def _prefetch_after(self, path: str) -> None:
+        following = self._next(path)
+        if following is not None:
+            self._prefetch(following)
+
     def _split(self, path: str, part: Any) -> Optional[tuple[_PartLayout, tuple[Tensor, ...]]]:
         split = [(sub, x, self.data_dims[f"{path}.{sub}"]) for sub, x in tree.leaves_with_path(part)]
+        if path == "embed" and self._sparse_embed:  # looked up from the storage block, not gathered
+            split = [(sub, x, dim) for sub, x, dim in split if sub != "tokens"]
         split = [(sub, x, dim) for sub, x, dim in split if dim is not None]
         if not split:
             return None

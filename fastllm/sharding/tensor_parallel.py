@@ -95,6 +95,10 @@ class ParallelLayout:
         return p if self.gather is None else self.gather(path, p)
 
     def embed(self, table: Tensor, ids: Tensor) -> Tensor:
+        looked_up = getattr(self.gather, "lookup", None)  # ZeRO-3 prefetch: from the table's storage block
+        out = None if looked_up is None else looked_up(table, ids)
+        if out is not None:
+            return out
         if self.mesh.size("tensor") == 1:
             return F.embedding(ids, table)
         return self.exit_parallel(vocab_parallel_embedding(table, ids, self.mesh))

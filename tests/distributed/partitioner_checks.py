@@ -93,6 +93,8 @@ def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool) -> Non
                                  f"at most: {stats}")
         if not config.tie_embeddings and stats["companions"] < 1:  # the final norm brings the LM head
             raise AssertionError(f"ZeRO-3 prefetch: the LM head should be gathered with the final norm: {stats}")
+        if not config.tie_embeddings and mesh.size("tensor") == 1 and stats["lookups"] < 1:
+            raise AssertionError(f"ZeRO-3: tokens should be looked up from the table's storage block: {stats}")
 
 
 def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int,
