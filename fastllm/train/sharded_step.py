@@ -67,7 +67,8 @@ def init_sharded_state(
 class ShardedTrainStep:
     """``step(state, batch) -> (state, metrics)`` on this rank's shards; ``batch`` holds this data
     rank's rows (``[micro_batch_size * grad_accum, seq]``), the same on every tensor rank. The step
-    donates ``state``: the fused optimizer writes the new params and moments into its tensors."""
+    donates ``state`` (the fused optimizer writes the new params and moments into its tensors)
+    unless ``donate=False``, which runs the optimizer's pure chain instead."""
 
     def __init__(
         self,
@@ -82,6 +83,7 @@ class ShardedTrainStep:
         remat: bool = False,
         compile: bool = False,
         compile_backend: str = "inductor",
+        donate: bool = True,
     ):
         if precision not in ("fp32", "bf16"):
             raise NotImplementedError(f"precision {precision!r} under a mesh: use fp32 or bf16 "
@@ -91,6 +93,7 @@ class ShardedTrainStep:
         self.config, self.partitioner, self.optimizer = config, partitioner, optimizer
         self.grad_accum, self.dtype = grad_accum, COMPUTE_DTYPES[precision]
         self.max_grad_norm, self.learning_rate, self.remat = max_grad_norm, learning_rate, remat
+        self.donate = donate
         self.block_fn = block_fn_for(compile, compile_backend)  # fastllm.train.compile: gathers stay eager
         self.plan = partitioner.plan(models.param_specs(config))
         self.layout = partitioner.layout(self.plan.declarations)
@@ -152,9 +155,13 @@ class ShardedTrainStep:
         factor = None
         if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
-        # fused AdamW when it can: `owned` (views of the params or the params) and the moments in place
-        owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
-                                                 kernels=self.config.kernels, grad_scale=factor)
+        if self.donate:  # fused AdamW when it can: `owned` (the params or slices) and the moments in place
+            owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
+                                                     kernels=self.config.kernels, grad_scale=factor)
+        else:  # the pure chain: the input state stays as it was
+            grads = grads if factor is None else tree.map(lambda g: g * factor, grads)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)
+            owned = optim.apply_updates(owned, updates)
         if p.zero_stage in (1, 2):
             params = zero.to_compute(owned, self.plan.data_dims, p.mesh, p.bucket_bytes)
         else:
@@ -167,7 +174,7 @@ class ShardedTrainStep:
 
 def make_sharded_train_step(config, partitioner: Partitioner, optimizer, **options) -> ShardedTrainStep:
     """:class:`ShardedTrainStep` (options: ``grad_accum``, ``precision``, ``max_grad_norm``,
-    ``learning_rate``, ``remat``, ``compile``, ``compile_backend``)."""
+    ``learning_rate``, ``remat``, ``compile``, ``compile_backend``, ``donate``)."""
     return ShardedTrainStep(config, partitioner, optimizer, **options)
 
 
