@@ -23,11 +23,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import GradientSink, Pending, gather_async, reduce_scatter_async
+from fastllm.sharding.tensor_parallel import rows_in_block, vocab_parallel_embedding
 
 __all__ = ["sharded_lookup"]
 
@@ -36,23 +36,18 @@ class _ShardedLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block: Tensor, ids: Tensor, mesh: Mesh, sink: Optional[GradientSink], path: str,
                 reduce_dtype: torch.dtype):
-        n, rows = mesh.size("data"), block.shape[0]
         all_ids = gather_async(ids.reshape(-1), "data", mesh).wait()  # [n, tokens]
-        local = all_ids - mesh.rank("data") * rows
-        inside = (local >= 0) & (local < rows)
-        local = torch.where(inside, local, 0)
-        partial = F.embedding(local, block) * inside.unsqueeze(-1).to(block.dtype)  # [n, tokens, embed]
-        mine = reduce_scatter_async(partial.reshape(n, -1), "data", mesh).wait()
-        ctx.save_for_backward(local, inside)
-        ctx.mesh, ctx.sink, ctx.path, ctx.reduce_dtype, ctx.block_shape = mesh, sink, path, reduce_dtype, block.shape
-        ctx.block_dtype = block.dtype
+        partial = vocab_parallel_embedding(block, all_ids, mesh, axis="data")  # [n, tokens, embed]
+        mine = reduce_scatter_async(partial.reshape(mesh.size("data"), -1), "data", mesh).wait()
+        ctx.save_for_backward(*rows_in_block(all_ids, block.shape[0], mesh.rank("data")))
+        ctx.mesh, ctx.sink, ctx.path, ctx.reduce_dtype = mesh, sink, path, reduce_dtype
+        ctx.block_shape, ctx.block_dtype = block.shape, block.dtype
         return mine.view(*ids.shape, block.shape[1])
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         local, inside = ctx.saved_tensors
-        mesh = ctx.mesh
-        grads = gather_async(grad_out.contiguous().reshape(-1), "data", mesh).wait()  # [n, tokens * embed]
+        grads = gather_async(grad_out.contiguous().reshape(-1), "data", ctx.mesh).wait()  # [n, tokens * embed]
         # Rows of other ranks' blocks add zeros to row 0: a boolean selection would sync with the host.
         grads = grads.view(-1, ctx.block_shape[1]).to(ctx.reduce_dtype) * inside.reshape(-1, 1)
         block_grad = torch.zeros(ctx.block_shape, dtype=ctx.reduce_dtype, device=grad_out.device)

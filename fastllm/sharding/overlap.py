@@ -88,7 +88,7 @@ def gather_async(flat: Tensor, axis: str, mesh: Mesh) -> Pending:
 
 def reduce_scatter_async(rows: Tensor, axis: str, mesh: Mesh) -> Pending:
     """Start summing ``rows`` ``[ranks, m]`` over ``axis``; the result is this rank's row ``[m]``."""
-    n, group = mesh.size(axis), mesh.group(axis)
+    group = mesh.group(axis)
     out = rows.new_empty(rows.shape[1:])
     try:
         return Pending(_SCATTER_SINGLE(out, rows.view(-1), group=group, async_op=True), lambda: out)
@@ -99,38 +99,32 @@ def reduce_scatter_async(rows: Tensor, axis: str, mesh: Mesh) -> Pending:
     return Pending(work, lambda: rows[mesh.rank(axis)])
 
 
-def _coalesced(group) -> bool:
-    """Whether to launch a list of collectives as one NCCL group (one kernel): NCCL only; gloo
-    runs them one by one."""
-    return dist.get_backend(group) == "nccl"
+def _each_async(inputs: list[Tensor], axis: str, mesh: Mesh, one_by_one: Callable[..., Pending],
+                single: Callable, make_out: Callable[[Tensor], Tensor]) -> Pending:
+    """One collective per input, launched together: as one NCCL group (one kernel), or one by one
+    (``one_by_one``, e.g. on gloo); the result is the list of their results."""
+    group = mesh.group(axis)
+    if dist.get_backend(group) != "nccl":
+        pendings = [one_by_one(x, axis, mesh) for x in inputs]
+        return Pending(None, lambda: [p.wait() for p in pendings])
+    outs = [make_out(x) for x in inputs]
+    with dist.distributed_c10d._coalescing_manager(group=group, async_ops=True) as manager:
+        for out, x in zip(outs, inputs):
+            single(out.view(-1), x.reshape(-1), group=group)
+    return Pending(manager, lambda: outs)
 
 
 def gather_each_async(flats: list[Tensor], axis: str, mesh: Mesh) -> Pending:
     """:func:`gather_async` of each 1-D tensor of ``flats``, launched together; the result is the list
     of ``[ranks, numel]`` tensors."""
-    n, group = mesh.size(axis), mesh.group(axis)
-    if not _coalesced(group):
-        pendings = [gather_async(flat, axis, mesh) for flat in flats]
-        return Pending(None, lambda: [p.wait() for p in pendings])
-    outs = [flat.new_empty((n, flat.numel())) for flat in flats]
-    with dist.distributed_c10d._coalescing_manager(group=group, async_ops=True) as manager:
-        for out, flat in zip(outs, flats):
-            _GATHER_SINGLE(out.view(-1), flat, group=group)
-    return Pending(manager, lambda: outs)
+    n = mesh.size(axis)
+    return _each_async(flats, axis, mesh, gather_async, _GATHER_SINGLE, lambda flat: flat.new_empty((n, flat.numel())))
 
 
 def reduce_scatter_each_async(rows: list[Tensor], axis: str, mesh: Mesh) -> Pending:
     """:func:`reduce_scatter_async` of each ``[ranks, m]`` tensor of ``rows``, launched together; the
     result is the list of this rank's rows."""
-    group = mesh.group(axis)
-    if not _coalesced(group):
-        pendings = [reduce_scatter_async(r, axis, mesh) for r in rows]
-        return Pending(None, lambda: [p.wait() for p in pendings])
-    outs = [r.new_empty(r.shape[1:]) for r in rows]
-    with dist.distributed_c10d._coalescing_manager(group=group, async_ops=True) as manager:
-        for out, r in zip(outs, rows):
-            _SCATTER_SINGLE(out, r.reshape(-1), group=group)
-    return Pending(manager, lambda: outs)
+    return _each_async(rows, axis, mesh, reduce_scatter_async, _SCATTER_SINGLE, lambda r: r.new_empty(r.shape[1:]))
 
 
 def all_reduce_async(flat: Tensor, axis: str, mesh: Mesh) -> Pending:

@@ -47,7 +47,6 @@ class _PartLayout:
         self.path, self.subs, self.dims, self.n = path, subs, dims, n
         self.shapes = [b.shape for b in blocks]
         self.dtypes = [b.dtype for b in blocks]
-        self.sizes = [b.numel() for b in blocks]
 
     def gather(self, blocks: tuple[Tensor, ...], mesh: Mesh) -> Pending:
         """Start one all-gather per block; each result is ``[ranks, block numel]``."""
@@ -106,9 +105,9 @@ class PrefetchGather:
         self.reset_counts()
 
     def reset_counts(self) -> None:
-        """What overlapped since the last reset: gathers, how many were prefetched, the most
-        prefetches in flight at once, tiny parts not counted (the memory bound), and how many parts
-        a tiny part brought along, and token lookups from the table's storage block."""
+        """What overlapped since the last reset: gathers; how many were prefetched; the most
+        prefetches in flight at once, tiny parts not counted (the memory bound); how many parts a
+        tiny part brought along; token lookups from the table's storage block."""
         self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0, "companions": 0, "lookups": 0}
 
     # --- one micro-batch ---
@@ -154,9 +153,8 @@ class PrefetchGather:
         if pending is None and self._parts is not None:
             pending = self.launch(layout, blocks)  # before the next part's: the same order on every rank
         self._seen.add(path)
-        following = None if self._parts is None else self._next(path)
-        if following is not None:
-            self._prefetch(following)
+        if self._parts is not None:
+            self._prefetch_after(path)
         gathered = dict(zip(layout.subs, _GatherPart.apply(layout, pending, self.sink, self, *blocks)))
         return tree.map_with_path(lambda sub, x: gathered.get(sub, x), part)
 

@@ -35,18 +35,24 @@ from fastllm.kernels import Choice, VocabShard, resolve
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import Mesh
 
-__all__ = ["ParallelLayout", "vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
+__all__ = ["ParallelLayout", "rows_in_block", "vocab_parallel_embedding", "vocab_parallel_cross_entropy"]
 
 SEQ_DIM = 1  # activations are [batch, seq, ...]
 
 
-def vocab_parallel_embedding(table: Tensor, ids: Tensor, mesh: Mesh) -> Tensor:
-    """``table`` is this rank's block of rows ``[vocab / tensor, embed]``; the result holds the
-    partial lookup (zeros for ids outside the block), to be summed over ``tensor``."""
-    rows = table.shape[0]
-    local = ids - mesh.rank("tensor") * rows
+def rows_in_block(ids: Tensor, rows: int, rank: int) -> tuple[Tensor, Tensor]:
+    """(``ids`` as indices into rank ``rank``'s block of ``rows`` consecutive rows, 0 where outside;
+    whether each id falls inside the block)."""
+    local = ids - rank * rows
     inside = (local >= 0) & (local < rows)
-    out = F.embedding(torch.where(inside, local, 0), table)  # [batch, seq, embed]
+    return torch.where(inside, local, 0), inside
+
+
+def vocab_parallel_embedding(table: Tensor, ids: Tensor, mesh: Mesh, axis: str = "tensor") -> Tensor:
+    """``table`` is this rank's block of rows ``[vocab / ranks, embed]`` along ``axis``; the result
+    holds the partial lookup (zeros for ids outside the block), to be summed over ``axis``."""
+    local, inside = rows_in_block(ids, table.shape[0], mesh.rank(axis))
+    out = F.embedding(local, table)  # [..., embed]
     return out * inside.unsqueeze(-1).to(out.dtype)
 
 
@@ -66,9 +72,8 @@ def vocab_parallel_cross_entropy(
     targets = targets.reshape(-1)
     top = _max_over_tensor(x.detach().amax(-1), mesh)  # [tokens]
     sum_exp = C.all_reduce((x - top[:, None]).exp().sum(-1), "tensor", mesh)
-    local = targets - mesh.rank("tensor") * x.shape[-1]
-    inside = (local >= 0) & (local < x.shape[-1])
-    picked = x.gather(1, torch.where(inside, local, 0)[:, None])[:, 0] * inside
+    local, inside = rows_in_block(targets, x.shape[-1], mesh.rank("tensor"))
+    picked = x.gather(1, local[:, None])[:, 0] * inside
     picked = C.all_reduce(picked, "tensor", mesh)
     per_token = top + sum_exp.log() - picked
     weight = (targets != ignore_index).float()
