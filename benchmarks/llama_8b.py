@@ -64,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="fastllm with synchronous collectives (default: reduction overlapped with "
                              "backward, ZeRO-3 gathers prefetched one block ahead)")
+    parser.add_argument("--transport", choices=("auto", "nccl", "copy_engine"), default="auto",
+                        help="fastllm ZeRO-3 transport (default auto: NVLink copy engines on one host, else NCCL)")
     parser.add_argument("--bucket-mib", type=int, default=64, help="fastllm gradient bucket size (MiB)")
     parser.add_argument("--remat", action="store_true", help="fastllm recomputes each block in backward")
     parser.add_argument("--compile-blocks", action="store_true",
@@ -73,8 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="SDPA backend preferred for both systems' attention (default: PyTorch's choice)")
     parser.add_argument("--tag", default="", help="suffix of the profile's file names")
     parser.add_argument("--profile", default=None, metavar="DIR",
-                        help="after measuring, profile one more step; rank 0 writes DIR/<system>.json.gz "
-                             "(a Chrome trace) and DIR/<system>.txt (kernels by device time)")
+                        help="after measuring, profile one more step: each rank writes its Chrome trace "
+                             "(rank 0: DIR/<system>.json.gz, rank r: DIR/<system>.rank<r>.json.gz), rank 0 "
+                             "DIR/<system>.txt (kernels by device time)")
     args = parser.parse_args(argv)
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
@@ -181,7 +184,7 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
 
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32,
-                              overlap=args.overlap, bucket_bytes=args.bucket_mib << 20)
+                              overlap=args.overlap, bucket_bytes=args.bucket_mib << 20, transport=args.transport)
     meta = partitioner.init_params(models.param_specs(config), random.key(0), device="meta")
     torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
     params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
@@ -242,18 +245,18 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
 
 
 def profile_step(name: str, step: StepFn, batch: dict, args, device: torch.device) -> None:
-    """One step under torch.profiler (every rank steps; rank 0 writes the trace and a summary)."""
+    """One step under torch.profiler: every rank writes its trace (``<tag>.json.gz`` on rank 0,
+    ``<tag>.rank<r>.json.gz`` elsewhere: the slowest rank sets the step time), rank 0 a summary."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities, record_shapes=True) as prof:
         step(batch)
         _sync(device)
-    if dist.get_rank() != 0:
-        return
     os.makedirs(args.profile, exist_ok=True)
     tag = f"{name}-{args.tag}" if args.tag else name
-    trace = os.path.join(args.profile, f"{tag}.json")
+    rank = dist.get_rank()
+    trace = os.path.join(args.profile, f"{tag}.json" if rank == 0 else f"{tag}.rank{rank}.json")
     prof.export_chrome_trace(trace)
     import gzip
     import shutil
@@ -261,6 +264,8 @@ def profile_step(name: str, step: StepFn, batch: dict, args, device: torch.devic
     with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
         shutil.copyfileobj(src, dst)
     os.remove(trace)
+    if rank != 0:
+        return
     sort = "device_time_total" if device.type == "cuda" else "cpu_time_total"
     with open(os.path.join(args.profile, f"{tag}.txt"), "w") as out:
         out.write(prof.key_averages().table(sort_by=sort, row_limit=60, max_name_column_width=90))
@@ -328,7 +333,7 @@ def main(argv=None) -> int:
         if name == "peer":
             fields.update(compile=args.compile, activation_checkpointing=args.peer_ac)
         else:
-            fields.update(zero_stage=args.zero_stage, overlap=args.overlap, bucket_mib=args.bucket_mib,
+            fields.update(zero_stage=args.zero_stage, overlap=args.overlap, transport=args.transport, bucket_mib=args.bucket_mib,
                           remat=args.remat, compile_blocks=args.compile_blocks)
         fields["sdpa"] = args.sdpa
         try:

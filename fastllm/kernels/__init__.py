@@ -6,7 +6,7 @@ the config field itself. See docs/kernels.md for what each kernel fuses and how 
 
 from fastllm.kernels.activation import ACTIVATIONS, activation, geglu, gated, gelu, swiglu
 from fastllm.kernels.attention import attention
-from fastllm.kernels.cast import cast
+from fastllm.kernels.cast import cast, sum_rows
 from fastllm.kernels.cross_entropy import VocabShard, fused_linear_cross_entropy
 from fastllm.kernels.grouped_matmul import grouped_matmul
 from fastllm.kernels.moe import Routing, make_routing, moe_combine, moe_dispatch, moe_experts
@@ -24,5 +24,5 @@ __all__ = [
     "adamw_step", "global_norm",
     "Routing", "make_routing", "moe_dispatch", "moe_combine", "moe_experts", "grouped_matmul",
     "attention",
-    "cast",
+    "cast", "sum_rows",
 ]

@@ -42,7 +42,7 @@ from fastllm.sharding.zero import reduce_gradients
 __all__ = [
     "Pending", "gather_async", "reduce_scatter_async", "gather_each_async", "reduce_scatter_each_async",
     "all_reduce_async", "to_rows", "from_rows",
-    "part_order", "GradientSink", "GradientReduction", "MAX_IN_FLIGHT",
+    "part_order", "part_of", "GradientSink", "GradientReduction", "MAX_IN_FLIGHT",
 ]
 
 MAX_IN_FLIGHT = 2  # reduction collectives launched and not yet waited for
@@ -235,7 +235,7 @@ class GradientReduction:
 
     def _buckets(self) -> list[_Bucket]:
         rank = {part: k for k, part in enumerate(part_order(self.masters))}
-        use = sorted(range(len(self.leaves)), key=lambda i: -rank.get(_part_of(self.leaves[i][0]), 0))
+        use = sorted(range(len(self.leaves)), key=lambda i: -rank.get(part_of(self.leaves[i][0]), 0))
         buckets, size = [], 0
         for i in use:
             kind, t = self.kinds[i], self.leaves[i][1]
@@ -260,6 +260,14 @@ class GradientReduction:
         return numel if kind == "reduce" else numel // self.mesh.size("data")
 
     # --- one micro-batch ---
+    def compute_params(self, masters: Any, dtype: torch.dtype, *, refill: bool = True, sources: Any = None) -> Any:
+        """The tree a micro-batch runs on: ``masters`` cast to ``dtype`` (by the ZeRO-3 gather when
+        there is one: it may cast into the buffers it gathers from; ``refill=False`` for a later
+        micro-batch of the same step; ``sources``: the tree the masters were detached from)."""
+        if self.gather is not None:
+            return self.gather.compute_params(masters, dtype, refill=refill, sources=sources)
+        return tree.map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, masters)
+
     @contextmanager
     def micro_batch(self, params: Any, *, last: bool):
         """Forward and backward of one micro-batch on ``params`` (the masters, cast to the compute
@@ -367,7 +375,7 @@ class GradientReduction:
         return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
 
-def _part_of(path: str) -> str:
+def part_of(path: str) -> str:
     """``layers.3.attention.wq`` -> ``layers.3``; ``embed.tokens`` -> ``embed``."""
     first, _, rest = path.partition(".")
     index = rest.partition(".")[0]

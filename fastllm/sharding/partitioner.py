@@ -36,6 +36,7 @@ from fastllm import nn, random, tree
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import GradientReduction
+from fastllm.sharding.p2p import TRANSPORTS
 from fastllm.sharding.prefetch import PrefetchGather
 from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rules, resolve
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard
@@ -119,6 +120,10 @@ class Partitioner:
     ``overlap`` (default) reduces gradients during backward and prefetches ZeRO-3 gathers one block
     ahead (:mod:`fastllm.sharding.overlap`, :mod:`fastllm.sharding.prefetch`); ``overlap=False``
     runs every collective synchronously where it is needed (same results; for debugging).
+    ``transport`` moves the overlapped ZeRO-3 gathers and reduce-scatters: ``"copy_engine"``
+    through NVLink copy engines and symmetric memory (:mod:`fastllm.sharding.p2p`: no SMs taken
+    from the GEMMs; CUDA, NCCL and one host), ``"nccl"`` as NCCL collectives, ``"auto"`` (default)
+    the copy engines where they can run, else NCCL.
     """
 
     def __init__(
@@ -132,6 +137,7 @@ class Partitioner:
         reduce_dtype: torch.dtype = torch.float32,
         bucket_bytes: int = 64 << 20,
         overlap: bool = True,
+        transport: str = "auto",
     ):
         if zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
@@ -139,6 +145,8 @@ class Partitioner:
             raise NotImplementedError(
                 f"pipeline parallelism (mesh pipe={mesh.size('pipe')}) is not supported yet; use pipe=1"
             )
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16, got {reduce_dtype}")
         self.mesh = mesh
@@ -149,11 +157,13 @@ class Partitioner:
         self.reduce_dtype = reduce_dtype
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = bool(overlap)
+        self.transport = transport
 
     def __repr__(self) -> str:
         sp = ", sequence_parallel" if self.sequence_parallel else ""
         sync = ", overlap=False" if not self.overlap else ""
-        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp}{sync})"
+        transport = f", transport={self.transport!r}" if self.transport != "auto" else ""
+        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp}{sync}{transport})"
 
     # --- specs ------------------------------------------------------------------------------
     def plan(self, declarations: Any) -> Plan:
@@ -213,7 +223,7 @@ class Partitioner:
         plan = self.plan(declarations)
         gather = None
         if self.zero_stage >= 3 and self.overlap and self.mesh.size("data") > 1:
-            gather = PrefetchGather(self.mesh, plan.data_dims, self.reduce_dtype)
+            gather = PrefetchGather(self.mesh, plan.data_dims, self.reduce_dtype, transport=self.transport)
         elif self.zero_stage >= 3:
             gather = _Gather(self.mesh, plan.data_dims)
         return ParallelLayout(self.mesh, sequence_parallel=self.sequence_parallel, gather=gather)

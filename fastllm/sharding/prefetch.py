@@ -32,8 +32,9 @@ from fastllm.kernels.cast import cast
 from fastllm.sharding.embedding import sharded_lookup
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import (
-    GradientSink, Pending, from_rows, gather_each_async, part_order, reduce_scatter_each_async, to_rows,
+    GradientSink, Pending, from_rows, gather_each_async, part_of, part_order, reduce_scatter_each_async, to_rows,
 )
+from fastllm.sharding.p2p import TRANSPORTS, CopyEngineTransport, copy_engine_unavailable
 
 __all__ = ["PrefetchGather"]
 
@@ -45,6 +46,7 @@ class _PartLayout:
 
     def __init__(self, path: str, subs: list[str], blocks: list[Tensor], dims: list[int], n: int):
         self.path, self.subs, self.dims, self.n = path, subs, dims, n
+        self.paths = [f"{path}.{sub}" for sub in subs]
         self.shapes = [b.shape for b in blocks]
         self.dtypes = [b.dtype for b in blocks]
 
@@ -74,12 +76,16 @@ class _GatherPart(torch.autograd.Function):
         if pending is None:
             pending = gather.launch(layout, blocks)
         ctx.layout, ctx.sink, ctx.gather = layout, sink, gather
+        ctx.copy_engine = gather.copy_engine_for(layout, blocks)
         return tuple(layout.unpack_gathered(pending.wait()))
 
     @staticmethod
     def backward(ctx, *grads):
         layout, gather = ctx.layout, ctx.gather
-        pending = layout.scatter_grads(grads, gather.reduce_dtype, gather.mesh)
+        if ctx.copy_engine is not None:
+            pending = ctx.copy_engine.reduce_scatter(layout.paths, grads, gather.reduce_dtype)
+        else:
+            pending = layout.scatter_grads(grads, gather.reduce_dtype, gather.mesh)
         if ctx.sink is not None:
             ctx.sink.put(layout.unpack_blocks, pending)
             return (None,) * (4 + len(grads))
@@ -91,8 +97,13 @@ class PrefetchGather:
     """The ZeRO-3 ``params`` hook of :class:`~fastllm.sharding.tensor_parallel.ParallelLayout`, with
     prefetch while bound (:meth:`bind` ... :meth:`reverse` ... :meth:`release`, one micro-batch)."""
 
-    def __init__(self, mesh: Mesh, data_dims: dict[str, int | None], reduce_dtype: torch.dtype = torch.float32):
-        self.mesh, self.data_dims, self.reduce_dtype = mesh, data_dims, reduce_dtype
+    def __init__(self, mesh: Mesh, data_dims: dict[str, int | None], reduce_dtype: torch.dtype = torch.float32,
+                 transport: str = "auto"):
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.mesh, self.data_dims, self.reduce_dtype, self.transport = mesh, data_dims, reduce_dtype, transport
+        self._copy_engine: Optional[CopyEngineTransport] = None
+        self._unavailable: Optional[str] = None  # why the copy engines cannot serve this mesh, once asked
         self._parts: Optional[dict[str, Any]] = None
         self._order: list[str] = []
         self._pending: dict[str, Pending] = {}
@@ -108,7 +119,72 @@ class PrefetchGather:
         """What overlapped since the last reset: gathers; how many were prefetched; the most
         prefetches in flight at once, tiny parts not counted (the memory bound); how many parts a
         tiny part brought along; token lookups from the table's storage block."""
-        self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0, "companions": 0, "lookups": 0}
+        self.counts = {"gathers": 0, "prefetched": 0, "most_in_flight": 0, "companions": 0, "lookups": 0,
+                       "copy_engine_gathers": 0}
+
+    # --- the compute params of a micro-batch ---
+    def compute_params(self, masters: Any, dtype: torch.dtype, *, refill: bool = True, sources: Any = None) -> Any:
+        """``masters`` (this rank's storage blocks, any float dtype) cast to the compute ``dtype``:
+        the tree a micro-batch runs on. Under the copy-engine transport the split leaves are views of
+        the shadow that peers gather from (:mod:`fastllm.sharding.p2p`), cast there unless
+        ``refill=False`` (a later micro-batch of the same step: the masters have not changed) or the
+        optimizer already wrote them from ``sources`` (the tree the masters were detached from)."""
+        flat = tree.flatten(masters)
+        blocks = {path: (t.shape, part_of(path)) for path, t in flat.items()
+                  if self.data_dims.get(path) == 0 and t.is_floating_point()}
+        engine = self._engine(blocks, dtype) if blocks else None
+        views = {}
+        if engine is not None:
+            origin = None if sources is None else tree.flatten(sources)
+            views = engine.fill({path: flat[path] for path in blocks}, write=refill,
+                                sources=None if origin is None else {path: origin[path] for path in blocks})
+
+        def compute(path: str, t: Any) -> Any:
+            if path in views:
+                return views[path]
+            return t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+
+        return tree.map_with_path(compute, masters)
+
+    def rounded_copies(self, params: Any) -> Any:
+        """The shadow views of ``params`` (the optimizer's masters) for the optimizer to write their
+        rounded new values into, after a barrier (no rank still reads the shadow); ``None`` when
+        the shadow does not hold every leaf of ``params``."""
+        engine = self._copy_engine
+        flat = tree.flatten(params)
+        if engine is None or flat.keys() != engine.blocks.keys() or any(
+                flat[path].shape != engine.blocks[path][0] for path in flat):
+            return None
+        engine.barrier()  # nobody still reads the values the optimizer is about to overwrite
+        return tree.map_with_path(lambda path, _: engine.shadow.block(path), params)
+
+    def rounded_written(self, params: Any) -> None:
+        """The optimizer wrote :meth:`rounded_copies` from these params (updated in place)."""
+        if self._copy_engine is not None:
+            self._copy_engine.shadow.written_from(tree.flatten(params))
+
+    def _engine(self, blocks: dict, dtype: torch.dtype) -> Optional[CopyEngineTransport]:
+        """The copy-engine transport for these blocks (built on first use, a collective), or ``None``."""
+        if self.transport == "nccl":
+            return None
+        if self._copy_engine is None and self._unavailable is None:
+            self._unavailable = copy_engine_unavailable(self.mesh)
+        if self._unavailable is not None:
+            if self.transport == "copy_engine":
+                raise RuntimeError(f"transport='copy_engine' cannot run here: {self._unavailable}")
+            return None
+        if self._copy_engine is None or not self._copy_engine.matches(blocks, dtype):
+            self._copy_engine = None  # its buffers go back before the new ones are taken
+            self._copy_engine = CopyEngineTransport.create(self.mesh, blocks, dtype)
+        return self._copy_engine
+
+    def copy_engine_for(self, layout: _PartLayout, blocks: tuple[Tensor, ...]) -> Optional[CopyEngineTransport]:
+        """The transport that moves this part when every split leaf of it is in the shadow
+        (the same answer on every rank: it depends on the model and the config only)."""
+        engine = self._copy_engine
+        if engine is not None and self._parts is not None and engine.holds(layout.paths, blocks):
+            return engine
+        return None
 
     # --- one micro-batch ---
     def bind(self, params: Any, sink: Optional[GradientSink]) -> None:
@@ -159,6 +235,10 @@ class PrefetchGather:
         return tree.map_with_path(lambda sub, x: gathered.get(sub, x), part)
 
     def launch(self, layout: _PartLayout, blocks) -> Pending:
+        engine = self.copy_engine_for(layout, blocks)
+        if engine is not None:
+            self.counts["copy_engine_gathers"] += 1
+            return engine.gather(layout.paths, layout.shapes)
         return layout.gather(blocks, self.mesh)
 
     def lookup(self, table: Tensor, ids: Tensor) -> Optional[Tensor]:

@@ -153,6 +153,8 @@ class MeshSection:
 @dataclass(frozen=True)
 class ZeroSection:
     stage: Literal[0, 1, 2, 3] = 0  # shard optimizer state (1), + gradients (2), + parameters (3) over data
+    # how ZeRO-3 moves parameters and gradients: NVLink copy engines (one host, CUDA), NCCL, or the first that runs
+    transport: Literal["auto", "nccl", "copy_engine"] = "auto"
 
 
 @dataclass(frozen=True)

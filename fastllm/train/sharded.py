@@ -2,7 +2,7 @@
 steps and the spec trees its checkpoints are written and resharded with.
 
 Config keys (public schema, docs/config.md): ``mesh.data``, ``mesh.tensor``, ``mesh.pipe`` (must be
-1 for now), ``mesh.sequence_parallel``, ``zero.stage``. Under ``torchrun`` the mesh is built from the
+1 for now), ``mesh.sequence_parallel``, ``zero.stage``, ``zero.transport``. Under ``torchrun`` the mesh is built from the
 launcher's environment; a mesh of one rank keeps the single-process path (no partitioner).
 """
 
@@ -39,7 +39,8 @@ def partitioner_from_config(config, mesh: Optional[Mesh] = None) -> Optional[Par
     if world == 1:
         return None
     mesh = mesh or Mesh.from_env(data=m.data, tensor=m.tensor, pipe=m.pipe)
-    return Partitioner(mesh, zero_stage=config.zero.stage, sequence_parallel=m.sequence_parallel)
+    return Partitioner(mesh, zero_stage=config.zero.stage, sequence_parallel=m.sequence_parallel,
+                       transport=config.zero.transport)
 
 
 def build_steps(config, partitioner: Partitioner, optimizer, schedule):

@@ -28,6 +28,7 @@ from torch import Tensor
 from fastllm import models, optim, random, tree
 from fastllm.sharding import zero
 from fastllm.sharding.partitioner import Partitioner
+from fastllm.sharding.prefetch import PrefetchGather
 from fastllm.train.state import TrainState
 from fastllm.train.step import COMPUTE_DTYPES, _gradients, block_fn_for, split_micro_batches, target_weight
 
@@ -97,6 +98,8 @@ class ShardedTrainStep:
         self.block_fn = block_fn_for(compile, compile_backend)  # fastllm.train.compile: gathers stay eager
         self.plan = partitioner.plan(models.param_specs(config))
         self.layout = partitioner.layout(self.plan.declarations)
+        gather = self.layout.gather
+        self._gather = gather if isinstance(gather, PrefetchGather) else None  # ZeRO-3, overlapped
         self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
 
     def gradients(self, state: TrainState, batch: Batch) -> tuple[Any, Tensor, Tensor]:
@@ -130,7 +133,7 @@ class ShardedTrainStep:
         total = tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=tree.leaves(params)[0].device)
         for index, micro in enumerate(micro_batches):
-            compute = optim.cast_tree(masters, self.dtype)
+            compute = reduction.compute_params(masters, self.dtype, refill=index == 0, sources=params)
             with reduction.micro_batch(compute, last=index == len(micro_batches) - 1):
                 loss, _ = models.loss(self.config, compute, micro, layout=self.layout, remat=self.remat,
                                       block_fn=self.block_fn)
@@ -156,8 +159,14 @@ class ShardedTrainStep:
         if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
         if self.donate:  # fused AdamW when it can: `owned` (the params or slices) and the moments in place
+            # ... and, under the copy-engine transport, their compute-dtype copy that ZeRO-3 gathers
+            # from, in the same pass (the next step then skips its master -> compute cast)
+            rounded = self._gather.rounded_copies(owned) if self._gather is not None else None
             owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
-                                                     kernels=self.config.kernels, grad_scale=factor)
+                                                     kernels=self.config.kernels, grad_scale=factor,
+                                                     rounded=rounded)
+            if rounded is not None:
+                self._gather.rounded_written(owned)
         else:  # the pure chain: the input state stays as it was
             grads = grads if factor is None else tree.map(lambda g: g * factor, grads)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)

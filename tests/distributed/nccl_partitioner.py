@@ -50,6 +50,14 @@ def layouts_for(world: int) -> list:
     raise SystemExit(f"nccl_partitioner.py runs on 2 or 4 ranks, got WORLD_SIZE={world}")
 
 
+def with_nccl_transport(layouts: list) -> list:
+    """Each overlapped ZeRO-3 layout again with ``transport="nccl"`` (the default picks the copy
+    engines on one host): both transports are checked against one process."""
+    again = [(f"{name}_nccl", sizes, stage, sp, {**options, "transport": "nccl"})
+             for name, sizes, stage, sp, options in layouts if stage == 3 and options.get("overlap", True)]
+    return layouts + again
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
@@ -66,6 +74,8 @@ def main() -> int:
         torch.set_num_threads(1)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     layouts = layouts_for(world)
+    if args.device == "cuda":
+        layouts = with_nccl_transport(layouts)
     mesh = Mesh.from_env(backend="nccl" if args.device == "cuda" else "gloo")  # cuda:LOCAL_RANK under NCCL
     start = time.perf_counter()
     report = {}

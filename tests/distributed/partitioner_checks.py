@@ -16,6 +16,7 @@ from __future__ import annotations
 import traceback
 
 import torch
+import torch.distributed as dist
 
 from fastllm import models, optim, random, tree
 from fastllm.sharding import Mesh, Partitioner, shard, unshard
@@ -78,7 +79,7 @@ def nbytes(values) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves(values) if t.ndim > 0)
 
 
-def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool) -> None:
+def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool, transport: str = "auto") -> None:
     """The overlap path really overlapped: some buckets started during backward, and ZeRO-3
     gathers were prefetched (forward and, under remat, backward) with one in flight at most."""
     stats = step.overlap_stats
@@ -95,12 +96,16 @@ def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool) -> Non
             raise AssertionError(f"ZeRO-3 prefetch: the LM head should be gathered with the final norm: {stats}")
         if not config.tie_embeddings and mesh.size("tensor") == 1 and stats["lookups"] < 1:
             raise AssertionError(f"ZeRO-3: tokens should be looked up from the table's storage block: {stats}")
+        copy_engines = transport == "copy_engine" or (transport == "auto" and mesh.backend == "nccl")
+        if copy_engines != (stats["copy_engine_gathers"] >= config.n_layers):
+            raise AssertionError(f"ZeRO-3 transport {transport!r} on {mesh.backend}: copy-engine gathers "
+                                 f"expected {'for every block' if copy_engines else 'none'}: {stats}")
 
 
 def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int,
-                 overlap: bool = True, remat: bool = False) -> None:
+                 overlap: bool = True, remat: bool = False, transport: str = "auto") -> None:
     partitioner = Partitioner(mesh, zero_stage=zero_stage, sequence_parallel=sp, overlap=overlap,
-                              bucket_bytes=BUCKET_BYTES)
+                              bucket_bytes=BUCKET_BYTES, transport=transport)
     plan = partitioner.plan(models.param_specs(config))
     opt = optim.adamw(LR, weight_decay=0.1)  # clipping lives in the sharded step
     state = init_sharded_state(config, partitioner, opt, key)
@@ -112,7 +117,7 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, 
     step = make_sharded_train_step(config, partitioner, opt, grad_accum=grad_accum, max_grad_norm=CLIP, remat=remat)
     grads, _, _ = step.gradients(state, local_rows(ref["data"][0], mesh))
     if overlap:
-        check_overlap(step, config, mesh, zero_stage, remat)
+        check_overlap(step, config, mesh, zero_stage, remat, transport)
     grad_specs = tree.flatten(plan.grads, is_leaf=is_spec)
     for path, g in tree.flatten(grads).items():
         close(unshard(g, grad_specs[path], mesh), tree.flatten(ref["grads"])[path], f"gradient of {path}")
@@ -179,3 +184,23 @@ def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: to
 def all_checks() -> dict[str, str]:
     return {**layout_checks("tiny-llama"), **layout_checks("tiny-qwen2")}
 
+
+
+def transport_checks() -> dict[str, str]:
+    """On gloo: ``transport="copy_engine"`` refuses with the reason; ``"auto"`` keeps NCCL-style
+    collectives (checked by every layout above through ``check_overlap``)."""
+    mesh = Mesh(data=dist.get_world_size())
+    config = models.preset("tiny-llama")
+    partitioner = Partitioner(mesh, zero_stage=3, transport="copy_engine")
+    opt = optim.adamw(LR)
+    state = init_sharded_state(config, partitioner, opt, random.key(0))
+    step = make_sharded_train_step(config, partitioner, opt)
+    batch = local_rows(batches(config)[0], mesh)
+    try:
+        step(state, batch)
+    except RuntimeError as error:
+        message = str(error)
+        if "copy_engine" in message and "CUDA and NCCL" in message:
+            return {"copy_engine on gloo": "ok"}
+        return {"copy_engine on gloo": f"unclear error: {message}"}
+    return {"copy_engine on gloo": "no error"}

@@ -29,3 +29,8 @@ def assert_all_ok_small(reports):
     failures = [f"rank {rank} {name}:\n{outcome}" for rank, report in enumerate(reports)
                 for name, outcome in report.items() if outcome != "ok"]
     assert not failures, "\n".join(failures)
+
+
+def test_copy_engine_transport_refuses_gloo_with_the_reason():
+    reports = testing.run(partitioner_checks.transport_checks, 2, timeout_s=120.0)
+    assert reports and all(report == {"copy_engine on gloo": "ok"} for report in reports), reports

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fastllm.kernels import cast
+from fastllm.kernels import cast, sum_rows
 
 
 @pytest.mark.parametrize("source, target", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
@@ -20,3 +20,28 @@ def test_cast_same_dtype_non_contiguous_and_bad_dtype():
     assert torch.equal(cast(transposed, torch.float32, impl="triton"), transposed.float())
     with pytest.raises(ValueError, match="not a floating-point dtype"):
         cast(x, torch.int32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 4])
+@pytest.mark.parametrize("source, target", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32),
+                                            (torch.bfloat16, torch.bfloat16)])
+def test_sum_rows_accumulates_in_float32_in_row_order(n, source, target):
+    rows = (torch.randn(n, 8195) * 100).to(source)  # a width that is not a multiple of the block
+    expected = rows[0].float()
+    for row in rows[1:]:
+        expected = expected + row.float()
+    got = sum_rows(rows, target, impl="triton")
+    assert got.dtype == target and torch.equal(got, expected.to(target))
+    assert torch.equal(sum_rows(rows, target, impl="torch"), expected.to(target))
+
+
+def test_sum_rows_strided_rows_out_and_errors():
+    buffer = torch.randn(3, 2, 1000, dtype=torch.bfloat16)
+    rows = buffer[:, 1, :700]  # rows of a larger buffer (the receive slots of one part)
+    out = torch.empty(700)
+    assert sum_rows(rows, torch.float32, out=out, impl="triton") is out
+    assert torch.equal(out, rows[0].float() + rows[1].float() + rows[2].float())
+    with pytest.raises(ValueError, match="out must be"):
+        sum_rows(rows, torch.float32, out=torch.empty(699), impl="triton")
+    with pytest.raises(ValueError, match="2-D float"):
+        sum_rows(rows, torch.int32)
