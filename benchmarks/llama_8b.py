@@ -15,14 +15,16 @@ rank, identical for the two) with AdamW, bf16 compute and fp32 gradient reductio
   in ``torch.compile`` before sharding (torchtitan's order), ``torch.optim.AdamW`` (fused on GPU),
   SDPA attention, no activation checkpointing (``--peer-ac`` turns it on);
 * **fastllm**: the partitioner's sharded train step at ZeRO-3 over ``data`` = the world, gradient
-  reduction overlapped with backward and parameter gathers prefetched one block ahead
+  reduction overlapped with backward and parameter gathers prefetched one block ahead, moved by
+  NVLink copy engines on one host (``--transport``: auto, nccl, copy_engine)
   (``--no-overlap``: synchronous; :func:`build_fastllm_step`, the one place to adapt as the
   partitioner evolves); ``--compile-blocks`` compiles each decoder block as the peer does.
 
 A step is forward, backward, gradient reduction and the optimizer update of ``--micro-batch``
 sequences of ``--seq-len`` tokens per GPU. Reported per system: the median step time over
 ``--steps`` measured steps after ``--warmup`` (each step timed on every rank, the slowest rank
-counts), tokens/s/GPU, MFU = tokens/s/GPU x FLOPs/token / 989e12 with FLOPs/token from
+counts; with ``--sync-every K`` the host waits for the GPU only every K steps, as a training loop
+that logs every K steps does, and a step's time is its group's time / K), tokens/s/GPU, MFU = tokens/s/GPU x FLOPs/token / 989e12 with FLOPs/token from
 ``fastllm.models.flops_per_token`` (DESIGN.md), the peak GPU memory (max over ranks) and the losses.
 """
 
@@ -57,6 +59,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--micro-batch", type=int, default=2, help="sequences per GPU per step")
     parser.add_argument("--steps", type=int, default=8, help="measured steps")
     parser.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (compilation)")
+    parser.add_argument("--sync-every", type=int, default=1, metavar="K",
+                        help="wait for the GPU every K steps only (default 1: every step is synchronised and "
+                             "its host work shows); --steps must be a multiple of K")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="peer without torch.compile")
     parser.add_argument("--peer-ac", action="store_true", help="activation checkpointing per peer layer")
@@ -79,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(rank 0: DIR/<system>.json.gz, rank r: DIR/<system>.rank<r>.json.gz), rank 0 "
                              "DIR/<system>.txt (kernels by device time)")
     args = parser.parse_args(argv)
+    if args.sync_every < 1 or args.steps % args.sync_every:
+        parser.error(f"--steps ({args.steps}) must be a positive multiple of --sync-every ({args.sync_every})")
     if args.seq_len is None:
         args.seq_len = 128 if args.tiny else 4096
     return args
@@ -221,18 +228,22 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
     step = build()
     log(f"{name}: built in {time.perf_counter() - started:.1f} s")
     times, losses = [], []
-    for i in range(args.warmup + args.steps):
-        batch = batch_for(i, args, config.vocab_size, device)
+    groups = [[i] for i in range(args.warmup)]  # steps timed together: one sync before and after
+    groups += [list(range(start, start + args.sync_every))
+               for start in range(args.warmup, args.warmup + args.steps, args.sync_every)]
+    for group in groups:
+        batches = [batch_for(i, args, config.vocab_size, device) for i in group]
         _sync(device)
         begin = time.perf_counter()
-        loss = step(batch)
+        group_losses = [step(batch) for batch in batches]
         _sync(device)
-        elapsed = time.perf_counter() - begin
-        losses.append(float(loss))
-        if i >= args.warmup:
-            times.append(elapsed)
-        log(f"{name}: step {i + 1}/{args.warmup + args.steps} {'warmup' if i < args.warmup else ''} "
-            f"{elapsed:.3f} s loss {losses[-1]:.4f}")
+        elapsed = (time.perf_counter() - begin) / len(group)
+        losses += [float(loss) for loss in group_losses]
+        if group[0] >= args.warmup:
+            times += [elapsed] * len(group)
+        last = group[-1] + 1
+        log(f"{name}: step {last}/{args.warmup + args.steps} {'warmup' if last <= args.warmup else ''} "
+            f"{elapsed:.3f} s{' each' if len(group) > 1 else ''} loss {losses[-1]:.4f}")
     if args.profile:
         profile_step(name, step, batch_for(args.warmup + args.steps, args, config.vocab_size, device), args, device)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
@@ -313,7 +324,7 @@ def common_fields(args, config, device: torch.device) -> dict:
 
     return {"preset": "tiny-llama" if args.tiny else args.preset, "layers": config.n_layers,
             "seq_len": args.seq_len, "micro_batch": args.micro_batch, "world_size": dist.get_world_size(),
-            "steps": args.steps, "warmup": args.warmup, "flops_per_token": flops_per_token(config, args),
+            "steps": args.steps, "warmup": args.warmup, "sync_every": args.sync_every, "flops_per_token": flops_per_token(config, args),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__}
 

@@ -56,11 +56,28 @@ def copy_engine_unavailable(mesh: Mesh) -> Optional[str]:
         import torch.distributed._symmetric_memory  # noqa: F401
     except ImportError as error:  # pragma: no cover - every CUDA build of torch >= 2.5 has it
         return f"this PyTorch has no symmetric memory ({error})"
-    hosts: list[Any] = [None] * mesh.size("data")
-    dist.all_gather_object(hosts, socket.gethostname(), group=mesh.group("data"))
-    if len(set(hosts)) > 1:
-        return f"the data ranks span {len(set(hosts))} hosts (peer copies need one host)"
+    places: list[Any] = [None] * mesh.size("data")
+    dist.all_gather_object(places, (socket.gethostname(), mesh.device.index), group=mesh.group("data"))
+    hosts = {host for host, _ in places}
+    if len(hosts) > 1:
+        return f"the data ranks span {len(hosts)} hosts (peer copies need one host)"
+    mine = mesh.device.index
+    blocked = [d for _, d in places if d != mine and not torch.cuda.can_device_access_peer(mine, d)]
+    verdicts: list[Any] = [None] * mesh.size("data")
+    dist.all_gather_object(verdicts, (mine, blocked), group=mesh.group("data"))
+    pairs = [f"cuda:{a} -> cuda:{b}" for a, bs in verdicts for b in bs]
+    if pairs:
+        return f"no peer access between {', '.join(pairs)} (GPUs without NVLink/P2P)"
     return None
+
+
+def _agree(ok: bool, what: str, mesh: Mesh) -> None:
+    """Raise on every data rank if ``what`` failed on any (so none waits in a collective alone)."""
+    flags: list[Any] = [None] * mesh.size("data")
+    dist.all_gather_object(flags, ok, group=mesh.group("data"))
+    failed = [rank for rank, flag in enumerate(flags) if not flag]
+    if failed:
+        raise RuntimeError(f"copy-engine transport: {what} failed on data rank(s) {failed}")
 
 
 def shadow_layout(blocks: dict[str, tuple[torch.Size, str]]) -> tuple[dict[str, int], dict[str, int], int]:
@@ -170,13 +187,20 @@ class CopyEngineTransport:
         _, self.part_size, total = shadow_layout(self.blocks)
         group = mesh.group("data").group_name
         device = mesh.device
-        buffer = symm_mem.empty(total, dtype=dtype, device=device)
+        width = max(self.part_size.values())
+        buffer = receive = error = None
+        try:  # both buffers or neither, agreed by every rank before the collective rendezvous
+            buffer = symm_mem.empty(total, dtype=dtype, device=device)
+            receive = symm_mem.empty(2 * self.n * width, dtype=dtype, device=device)
+        except RuntimeError as caught:  # out of memory, no symmetric-memory backend, ...
+            error = caught
+        _agree(error is None, f"allocating {(total + 2 * self.n * width) * dtype.itemsize / 2**30:.1f} GiB of "
+               f"symmetric memory ({error})" if error else "allocating symmetric memory", mesh)
         self.shadow_handle = symm_mem.rendezvous(buffer, group)
+        self.receive_handle = symm_mem.rendezvous(receive, group)
         self.shadow = Shadow(self.blocks, buffer)
         self.offsets = self.shadow.offsets
-        width = max(self.part_size.values())
-        self.receive = symm_mem.empty(2 * self.n * width, dtype=dtype, device=device)
-        self.receive_handle = symm_mem.rendezvous(self.receive, group)
+        self.receive = receive
         # Every rank's buffers, mapped here: [rank] -> flat shadow / [2, n, width] receive slots.
         self.peer_shadow = [self.shadow_handle.get_buffer(r, (total,), dtype) for r in range(self.n)]
         self.peer_receive = [self.receive_handle.get_buffer(r, (2, self.n, width), dtype) for r in range(self.n)]

@@ -22,6 +22,7 @@ plain autograd function.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Optional
 
 import torch
@@ -175,7 +176,13 @@ class PrefetchGather:
             return None
         if self._copy_engine is None or not self._copy_engine.matches(blocks, dtype):
             self._copy_engine = None  # its buffers go back before the new ones are taken
-            self._copy_engine = CopyEngineTransport.create(self.mesh, blocks, dtype)
+            try:
+                self._copy_engine = CopyEngineTransport.create(self.mesh, blocks, dtype)
+            except RuntimeError as error:  # raised on every data rank alike
+                if self.transport == "copy_engine":
+                    raise
+                self._unavailable = str(error)
+                warnings.warn(f"ZeRO-3 falls back to NCCL collectives: {error}", RuntimeWarning, stacklevel=2)
         return self._copy_engine
 
     def copy_engine_for(self, layout: _PartLayout, blocks: tuple[Tensor, ...]) -> Optional[CopyEngineTransport]:
