@@ -18,6 +18,10 @@ their reduce-scatter; bound to a step, it hands the result to a
 starts, so it overlaps that part's backward) instead of returning it through autograd. Unbound
 (evaluation, a caller's own backward) the same hook gathers when asked and its backward waits: a
 plain autograd function.
+
+Which wire a part's bytes travel is the transport's business (``transport=``): NCCL collectives as
+above, or NVLink copy engines from a shadow of compute-dtype blocks (:mod:`fastllm.sharding.p2p`),
+for which :meth:`PrefetchGather.compute_params` hands the micro-batch the shadow's blocks.
 """
 
 from __future__ import annotations
