@@ -260,14 +260,6 @@ class GradientReduction:
         return numel if kind == "reduce" else numel // self.mesh.size("data")
 
     # --- one micro-batch ---
-    def compute_params(self, masters: Any, dtype: torch.dtype, *, refill: bool = True, sources: Any = None) -> Any:
-        """The tree a micro-batch runs on: ``masters`` cast to ``dtype`` (by the ZeRO-3 gather when
-        there is one: it may cast into the buffers it gathers from; ``refill=False`` for a later
-        micro-batch of the same step; ``sources``: the tree the masters were detached from)."""
-        if self.gather is not None:
-            return self.gather.compute_params(masters, dtype, refill=refill, sources=sources)
-        return tree.map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, masters)
-
     @contextmanager
     def micro_batch(self, params: Any, *, last: bool):
         """Forward and backward of one micro-batch on ``params`` (the masters, cast to the compute

@@ -148,14 +148,23 @@ class Shadow:
     def cast_from(self, masters: dict[str, Tensor], sources: Optional[dict[str, Tensor]] = None) -> bool:
         """Write ``masters`` (path -> block, any float dtype) rounded into the buffer, unless the
         optimizer already did from exactly ``sources`` (:meth:`written_from`); whether it wrote."""
+        stale = self.stale(sources)
+        if stale:
+            self.write(masters)
+        return stale
+
+    def stale(self, sources: Optional[dict[str, Tensor]]) -> bool:
+        """Whether the blocks need a cast: anything but the optimizer having just written them from
+        exactly ``sources``. Answered once per write: the next asks again unless it writes again."""
         fresh = self._is_written_from(sources)
-        self._written = None  # the next call casts unless the optimizer writes again
-        if fresh:
-            return False
+        self._written = None
+        return not fresh
+
+    def write(self, masters: dict[str, Tensor]) -> None:
+        """The masters (path -> block, any float dtype) rounded into their blocks."""
         with torch.no_grad():
             for path, m in masters.items():
                 self.block(path).copy_(m)
-        return True
 
     def written_from(self, sources: dict[str, Tensor]) -> None:
         """The optimizer has just written the rounded values of ``sources`` (the params it updated
@@ -172,8 +181,8 @@ class Shadow:
 
 
 class CopyEngineTransport:
-    """The symmetric buffers of one model's split leaves on one ``data`` group (build it with
-    :meth:`create`, a collective over ``data``).
+    """The symmetric buffers of one model's split leaves on one ``data`` group (building it is a
+    collective over ``data``).
 
     ``blocks`` maps each leaf's path to its storage block shape and its part (``layers.3``); the
     leaves are split over ``data`` along dim 0 (whole rows) and their compute dtype is ``dtype``.
@@ -194,24 +203,22 @@ class CopyEngineTransport:
             receive = symm_mem.empty(2 * self.n * width, dtype=dtype, device=device)
         except RuntimeError as caught:  # out of memory, no symmetric-memory backend, ...
             error = caught
-        _agree(error is None, f"allocating {(total + 2 * self.n * width) * dtype.itemsize / 2**30:.1f} GiB of "
-               f"symmetric memory ({error})" if error else "allocating symmetric memory", mesh)
+        gib = (total + 2 * self.n * width) * dtype.itemsize / 2**30
+        _agree(error is None, f"allocating {gib:.1f} GiB of symmetric memory ({error})", mesh)
         self.shadow_handle = symm_mem.rendezvous(buffer, group)
         self.receive_handle = symm_mem.rendezvous(receive, group)
         self.shadow = Shadow(self.blocks, buffer)
         self.offsets = self.shadow.offsets
-        self.receive = receive
+        self.part_start: dict[str, int] = {}  # a part's leaves are consecutive in the shadow
+        for path, (_, part) in self.blocks.items():
+            self.part_start.setdefault(part, self.offsets[path])
+        self.receive = receive  # our receive buffer: the handle maps it, this keeps it allocated
         # Every rank's buffers, mapped here: [rank] -> flat shadow / [2, n, width] receive slots.
         self.peer_shadow = [self.shadow_handle.get_buffer(r, (total,), dtype) for r in range(self.n)]
         self.peer_receive = [self.receive_handle.get_buffer(r, (2, self.n, width), dtype) for r in range(self.n)]
         self.gather_stream = torch.cuda.Stream(device=device)
         self.scatter_stream = torch.cuda.Stream(device=device)
         self._slot = 0
-        self.counts = {"gathers": 0, "reduce_scatters": 0}
-
-    @classmethod
-    def create(cls, mesh: Mesh, blocks: dict[str, tuple[torch.Size, str]], dtype: torch.dtype):
-        return cls(mesh, blocks, dtype)
 
     def matches(self, blocks: dict[str, tuple[torch.Size, str]], dtype: torch.dtype) -> bool:
         return dtype == self.dtype and blocks == self.blocks
@@ -223,9 +230,10 @@ class CopyEngineTransport:
         into it when ``write`` (``False``: a later micro-batch of the same step, the values are
         there) unless the optimizer wrote them from ``sources`` (see :class:`Shadow`)."""
         if write:
-            self.barrier()  # nobody reads the old values (each rank waited for its gathers)
-            self.shadow.cast_from(masters, sources)
-            self.barrier()  # every rank's new values are in place before anyone gathers them
+            if self.shadow.stale(sources):
+                self.barrier()  # nobody reads the old values (each rank waited for its gathers)
+                self.shadow.write(masters)
+            self.barrier()  # every rank's new values (ours, or the optimizer's) are in place before anyone gathers
         return {path: self.shadow.views[path] for path in masters}
 
     def barrier(self) -> None:
@@ -253,7 +261,6 @@ class CopyEngineTransport:
                     rows[r].copy_(self.peer_shadow[r][start:start + numel])
             event = torch.cuda.Event()
             event.record(self.gather_stream)
-        self.counts["gathers"] += 1
         return Pending(_EventWork(event), lambda: [out.view(self.n, -1) for out in outs])
 
     def reduce_scatter(self, paths: list[str], grads: tuple[Tensor, ...], reduce_dtype: torch.dtype) -> Pending:
@@ -262,13 +269,11 @@ class CopyEngineTransport:
         compute = torch.cuda.current_stream()
         part = self.blocks[paths[0]][1]
         slot, self._slot = self._slot, 1 - self._slot
-        offset, layout = 0, []
-        for path in paths:
-            layout.append((offset, self.blocks[path][0]))
-            offset += _aligned(torch.Size(self.blocks[path][0]).numel())
+        # each block lands where it lies in the shadow, relative to its part's first block
+        layout = [(self.offsets[path] - self.part_start[part], self.blocks[path][0]) for path in paths]
         width = self.part_size[part]
         out = torch.empty(width, dtype=reduce_dtype, device=self.mesh.device)
-        grads = tuple(g.contiguous() if g.dtype == self.dtype else g.to(self.dtype) for g in grads)
+        grads = tuple(g.to(self.dtype, memory_format=torch.contiguous_format) for g in grads)
         self.scatter_stream.wait_stream(compute)
         with torch.cuda.stream(self.scatter_stream):
             for (start, shape), g in zip(layout, grads):
@@ -280,5 +285,4 @@ class CopyEngineTransport:
             sum_rows(self.peer_receive[self.me][slot, :, :width], reduce_dtype, out=out)
             event = torch.cuda.Event()
             event.record(self.scatter_stream)
-        self.counts["reduce_scatters"] += 1
         return Pending(_EventWork(event), lambda: _blocks_of(out, layout, keep=grads))

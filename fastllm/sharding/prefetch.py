@@ -39,7 +39,7 @@ from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import (
     GradientSink, Pending, from_rows, gather_each_async, part_of, part_order, reduce_scatter_each_async, to_rows,
 )
-from fastllm.sharding.p2p import TRANSPORTS, CopyEngineTransport, copy_engine_unavailable
+from fastllm.sharding.p2p import CopyEngineTransport, copy_engine_unavailable
 
 __all__ = ["PrefetchGather"]
 
@@ -103,9 +103,7 @@ class PrefetchGather:
     prefetch while bound (:meth:`bind` ... :meth:`reverse` ... :meth:`release`, one micro-batch)."""
 
     def __init__(self, mesh: Mesh, data_dims: dict[str, int | None], reduce_dtype: torch.dtype = torch.float32,
-                 transport: str = "auto"):
-        if transport not in TRANSPORTS:
-            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+                 transport: str = "auto"):  # one of p2p.TRANSPORTS, checked by the Partitioner
         self.mesh, self.data_dims, self.reduce_dtype, self.transport = mesh, data_dims, reduce_dtype, transport
         self._copy_engine: Optional[CopyEngineTransport] = None
         self._unavailable: Optional[str] = None  # why the copy engines cannot serve this mesh, once asked
@@ -181,7 +179,7 @@ class PrefetchGather:
         if self._copy_engine is None or not self._copy_engine.matches(blocks, dtype):
             self._copy_engine = None  # its buffers go back before the new ones are taken
             try:
-                self._copy_engine = CopyEngineTransport.create(self.mesh, blocks, dtype)
+                self._copy_engine = CopyEngineTransport(self.mesh, blocks, dtype)
             except RuntimeError as error:  # raised on every data rank alike
                 if self.transport == "copy_engine":
                     raise

@@ -133,7 +133,10 @@ class ShardedTrainStep:
         total = tokens.clamp(min=1.0)
         loss_sum = torch.zeros((), dtype=torch.float32, device=tree.leaves(params)[0].device)
         for index, micro in enumerate(micro_batches):
-            compute = reduction.compute_params(masters, self.dtype, refill=index == 0, sources=params)
+            if self._gather is not None:  # ZeRO-3: the blocks peers gather from (p2p's shadow) or a cast
+                compute = self._gather.compute_params(masters, self.dtype, refill=index == 0, sources=params)
+            else:
+                compute = optim.cast_tree(masters, self.dtype)
             with reduction.micro_batch(compute, last=index == len(micro_batches) - 1):
                 loss, _ = models.loss(self.config, compute, micro, layout=self.layout, remat=self.remat,
                                       block_fn=self.block_fn)
