@@ -162,6 +162,17 @@ def parse_value(text: str, tp: Any, _in_container: bool = False) -> Any:
     return _parse_scalar(text, inner)
 
 
+def _mapping_value(text: str) -> Any:
+    """An entry of a mapping field (``mesh.rules.seq=tensor``): JSON if it parses, ``none``/``null``
+    as None, else the text itself."""
+    if text.strip().lower() in _NONE_WORDS:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def _with_field(config: Any, name: str, value: Any, check: bool) -> Any:
     if check:
         return dataclasses.replace(config, **{name: value})
@@ -188,9 +199,12 @@ def override(config: Any, key: str, text: str, *, check: bool = True, _prefix: s
         inner, _ = _strip_optional(tp)
         if current is None and dataclasses.is_dataclass(inner):
             current = inner()  # an unset optional section comes alive when a field of it is set
-        if not dataclasses.is_dataclass(current):
+        if isinstance(current, dict) and "." not in rest:
+            value = {**current, rest: _mapping_value(text)}  # an existing entry keeps its place (order matters)
+        elif not dataclasses.is_dataclass(current):
             raise ConfigError(f"unknown config key {full + '.' + rest!r}: {full!r} is a value, not a section")
-        value = override(current, rest, text, check=check, _prefix=f"{full}.")
+        else:
+            value = override(current, rest, text, check=check, _prefix=f"{full}.")
     else:
         try:
             value = parse_value(text, tp)

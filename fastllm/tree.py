@@ -25,7 +25,12 @@ __all__ = [
     "partition",
     "combine",
     "is_axes",
+    "Keys",
+    "get",
+    "dotted",
 ]
+
+Keys = tuple  # a key path into a tree: ("layers", 3) or ("embed", "tokens")
 
 PyTree = Any
 
@@ -51,6 +56,22 @@ def _key_name(part: Any) -> str:
 
 def _dotted(path: tuple) -> str:
     return ".".join(_key_name(part) for part in path)
+
+
+def dotted(keys: Keys) -> str:
+    """The dotted path of a key path: ``("layers", 3, "mlp")`` -> ``"layers.3.mlp"``."""
+    return _dotted(tuple(keys))
+
+
+def get(tree: PyTree, keys: Keys) -> PyTree:
+    """The subtree (or leaf) of ``tree`` at the key path ``keys``."""
+    node = tree
+    for key in keys:
+        try:
+            node = node[key]
+        except (KeyError, IndexError, TypeError):
+            raise KeyError(f"no subtree at {dotted(keys)!r} (missing {key!r})") from None
+    return node
 
 
 def map_with_path(fn: Callable[..., Any], tree: PyTree, *rest: PyTree, is_leaf=None) -> PyTree:

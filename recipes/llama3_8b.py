@@ -16,7 +16,7 @@ def config() -> Config:
         run=RunConfig(dir="runs/llama3_8b"),
         model=ModelSection(preset="llama3-8b"),
         data=DataConfig(datasets=("data/llama3",), seq_len=8192, validation_fraction=0.001),
-        train=TrainSection(steps=10_000, micro_batch_size=1, grad_accum=16, precision="bf16", remat="block",
+        train=TrainSection(steps=10_000, batch_size=128, micro_batch_size=1, precision="bf16", remat="block",
                            log_every=1, eval_every=500, checkpoint_every=500),
         optim=OptimSection(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=500, min_lr_ratio=0.1),
         mesh=MeshSection(data=8),

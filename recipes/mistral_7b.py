@@ -15,7 +15,7 @@ def config() -> Config:
         run=RunConfig(dir="runs/mistral_7b"),
         model=ModelSection(preset="mistral-7b"),
         data=DataConfig(datasets=("data/mistral",), seq_len=4096, validation_fraction=0.01),
-        train=TrainSection(steps=2_000, micro_batch_size=2, grad_accum=8, precision="bf16", remat="block",
+        train=TrainSection(steps=2_000, batch_size=64, micro_batch_size=2, precision="bf16", remat="block",
                            log_every=1, eval_every=200, checkpoint_every=200),
         optim=OptimSection(lr=2e-5, betas=(0.9, 0.95), weight_decay=0.0, warmup_steps=50, min_lr_ratio=0.1),
         mesh=MeshSection(data=4, tensor=2),

@@ -29,7 +29,7 @@ def config() -> Config:
             mlp_dim=384, max_seq_len=256, tie_embeddings=True,
         ),
         data=DataConfig(datasets=("runs/quickstart/data/tokens",), seq_len=128, validation_fraction=0.02, prefetch=2),
-        train=TrainSection(steps=900, micro_batch_size=16, log_every=10, eval_every=300, eval_batches=8,
+        train=TrainSection(steps=900, batch_size=16, log_every=10, eval_every=300, eval_batches=8,
                            checkpoint_every=300),
         optim=OptimSection(lr=3e-3, warmup_steps=30, weight_decay=0.1, min_lr_ratio=0.1),
         sample=SampleSection(prompt="def __init__(self, ", max_new_tokens=80, temperature=0.7, top_k=50),

@@ -16,7 +16,7 @@ def config() -> Config:
         run=RunConfig(dir="runs/smollm2_135m"),
         model=ModelSection(preset="smollm2-135m"),
         data=DataConfig(datasets=("data/smollm2",), seq_len=2048, validation_fraction=0.001),
-        train=TrainSection(steps=20_000, micro_batch_size=8, grad_accum=4, precision="bf16", log_every=10,
+        train=TrainSection(steps=20_000, batch_size=32, micro_batch_size=8, precision="bf16", log_every=10,
                            eval_every=1000, checkpoint_every=1000),
         optim=OptimSection(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=1000, schedule="cosine"),
     )

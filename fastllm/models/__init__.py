@@ -8,7 +8,7 @@
 from fastllm.models.config import FAMILIES, MoEConfig, ModelConfig, RopeConfig
 from fastllm.models.counting import flops_per_token, matmul_param_count, param_count
 from fastllm.models.decoder import (apply, forward, hidden_states, init, init_cache, lm_head, logical_axes, loss,
-                                    param_specs)
+                                    model, param_specs)
 from fastllm.models.presets import PRESETS, preset
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "MoEConfig",
     "FAMILIES",
     "param_specs",
+    "model",
     "init",
     "logical_axes",
     "apply",

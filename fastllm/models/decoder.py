@@ -13,24 +13,24 @@ norm scales one, biases zero; GPT-2 and StarCoder also scale the residual output
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+import functools
 from typing import Optional, Union
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 
 from fastllm import nn, random
 from fastllm.models.config import ModelConfig
-from fastllm.nn import layout as L
+from fastllm.nn import ops
 from fastllm.nn.attention import KVCache
-from fastllm.nn.layout import Layout
+from fastllm.nn.ops import Layout
 
 __all__ = [
     "param_specs",
     "init",
     "logical_axes",
+    "model",
     "apply",
     "forward",
     "hidden_states",
@@ -40,7 +40,11 @@ __all__ = [
     "block_layer",
     "rotary_layer",
     "layer_window",
+    "HEAD_AXES",
 ]
+
+HEAD_AXES: ops.Axes = ("vocab", "embed")  # the LM head, and the token table it may be tied to
+POSITION_AXES: ops.Axes = ("positions", "embed")
 
 _SCALED_RESIDUAL_FAMILIES = ("gpt2", "starcoder")
 
@@ -99,10 +103,10 @@ def block_layer(config: ModelConfig, index: int) -> nn.Block:
 def param_specs(config: ModelConfig) -> dict:
     """The tree of :class:`fastllm.nn.Param`: shapes, logical axes and initializers."""
     std = config.init_std
-    embed = {"tokens": nn.embedding.params(config.vocab_size, config.embed_dim, std=std)}
+    embed = {"tokens": nn.embedding.params(config.vocab_size, config.embed_dim, axes=HEAD_AXES, std=std)}
     if config.positions == "learned":
         embed["positions"] = nn.embedding.params(
-            config.max_seq_len, config.embed_dim, axes=("positions", "embed"), std=std
+            config.max_seq_len, config.embed_dim, axes=POSITION_AXES, std=std
         )
     specs = {
         "embed": embed,
@@ -110,9 +114,7 @@ def param_specs(config: ModelConfig) -> dict:
         "final_norm": nn.norm.params(config.embed_dim, kind=config.norm),
     }
     if not config.tie_embeddings:
-        specs["lm_head"] = nn.linear.params(
-            config.embed_dim, config.vocab_size, axes=("vocab", "embed"), std=std
-        )
+        specs["lm_head"] = nn.linear.params(config.embed_dim, config.vocab_size, axes=HEAD_AXES, std=std)
     return specs
 
 
@@ -132,16 +134,98 @@ def logical_axes(config: ModelConfig) -> dict:
     return nn.axes(param_specs(config))
 
 
-def _embed(
-    config: ModelConfig, params: dict, tokens: Tensor, positions: Tensor, layout: Optional[Layout]
-) -> Float[Tensor, "batch seq embed"]:
-    embed = L.params(layout, "embed", params["embed"])
-    h = L.embed(layout, embed["tokens"], tokens)
+# --- the model's pieces, each once: the parts below and `forward` both call them ------------------
+def _positions(tokens: Tensor, positions: Optional[Tensor], start: int = 0) -> Tensor:
+    if positions is not None:
+        return positions
+    return torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)
+
+
+def _embed(config: ModelConfig, embed: dict, tokens: Tensor, positions: Tensor,
+           layout: Optional[Layout]) -> Float[Tensor, "batch seq embed"]:
+    h = nn.embedding.apply(embed["tokens"], tokens, axes=HEAD_AXES, layout=layout)
     if config.positions == "learned":
-        h = h + nn.embedding.apply(embed["positions"], L.local_seq(layout, positions))
+        h = h + nn.embedding.apply(embed["positions"], positions, axes=POSITION_AXES, layout=layout)
     return h
 
 
+def _rope(config: ModelConfig, positions: Tensor, dtype: torch.dtype) -> Optional[tuple[Tensor, Tensor]]:
+    rot = rotary_layer(config)
+    return None if rot is None else nn.rotary.cos_sin(rot, positions, dtype=dtype)
+
+
+def _head(config: ModelConfig, params: dict) -> Tensor:
+    """The ``[vocab, embed]`` output matrix: the token embeddings when tied."""
+    return params["embed"]["tokens"] if config.tie_embeddings else params["lm_head"]["w"]
+
+
+# --- the parts ------------------------------------------------------------------------------------
+_MOE_STATS = ("moe_tokens_per_expert", "moe_probs", "moe_lse_squared", "moe_rows")
+
+
+def _embed_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, layout) -> dict:
+    tokens = batch["tokens"]
+    positions = _positions(tokens, batch.get("positions"))
+    h = _embed(config, params[0], tokens, positions, layout)
+    carry = {"h": h}
+    rope = _rope(config, positions, h.dtype)
+    if rope is not None:
+        carry["cos"], carry["sin"] = rope
+    if config.moe is not None:  # running sums of the router statistics over the layers
+        zeros = h.new_zeros((config.moe.n_experts,), dtype=torch.float32)
+        carry.update(moe_tokens_per_expert=zeros, moe_probs=zeros, moe_lse_squared=zeros.new_zeros(()),
+                     moe_rows=zeros.new_zeros(()))
+    return carry
+
+
+def _block_part(block: nn.Block, params: tuple, carry: dict, batch: dict, layout) -> dict:
+    rope = (carry["cos"], carry["sin"]) if "cos" in carry else None
+    h, router_logits = nn.block.apply(block, params[0], carry["h"], rope=rope,
+                                      segment_ids=batch.get("segment_ids"), layout=layout)
+    carry = {**carry, "h": h}
+    if router_logits is not None:
+        for name, value in zip(_MOE_STATS, nn.moe.router_statistics(router_logits, block.ffn.top_k)):
+            carry[name] = carry[name] + value
+    return carry
+
+
+def _head_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, layout) -> dict:
+    norm, head = params
+    h = nn.norm.apply(norm, carry["h"], eps=config.norm_eps, kernels=config.kernels)
+    # the LM head and the loss together: the fused kernel never materialises the logits
+    ce, valid = ops.linear_cross_entropy(layout, h, ops.STREAM, head, HEAD_AXES, batch["targets"],
+                                         batch.get("loss_mask"), impl=config.kernels.cross_entropy)
+    aux = _aux_losses(config, carry, h)
+    total = ce
+    if config.moe is not None:
+        total = total + config.moe.aux_loss_coef * aux["moe_aux_loss"] + config.moe.z_loss_coef * aux["router_z_loss"]
+    return {"loss": total, "cross_entropy": ce, "valid_tokens": valid, **aux}
+
+
+def _aux_losses(config: ModelConfig, carry: dict, h: Tensor) -> dict[str, Tensor]:
+    if config.moe is None:
+        zero = torch.zeros((), device=h.device, dtype=torch.float32)
+        return {"moe_aux_loss": zero, "router_z_loss": zero}
+    stats = [carry[name] for name in _MOE_STATS]
+    return nn.moe.losses_from_statistics(*stats, n_experts=config.moe.n_experts)
+
+
+@functools.lru_cache(maxsize=64)
+def model(config: ModelConfig) -> nn.Model:
+    """The decoder as an :class:`fastllm.nn.Model`: the embedding, one part per block along
+    ``layers``, and the head (final norm, LM head and loss)."""
+    from fastllm.models.counting import flops_per_token
+
+    head_params = ("embed", "tokens") if config.tie_embeddings else ("lm_head", "w")
+    parts = [nn.Part("embed", [("embed",)], _embed_part, static=config)]
+    parts += [nn.Part(f"layers.{i}", [("layers", i)], _block_part, static=block_layer(config, i), layer=i)
+              for i in range(config.n_layers)]
+    parts.append(nn.Part("head", [("final_norm",), head_params], _head_part, static=config))
+    return nn.Model(param_specs(config), tuple(parts), flops_per_token=functools.partial(flops_per_token, config),
+                    config=config)
+
+
+# --- whole-model functions --------------------------------------------------------------------
 def forward(
     config: ModelConfig,
     params: dict,
@@ -150,9 +234,7 @@ def forward(
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-    remat: bool = False,
     cache: Optional[list[KVCache]] = None,
-    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> Union[
     tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor]],
     tuple[Float[Tensor, "batch seq vocab"], dict[str, Tensor], list[KVCache]],
@@ -160,22 +242,18 @@ def forward(
     """(logits in the params' dtype, aux) with aux ``moe_aux_loss`` and ``router_z_loss``.
 
     ``layout`` (a parallel layout from ``fastllm.sharding``; ``None``: one device): ``params`` are
-    this rank's shards and the logits this rank's block of the vocabulary. ``remat``: recompute
-    each block's activations in backward (see :func:`hidden_states`). ``cache`` (decoding, from
+    this rank's shards and the logits this rank's block of the vocabulary. ``cache`` (decoding, from
     :func:`init_cache`): ``tokens`` continue the cached ones; also returns the extended cache.
-    ``block_fn``: runs each block in place of :func:`fastllm.nn.block.apply` (see :func:`hidden_states`).
     """
     out = hidden_states(config, params, tokens, positions=positions, segment_ids=segment_ids, layout=layout,
-                        remat=remat, cache=cache, block_fn=block_fn)
-    logits = nn.linear.linear(L.enter_parallel(layout, out[0]), lm_head(config, params, layout))  # [batch, seq, vocab]
+                        cache=cache)
+    logits = ops.dense(layout, out[0], ops.STREAM, _head(config, params), HEAD_AXES)  # [batch, seq, vocab]
     return (logits, *out[1:])
 
 
-def lm_head(config: ModelConfig, params: dict, layout: Optional[Layout] = None) -> Tensor:
-    """The ``[vocab, embed]`` output matrix (the token embeddings when tied; a vocab block under a layout)."""
-    if config.tie_embeddings:
-        return L.params(layout, "embed", params["embed"])["tokens"]
-    return L.params(layout, "lm_head", params["lm_head"])["w"]
+def lm_head(config: ModelConfig, params: dict) -> Tensor:
+    """The ``[vocab, embed]`` output matrix (the token embeddings when tied)."""
+    return _head(config, params)
 
 
 def hidden_states(
@@ -186,53 +264,30 @@ def hidden_states(
     positions: Optional[Int[Tensor, "batch seq"]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
-    remat: bool = False,
     cache: Optional[list[KVCache]] = None,
-    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> Union[
-    tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor]],
-    tuple[Float[Tensor, "batch local_seq embed"], dict[str, Tensor], list[KVCache]],
+    tuple[Float[Tensor, "batch seq embed"], dict[str, Tensor]],
+    tuple[Float[Tensor, "batch seq embed"], dict[str, Tensor], list[KVCache]],
 ]:
-    """(the final-normed residual stream, aux): :func:`forward` before the LM head.
-
-    ``remat`` runs each block under ``torch.utils.checkpoint`` (Chen et al. 2016): its inner
-    activations are dropped after the forward pass and recomputed in backward, so a block keeps
-    only its input alive; same values, less memory, one more forward. A ZeRO-3 layout gathers the
-    block's parameters inside the recomputed region, so the gathered copies are freed too and
-    gathered again in backward. ``cache``: see :func:`forward`.
-
-    ``block_fn`` (default :func:`fastllm.nn.block.apply`, same signature) computes a block from its
-    gathered params, e.g. a compiled one (:class:`fastllm.train.compile.CompiledBlocks`); the
-    ``params`` hook and ``remat``'s checkpoint stay around it, in eager mode.
-    """
-    if remat and cache is not None:
-        raise ValueError("remat is for training; decoding with a KV cache keeps no activations to drop")
-    if positions is None:
-        start = 0 if not cache else cache[0].length
-        positions = torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)
-    h = _embed(config, params, tokens, positions, layout)  # [batch, seq, embed]
-    rot = rotary_layer(config)
-    rope = None if rot is None else nn.rotary.cos_sin(rot, positions, dtype=h.dtype)
-    run = _block if not remat else lambda *args: checkpoint(_block, *args, use_reentrant=False)
-    block_fn = nn.block.apply if block_fn is None else block_fn
-    router_logits, new_cache = [], []
+    """(the final-normed residual stream, aux): :func:`forward` before the LM head. ``cache``: see
+    :func:`forward`."""
+    positions = _positions(tokens, positions, 0 if not cache else cache[0].length)
+    h = _embed(config, params["embed"], tokens, positions, layout)  # [batch, seq, embed]
+    rope = _rope(config, positions, h.dtype)
+    stats, new_cache = None, []
     for index, layer_params in enumerate(params["layers"]):
-        layer_cache = None if cache is None else cache[index]
-        h, logits_of_router, *extended = run(block_fn, config, index, layer_params, h, rope, segment_ids, layout,
-                                             layer_cache)
+        block = block_layer(config, index)
+        out = nn.block.apply(block, layer_params, h, rope=rope, segment_ids=segment_ids, layout=layout,
+                             cache=None if cache is None else cache[index])
+        h, router_logits, *extended = out
         new_cache += extended
-        if logits_of_router is not None:
-            router_logits.append(logits_of_router)
-    h = nn.norm.apply(L.params(layout, "final_norm", params["final_norm"]), h, eps=config.norm_eps,
-                      kernels=config.kernels)
-    aux = _aux_losses(config, router_logits, h)
+        if router_logits is not None:
+            layer_stats = nn.moe.router_statistics(router_logits, block.ffn.top_k)
+            stats = layer_stats if stats is None else [a + b for a, b in zip(stats, layer_stats)]
+    h = nn.norm.apply(params["final_norm"], h, eps=config.norm_eps, kernels=config.kernels)
+    carry = {} if stats is None else dict(zip(_MOE_STATS, stats))
+    aux = _aux_losses(config, carry, h)
     return (h, aux) if cache is None else (h, aux, new_cache)
-
-
-def _block(block_fn, config, index, layer_params, h, rope, segment_ids, layout, cache):
-    """Block ``index``; a ZeRO-3 layout gathers its params here (inside the region remat recomputes)."""
-    p = L.params(layout, f"layers.{index}", layer_params)
-    return block_fn(block_layer(config, index), p, h, rope=rope, segment_ids=segment_ids, layout=layout, cache=cache)
 
 
 def init_cache(
@@ -241,16 +296,6 @@ def init_cache(
     """An empty KV cache for :func:`forward`: per layer, keys and values ``[batch, kv_heads, 0, head_dim]``."""
     empty = torch.zeros((batch, config.n_kv_heads, 0, config.head_dim), dtype=dtype, device=device)
     return [KVCache(empty, empty) for _ in range(config.n_layers)]
-
-
-def _aux_losses(config: ModelConfig, router_logits: list[Tensor], h: Tensor) -> dict[str, Tensor]:
-    if not router_logits:
-        zero = torch.zeros((), device=h.device, dtype=torch.float32)
-        return {"moe_aux_loss": zero, "router_z_loss": zero}
-    return {
-        "moe_aux_loss": nn.moe.load_balancing_loss(router_logits, config.moe.n_experts, config.moe.top_k),
-        "router_z_loss": nn.moe.router_z_loss(router_logits),
-    }
 
 
 def apply(
@@ -272,29 +317,15 @@ def loss(
     batch: dict,
     *,
     layout: Optional[Layout] = None,
-    remat: bool = False,
-    block_fn: Optional[Callable[..., tuple]] = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean cross-entropy over valid targets plus the weighted MoE auxiliary losses.
 
     ``batch``: ``tokens`` and ``targets`` ``[batch, seq]`` int64 (-100 ignored), optional
-    ``positions``, ``segment_ids`` and ``loss_mask``. Metrics are detached scalars. ``remat``:
-    recompute each block's activations in backward; ``block_fn``: see :func:`hidden_states`.
+    ``positions``, ``segment_ids`` and ``loss_mask``. Metrics are detached scalars. This is
+    :func:`fastllm.nn.run` of :func:`model` (the train step runs the same parts).
     """
     for name in ("tokens", "targets"):
         if name not in batch:
             raise KeyError(f"loss: batch has no {name!r} (keys: {sorted(batch)})")
-    h, aux = hidden_states(
-        config, params, batch["tokens"],
-        positions=batch.get("positions"), segment_ids=batch.get("segment_ids"), layout=layout, remat=remat,
-        block_fn=block_fn,
-    )
-    # the LM head and the loss together: the fused kernel never materialises the logits
-    ce, valid = L.linear_cross_entropy(layout, h, lm_head(config, params, layout), batch["targets"],
-                                       batch.get("loss_mask"), impl=config.kernels.cross_entropy)
-    total = ce
-    if config.moe is not None:
-        total = total + config.moe.aux_loss_coef * aux["moe_aux_loss"]
-        total = total + config.moe.z_loss_coef * aux["router_z_loss"]
-    metrics = {"loss": total, "cross_entropy": ce, "valid_tokens": valid, **aux}
-    return total, {name: value.detach() for name, value in metrics.items()}
+    carry = nn.run(model(config), params, batch, layout=layout)
+    return carry["loss"], {name: value.detach() for name, value in carry.items()}

@@ -9,11 +9,12 @@ never a model config, so new architectures compose them freely::
     y = nn.attention.apply(layer, p, x)
 """
 
-from fastllm.nn import attention, block, embedding, layout, linear, loss, mlp, moe, norm, param, rotary
+from fastllm.nn import attention, block, embedding, linear, loss, mlp, model, moe, norm, ops, param, rotary
 from fastllm.nn.attention import Attention, dot_product_attention
 from fastllm.nn.block import Block
 from fastllm.nn.loss import IGNORE_INDEX, cross_entropy
 from fastllm.nn.mlp import MLP
+from fastllm.nn.model import Model, Part, run
 from fastllm.nn.moe import MoE
 from fastllm.nn.param import Param, axes, count, init, is_param, shapes
 from fastllm.nn.rotary import Rotary
@@ -28,7 +29,11 @@ __all__ = [
     "mlp",
     "moe",
     "block",
-    "layout",
+    "ops",
+    "model",
+    "Model",
+    "Part",
+    "run",
     "loss",
     "Param",
     "axes",

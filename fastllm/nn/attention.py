@@ -19,6 +19,7 @@ attend to all of them under the same mask, so each generated token costs O(seq) 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -31,10 +32,14 @@ from fastllm.kernels import KernelConfig, select
 from fastllm.kernels.attention import attention as kernel_attention
 from fastllm.kernels.attention import visible as mask
 from fastllm.kernels.rotary import apply_rotary
-from fastllm.nn import layout as _layout
-from fastllm.nn.param import Param, normal, zeros
+from fastllm.nn import ops
+from fastllm.nn.param import Param, axes, normal, zeros
 
-__all__ = ["Attention", "KVCache", "params", "apply", "dot_product_attention", "mask"]
+__all__ = ["Attention", "KVCache", "params", "apply", "dot_product_attention", "mask", "Q_AXES", "KV_AXES"]
+
+Q_AXES: ops.Axes = ("batch", "seq", "heads", "head_dim")  # queries, and the attention's output
+KV_AXES: ops.Axes = ("batch", "seq", "kv_heads", "head_dim")
+ROPE_AXES: ops.Axes = ("batch", "seq", "rotary")  # cos and sin of the rotary angles (inputs)
 
 
 class KVCache(NamedTuple):
@@ -106,49 +111,80 @@ def dot_product_attention(
     return kernel_attention(q, k, v, window=window, segment_ids=segment_ids, impl=impl)
 
 
-def _project_in(
-    x: Tensor, w: Tensor, b: Optional[Tensor]
-) -> Tensor:  # [batch, seq, embed] -> [batch, heads, seq, head_dim]
-    heads, head_dim, embed = w.shape
-    bias = None if b is None else b.reshape(heads * head_dim)
-    y = F.linear(x, w.reshape(heads * head_dim, embed), bias)
-    return y.unflatten(-1, (heads, head_dim)).transpose(1, 2)
+@functools.lru_cache(maxsize=256)
+def _names(layer: Attention) -> dict:
+    """The logical dims of each weight, as :func:`params` declares them (one source of truth)."""
+    return axes(params(layer))
+
+
+def _kv_of_local_heads(shards: ops.Shards, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    """The key/value heads this rank's query heads read, when the query heads are split and the
+    key/value heads are not (fewer kv heads than ranks: each rank keeps them all)."""
+    if shards.count("heads") == 1 or shards.count("kv_heads") != 1:
+        return k, v
+    group = heads * shards.count("heads") // k.shape[1]  # query heads per kv head, globally
+    first = shards.index("heads") * heads
+    lo, hi = first // group, (first + heads - 1) // group + 1
+    return k[:, lo:hi], v[:, lo:hi]
+
+
+def _core(layer: Attention, rotary: bool, segments: bool):
+    """The attention of projected q, k, v (``[batch, seq, heads, head_dim]``) as a local function."""
+
+    def attend(shards: ops.Shards, q: Tensor, k: Tensor, v: Tensor, *inputs: Tensor) -> Tensor:
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
+        k, v = _kv_of_local_heads(shards, k, v, q.shape[1])
+        if rotary:
+            q, k = apply_rotary(q, k, inputs[0], inputs[1], impl=select(layer.kernels, "rotary", q.device))
+        segment_ids = inputs[-1] if segments else None
+        out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
+        return out.transpose(1, 2)  # [batch, seq, heads, head_dim]
+
+    return attend
 
 
 def apply(
     layer: Attention,
     p: dict,
-    x: Float[Tensor, "batch local_seq embed"],
+    x: Float[Tensor, "batch seq embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
-    layout: Optional[_layout.Layout] = None,
+    layout: Optional[ops.Layout] = None,
     cache: Optional[KVCache] = None,
-) -> Union[Float[Tensor, "batch local_seq embed"], tuple[Float[Tensor, "batch local_seq embed"], KVCache]]:
-    """Self-attention of ``x``; ``rope`` is the (cos, sin) pair of :func:`rotary.cos_sin`.
-
-    ``layout`` (see :mod:`fastllm.nn.layout`): the head counts come from the (local) weights;
-    ``x`` may be a block of the sequence (``local_seq``) that the layout gathers.
+) -> Union[Float[Tensor, "batch seq embed"], tuple[Float[Tensor, "batch seq embed"], KVCache]]:
+    """Self-attention of the residual stream ``x``; ``rope`` is the (cos, sin) pair of
+    :func:`rotary.cos_sin` (inputs: whole sequences). ``layout``: see :mod:`fastllm.nn.ops` (the
+    attention needs every key of a sequence: ``seq`` stays whole inside it).
     ``cache``: ``x`` continues the cached tokens (``rope`` at their positions); returns
     ``(output, cache extended by x's keys and values)``.
     """
-    x = _layout.enter_parallel(layout, x)  # [batch, seq, embed]: every token, this rank's heads
-    q = _project_in(x, p["wq"], p.get("bq"))  # [batch, heads, seq, head_dim]
-    k = _project_in(x, p["wk"], p.get("bk"))  # [batch, kv_heads, seq, head_dim]
-    v = _project_in(x, p["wv"], p.get("bv"))
+    names = _names(layer)
+    q, k, v = ops.projections(layout, x, ops.STREAM, [(p[w], names[w], p.get(b)) for w, b in
+                                                      (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))])
+    if cache is not None:
+        if layout is not None:
+            raise ValueError("decoding with a KV cache runs on one device (layout=None)")
+        out, cache = _decode(layer, q, k, v, rope, segment_ids, cache)
+    else:
+        args = [ops.activation(q, Q_AXES), ops.activation(k, KV_AXES), ops.activation(v, KV_AXES)]
+        args += [ops.data(t, ROPE_AXES) for t in rope or ()]
+        args += [ops.data(segment_ids, ("batch", "seq"))] if segment_ids is not None else []
+        core = _core(layer, rope is not None, segment_ids is not None)
+        out = ops.local(layout, core, args, [Q_AXES], whole=("seq",))[0]
+    out = ops.dense(layout, out, Q_AXES, p["wo"], names["wo"], p.get("bo"))
+    return out if cache is None else (out, cache)
+
+
+def _decode(layer: Attention, q: Tensor, k: Tensor, v: Tensor, rope, segment_ids, cache: KVCache):
+    if segment_ids is not None:
+        raise ValueError("attention with a KV cache takes no segment_ids (one sequence per row)")
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [batch, heads, seq, head_dim]
     if rope is not None:
         q, k = apply_rotary(q, k, *rope, impl=select(layer.kernels, "rotary", q.device))
-    if cache is None:
-        out = dot_product_attention(q, k, v, window=layer.window, segment_ids=segment_ids, kernels=layer.kernels)
-    else:
-        if segment_ids is not None:
-            raise ValueError("attention with a KV cache takes no segment_ids (one sequence per row)")
-        cache = KVCache(torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2))
-        out = _attend_to_cache(q, cache, layer.window)
-    out = out.transpose(1, 2).flatten(2)  # [batch, seq, heads * head_dim]
-    wo = p["wo"]
-    out = _layout.row_parallel_linear(layout, out, wo.reshape(wo.shape[0], -1), p.get("bo"))
-    return out if cache is None else (out, cache)
+    cache = KVCache(torch.cat([cache.keys, k], dim=2), torch.cat([cache.values, v], dim=2))
+    out = _attend_to_cache(q, cache, layer.window)
+    return out.transpose(1, 2), cache
 
 
 def _attend_to_cache(q: Tensor, cache: KVCache, window: Optional[int]) -> Tensor:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from fastllm.kernels import KernelConfig
 from fastllm.nn import attention, mlp, moe, norm
-from fastllm.nn.layout import Layout
+from fastllm.nn.ops import Layout
 from fastllm.nn.norm import NormKind
 
 __all__ = ["Block", "params", "apply"]
@@ -47,21 +47,21 @@ def params(layer: Block) -> dict:
 def apply(
     layer: Block,
     p: dict,
-    x: Float[Tensor, "batch local_seq embed"],
+    x: Float[Tensor, "batch seq embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
     cache: Optional[attention.KVCache] = None,
 ) -> Union[
-    tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor]],
-    tuple[Float[Tensor, "batch local_seq embed"], Optional[Tensor], attention.KVCache],
+    tuple[Float[Tensor, "batch seq embed"], Optional[Tensor]],
+    tuple[Float[Tensor, "batch seq embed"], Optional[Tensor], attention.KVCache],
 ]:
     """(new residual stream, router logits or ``None`` for a dense block), and with a ``cache``
     (decoding, see :func:`attention.apply`) its extension by ``x``'s keys and values.
 
-    ``layout`` (see :mod:`fastllm.nn.layout`): ``x`` is the residual stream in its layout (a block
-    of ``seq``, ``local_seq``, under sequence parallelism; ``segment_ids`` cover the whole ``seq``); attention and MLP enter and leave their parallel regions.
+    ``layout`` (see :mod:`fastllm.nn.ops`): ``x`` is the residual stream ``("batch", "seq", "embed")``
+    laid out as the rules say; ``rope`` and ``segment_ids`` are inputs (whole sequences).
     """
     h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     out = attention.apply(

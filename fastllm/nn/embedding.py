@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from fastllm.nn import ops
 from fastllm.nn.param import Param, normal
 
-__all__ = ["params", "apply"]
+__all__ = ["params", "apply", "AXES"]
+
+AXES: ops.Axes = ("vocab", "embed")
 
 
-def params(
-    num: int, dim: int, *, axes: tuple[str, str] = ("vocab", "embed"), std: float = 0.02
-) -> Param:
+def params(num: int, dim: int, *, axes: tuple[str, str] = AXES, std: float = 0.02) -> Param:
     """One ``[num, dim]`` table (a leaf, so the tree reads ``embed.tokens`` not ``embed.tokens.w``)."""
     return Param((num, dim), axes, normal(std))
 
 
 def apply(
-    table: Float[Tensor, "num dim"], ids: Int[Tensor, "*batch"]
+    table: Float[Tensor, "num dim"], ids: Int[Tensor, "*batch"], *, axes: ops.Axes = AXES,
+    layout: Optional[ops.Layout] = None, ids_axes: ops.Axes = ("batch", "seq"),
 ) -> Float[Tensor, "*batch dim"]:
-    return F.embedding(ids, table)
+    """``table[ids]``; ``axes`` are the table's dims as declared, ``ids`` are inputs (see
+    :func:`fastllm.nn.ops.lookup`)."""
+    if layout is None:
+        return F.embedding(ids, table)
+    return ops.lookup(layout, table, axes, ids, ids_axes)

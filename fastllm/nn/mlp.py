@@ -23,8 +23,8 @@ from fastllm.kernels import KernelConfig, select
 from fastllm.kernels.activation import ACTIVATIONS, activation_reference
 from fastllm.kernels.activation import activation as kernel_activation
 from fastllm.kernels.activation import gated as kernel_gated
-from fastllm.nn import layout as _layout
-from fastllm.nn.param import Param, normal, zeros
+from fastllm.nn import ops
+from fastllm.nn.param import Param, axes, normal, zeros
 
 __all__ = ["MLP", "Activation", "activation", "activate", "params", "apply"]
 
@@ -80,12 +80,19 @@ def params(layer: MLP) -> dict:
     return spec
 
 
+@functools.lru_cache(maxsize=256)
+def _names(layer: MLP) -> dict:
+    return axes(params(layer))
+
+
 def apply(
-    layer: MLP, p: dict, x: Float[Tensor, "*batch embed"], *, layout: Optional[_layout.Layout] = None
+    layer: MLP, p: dict, x: Float[Tensor, "*batch embed"], *, layout: Optional[ops.Layout] = None,
+    x_axes: ops.Axes = ops.STREAM,
 ) -> Float[Tensor, "*batch embed"]:
-    """``layout`` (see :mod:`fastllm.nn.layout`): ``mlp`` may be this rank's shard of the units."""
-    x = _layout.enter_parallel(layout, x)  # column parallel: w_up/w_gate split along mlp
-    up = F.linear(x, p["w_up"], p.get("b_up"))  # [..., mlp]
-    gate = F.linear(x, p["w_gate"], p.get("b_gate")) if "w_gate" in p else None
-    hidden = activate(layer.activation, up, gate, kernels=layer.kernels)
-    return _layout.row_parallel_linear(layout, hidden, p["w_down"], p.get("b_down"))
+    """``layout`` (see :mod:`fastllm.nn.ops`): ``x``'s dims are ``x_axes`` (the residual stream)."""
+    names = _names(layer)
+    projected = [("w_up", "b_up")] + ([("w_gate", "b_gate")] if "w_gate" in p else [])
+    up, *gate = ops.projections(layout, x, x_axes, [(p[w], names[w], p.get(b)) for w, b in projected])
+    hidden = activate(layer.activation, up, gate[0] if gate else None, kernels=layer.kernels)  # [..., mlp]
+    return ops.dense(layout, hidden, ops.dense_axes(x_axes, names["w_up"]), p["w_down"], names["w_down"],
+                     p.get("b_down"))

@@ -18,8 +18,8 @@ Auxiliary losses over the router logits of all layers (concatenated along tokens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -32,7 +32,8 @@ from fastllm.kernels.moe import moe_experts
 from fastllm.nn.mlp import Activation, activation
 from fastllm.nn.param import Param, normal
 
-__all__ = ["MoE", "params", "apply", "route", "load_balancing_loss", "router_z_loss"]
+__all__ = ["MoE", "params", "apply", "route", "router_statistics", "losses_from_statistics", "load_balancing_loss",
+           "router_z_loss"]
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,14 @@ def route(
 def apply(
     layer: MoE, p: dict, x: Float[Tensor, "*batch embed"]
 ) -> tuple[Float[Tensor, "*batch embed"], Float[Tensor, "tokens experts"]]:
-    """(output, router logits ``[tokens, experts]`` for the auxiliary losses)."""
+    """(output, router logits ``[tokens, experts]`` for the auxiliary losses). Runs on whole experts
+    and whole sequences: the partitioner refuses layouts that would split them (expert parallelism
+    is planned as rules on ``experts``, with an all-to-all dispatch)."""
     flat = x.reshape(-1, x.shape[-1])  # [tokens, embed]
     router_logits = F.linear(flat, p["router"])  # [tokens, experts]
     weights, experts = route(layer, router_logits)
+    if flat.device.type == "meta":  # planning: only the shape (the routing is data-dependent)
+        return torch.zeros_like(x), router_logits
     if select(layer.kernels, "moe", x.device) == "triton":
         out = moe_experts(flat, weights, experts, p["w_gate"], p["w_up"], p["w_down"],
                           activation=layer.activation, impl="triton")
@@ -102,16 +107,36 @@ def _experts_reference(layer: MoE, p: dict, flat: Tensor, weights: Tensor, exper
     return out
 
 
+def router_statistics(
+    router_logits: Float[Tensor, "tokens experts"], top_k: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Sums over one layer's tokens: top-k assignments per expert ``[experts]``, router
+    probabilities per expert ``[experts]``, ``logsumexp(logits)^2`` and the number of tokens (all
+    float32). Summed over layers they give both auxiliary losses (:func:`losses_from_statistics`),
+    so a model carries four small tensors from block to block instead of every layer's logits."""
+    logits = router_logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    _, picked = torch.topk(probs, top_k, dim=-1)
+    assignments = F.one_hot(picked, logits.shape[-1]).sum(dim=1).float()  # [tokens, experts]
+    rows = torch.tensor(float(logits.shape[0]), device=logits.device)
+    return assignments.sum(0), probs.sum(0), torch.logsumexp(logits, dim=-1).square().sum(), rows
+
+
+def losses_from_statistics(tokens_per_expert: Tensor, probs: Tensor, lse_squared: Tensor, rows: Tensor, *,
+                           n_experts: int) -> dict[str, Tensor]:
+    """``moe_aux_loss`` (load balancing) and ``router_z_loss`` from :func:`router_statistics` sums."""
+    rows = rows.clamp(min=1.0)
+    return {"moe_aux_loss": n_experts * torch.sum((tokens_per_expert / rows) * (probs / rows)),
+            "router_z_loss": lse_squared / rows}
+
+
 def load_balancing_loss(
     router_logits: Sequence[Tensor], n_experts: int, top_k: int
 ) -> Float[Tensor, ""]:
-    logits = torch.cat([r.float() for r in router_logits], dim=0)  # [layers * tokens, experts]
-    probs = torch.softmax(logits, dim=-1)
-    _, picked = torch.topk(probs, top_k, dim=-1)
-    assignments = F.one_hot(picked, n_experts).sum(dim=1).float()  # [rows, experts]
-    tokens_per_expert = assignments.mean(dim=0)
-    prob_per_expert = probs.mean(dim=0)
-    return n_experts * torch.sum(tokens_per_expert * prob_per_expert)
+    """Over the router logits of every layer, concatenated along tokens (the module docstring)."""
+    stats = [router_statistics(r, top_k) for r in router_logits]
+    sums = [sum(column) for column in zip(*stats)]
+    return losses_from_statistics(*sums, n_experts=n_experts)["moe_aux_loss"]
 
 
 def router_z_loss(router_logits: Sequence[Tensor]) -> Float[Tensor, ""]:

@@ -16,6 +16,7 @@ bf16 training does not need this (bf16 has fp32's exponent range).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple, Optional
 
 import torch
@@ -66,11 +67,18 @@ def all_finite(values: PyTree) -> Bool[Tensor, ""]:
     return torch.stack(checks).all() if checks else torch.tensor(True)
 
 
-def unscale_and_check(grads: PyTree, state: LossScale) -> tuple[PyTree, Bool[Tensor, ""], LossScale]:
-    """(fp32 gradients divided by the scale, whether all are finite, the updated scale state)."""
+def unscale_and_check(
+    grads: PyTree, state: LossScale, *, agree: Optional[Callable[[Tensor], Tensor]] = None
+) -> tuple[PyTree, Bool[Tensor, ""], LossScale]:
+    """(fp32 gradients divided by the scale, whether all are finite, the updated scale state).
+
+    With sharded gradients pass ``agree``: it receives this rank's verdict (a 0-d bool tensor) and
+    returns every rank's combined (e.g. a MIN all-reduce), so all ranks skip the same steps."""
     inverse = 1.0 / state.scale
     unscaled = tree.map(lambda g: g.float() * inverse, grads)
     finite = all_finite(unscaled)
+    if agree is not None:
+        finite = agree(finite)
     good = torch.where(finite, state.good_steps + 1, torch.zeros_like(state.good_steps))
     grow = good >= state.growth_interval
     grown = torch.where(grow, state.scale * state.growth_factor, state.scale)

@@ -16,8 +16,10 @@ from fastllm.sharding.collectives import (
 )
 from fastllm.sharding.describe import Description, describe
 from fastllm.sharding.mesh import AXES, Mesh
+from fastllm.sharding.layout import MeshLayout
 from fastllm.sharding.partitioner import Partitioner, Plan
-from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rule, Rules, resolve, spec_for
+from fastllm.sharding.placement import Placement, transitions
+from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rule, Rules, assign, resolve, spec_for
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard, unshard
 
 __all__ = [
@@ -34,6 +36,10 @@ __all__ = [
     "STORAGE_RULES",
     "resolve",
     "spec_for",
+    "assign",
+    "Placement",
+    "transitions",
+    "MeshLayout",
     "Partitioner",
     "Plan",
     "describe",

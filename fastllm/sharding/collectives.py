@@ -1,4 +1,5 @@
-"""Autograd-aware collectives over one mesh axis, each paired with the collective of its backward.
+"""Collectives over one mesh axis: the raw ones (no autograd) that placements lower to, and the
+classic autograd-aware ones, each a relayout between two placements whose backward is derived.
 
 ======================  =================================  =====================================
 function                forward                            backward
@@ -17,7 +18,10 @@ The pairs follow from the chain rule when the objective is the *sum over ranks* 
 computes (Shoeybi et al. 2019, "Megatron-LM", sec. 3; Korthikanti et al. 2022, "Reducing Activation
 Recomputation", sec. 4.2.2): a gradient arriving at an ``all_gather`` output is each rank's partial
 contribution, so the shards' gradients are their sums; the gradient arriving at an ``all_reduce``
-output is already the full one, so each summand receives it unchanged.
+output is already the full one, so each summand receives it unchanged. Each function here says so
+as (source placement, destination placement, partial gradient axes) and
+:func:`fastllm.sharding.placement.relayout` derives both directions; model code reaches them only
+through :mod:`fastllm.nn.ops`.
 
 On an axis of size 1 every function is the identity, so single-device code pays nothing. NCCL gets
 the single-buffer collectives (``all_gather_into_tensor``/``reduce_scatter_tensor``); a backend
@@ -140,39 +144,20 @@ def _all_to_all(x: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mes
     return torch.cat(received.unbind(0), dim=concat_dim)
 
 
-# --- autograd functions: one per row of the table above -----------------------------------------
-def _paired(name: str, forward, backward) -> type[torch.autograd.Function]:
-    """A Function computing ``forward(x, *args)`` whose input gradient is ``backward(grad, *args)``
-    (the non-tensor ``args``, dims, axis and mesh, get no gradient)."""
+# --- public API: each a relayout between two placements (fastllm.sharding.placement) -------------
+def _placement(ndim: int, split: dict[int, str] | None = None, partial: tuple[str, ...] = ()):
+    from fastllm.sharding.placement import Placement
 
-    def setup_context(ctx, inputs, output):
-        ctx.args = inputs[1:]
-
-    def grad(ctx, grad_output):
-        return (backward(grad_output, *ctx.args), *(None for _ in ctx.args))
-
-    return type(name, (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(grad)})
+    split = split or {}
+    return Placement(tuple((split[d],) if d in split else () for d in range(ndim)), frozenset(partial))
 
 
-def _identity(x: Tensor, axis: str, mesh: Mesh) -> Tensor:
-    return x.view_as(x)
+def _relayout(x: Tensor, src, dst, mesh: Mesh, grad_partial: tuple[str, ...] = ()) -> Tensor:
+    from fastllm.sharding.placement import relayout
+
+    return relayout(x, src, dst, mesh, grad_partial=frozenset(grad_partial))
 
 
-def _all_to_all_back(grad: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mesh) -> Tensor:
-    return _all_to_all(grad, concat_dim, split_dim, axis, mesh)
-
-
-_AllGather = _paired("_AllGather", _gather, _reduce_scatter)
-_ReduceScatter = _paired("_ReduceScatter", _reduce_scatter, _gather)
-_AllReduce = _paired("_AllReduce", _all_reduce, _identity)
-_CopyToParallel = _paired("_CopyToParallel", _identity, _all_reduce)
-_Split = _paired("_Split", _split, _gather)
-_AllToAll = _paired("_AllToAll", _all_to_all, _all_to_all_back)
-
-
-# --- public API ----------------------------------------------------------------------------------
 def all_gather(x: Tensor, dim: int, axis: str, mesh: Mesh) -> Tensor:
     """Concatenate the shards of ``axis``'s ranks along ``dim`` (in rank order).
 
@@ -180,40 +165,45 @@ def all_gather(x: Tensor, dim: int, axis: str, mesh: Mesh) -> Tensor:
     """
     if mesh.size(axis) == 1:
         return x
-    return _AllGather.apply(x, _dim(x, dim), axis, mesh)
+    d = _dim(x, dim)
+    return _relayout(x, _placement(x.ndim, {d: axis}), _placement(x.ndim), mesh, (axis,))
 
 
 def reduce_scatter(x: Tensor, dim: int, axis: str, mesh: Mesh) -> Tensor:
     """Sum ``x`` over ``axis``'s ranks and keep this rank's shard of ``dim``. Backward: all-gather."""
     if mesh.size(axis) == 1:
         return x
-    return _ReduceScatter.apply(x, _dim(x, dim), axis, mesh)
+    d = _dim(x, dim)
+    _check_divisible(x, d, mesh.size(axis), "reduce_scatter", axis)
+    return _relayout(x, _placement(x.ndim, partial=(axis,)), _placement(x.ndim, {d: axis}), mesh)
 
 
 def all_reduce(x: Tensor, axis: str, mesh: Mesh) -> Tensor:
-    """Sum of ``x`` over ``axis``'s ranks (Megatron's *g*: partial sums in, replicated out).
+    """Sum of ``x`` over ``axis``'s ranks (partial sums in, replicated out).
 
     Backward: identity; the gradient of a replicated output is the gradient of every summand.
     """
     if mesh.size(axis) == 1:
         return x
-    return _AllReduce.apply(x, axis, mesh)
+    return _relayout(x, _placement(x.ndim, partial=(axis,)), _placement(x.ndim), mesh)
 
 
 def copy_to_parallel(x: Tensor, axis: str, mesh: Mesh) -> Tensor:
-    """Identity on a replicated ``x`` that each rank of ``axis`` will use differently (Megatron's
-    *f*, before a column-parallel matmul). Backward: all-reduce of the ranks' partial gradients.
+    """Identity on a replicated ``x`` that each rank of ``axis`` will use differently (e.g. before
+    a matmul with a weight split over ``axis``). Backward: all-reduce of the ranks' partial gradients.
     """
     if mesh.size(axis) == 1:
         return x
-    return _CopyToParallel.apply(x, axis, mesh)
+    return _relayout(x, _placement(x.ndim), _placement(x.ndim), mesh, (axis,))
 
 
 def split(x: Tensor, dim: int, axis: str, mesh: Mesh) -> Tensor:
     """This rank's shard along ``dim`` of a replicated ``x``. Backward: all-gather."""
     if mesh.size(axis) == 1:
         return x
-    return _Split.apply(x, _dim(x, dim), axis, mesh)
+    d = _dim(x, dim)
+    _check_divisible(x, d, mesh.size(axis), "split", axis)
+    return _relayout(x, _placement(x.ndim), _placement(x.ndim, {d: axis}), mesh)
 
 
 def all_to_all(x: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mesh) -> Tensor:
@@ -226,7 +216,13 @@ def all_to_all(x: Tensor, split_dim: int, concat_dim: int, axis: str, mesh: Mesh
     """
     if mesh.size(axis) == 1:
         return x
-    return _AllToAll.apply(x, _dim(x, split_dim), _dim(x, concat_dim), axis, mesh)
+    s, c = _dim(x, split_dim), _dim(x, concat_dim)
+    _check_divisible(x, s, mesh.size(axis), "all_to_all", axis)
+    if s == c:
+        from fastllm.sharding.placement import Step, run
+
+        return run(x, (Step("all_to_all", axis, c, s),), mesh)
+    return _relayout(x, _placement(x.ndim, {c: axis}), _placement(x.ndim, {s: axis}), mesh)
 
 
 def _dim(x: Tensor, dim: int) -> int:

@@ -17,7 +17,7 @@ import torch
 
 from fastllm import nn, tree
 from fastllm.sharding.mesh import Mesh
-from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rules
+from fastllm.sharding.rules import COMPUTE_RULES, Rules
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape
 
 __all__ = ["describe", "Description", "Row"]
@@ -68,21 +68,19 @@ def _mib(n: int) -> str:
 
 
 def describe(
-    config_or_specs: Any,
+    model: Any,
     mesh: Mesh,
     *,
-    compute_rules: Rules = COMPUTE_RULES,
-    storage_rules: Rules = STORAGE_RULES,
+    rules: Rules = COMPUTE_RULES,
     zero_stage: int = 0,
     param_dtype: torch.dtype = torch.float32,
     moments: int = 2,
 ) -> Description:
-    """Per-parameter shards and per-rank memory (``print`` it for a table)."""
+    """Per-parameter shards and per-rank memory of a :class:`fastllm.nn.Model` (or its bare
+    declarations); ``print`` it for a table."""
     from fastllm.sharding.partitioner import Partitioner
 
-    partitioner = Partitioner(mesh, zero_stage=zero_stage, compute_rules=compute_rules,
-                              storage_rules=storage_rules)
-    plan = partitioner.plan(config_or_specs)
+    plan = Partitioner(mesh, zero_stage=zero_stage, rules=rules).plan(model)
     flat = {name: tree.flatten(specs, is_leaf=is_spec) for name, specs in
             (("params", plan.params), ("grads", plan.grads), ("opt", plan.opt_state))}
     param_size = torch.empty((), dtype=param_dtype).element_size()

@@ -63,7 +63,10 @@ class Mesh:
     coordinates only, no process groups (resolving specs, slicing shards, memory tables).
     """
 
-    def __init__(self, *, data: int | None = 1, tensor: int | None = 1, pipe: int | None = 1):
+    def __init__(self, *, data: int | None = 1, tensor: int | None = 1, pipe: int | None = 1,
+                 device: torch.device | str | None = None):
+        """``device``: where a world of one process computes (default CPU); under a process group
+        the backend decides (NCCL: this rank's CUDA device, gloo: CPU)."""
         initialised = dist.is_available() and dist.is_initialized()
         world_size = dist.get_world_size() if initialised else 1
         rank = dist.get_rank() if initialised else 0
@@ -74,7 +77,7 @@ class Mesh:
         self._setup(dict(pipe=pipe, data=data, tensor=tensor), world_size, rank, hint)
         self.is_abstract = False
         self.backend = dist.get_backend() if initialised else None
-        self.device = _device(self.backend)
+        self.device = _device(self.backend) if initialised or device is None else torch.device(device)
         self._groups = _make_groups(self.shape) if initialised else {axis: None for axis in AXES}
 
     def _setup(self, sizes: dict, world_size: int, rank: int, hint: str = "") -> None:
@@ -102,6 +105,16 @@ class Mesh:
         return mesh
 
     @classmethod
+    def local(cls, device: torch.device | str = "cpu") -> "Mesh":
+        """This process alone, whatever the world around it: a mesh of one on ``device`` (e.g. a
+        one-process reference computed inside each rank of a distributed test)."""
+        mesh = cls.__new__(cls)
+        mesh._setup(dict(pipe=1, data=1, tensor=1), 1, 0)
+        mesh.is_abstract, mesh.backend, mesh.device = False, None, torch.device(device)
+        mesh._groups = {axis: None for axis in AXES}
+        return mesh
+
+    @classmethod
     def from_env(
         cls,
         *,
@@ -110,6 +123,7 @@ class Mesh:
         pipe: int | None = 1,
         backend: str | None = None,
         timeout_s: float = 600.0,
+        device: torch.device | str | None = None,
     ) -> "Mesh":
         """Initialise torch.distributed from torchrun's variables (``RANK``, ``WORLD_SIZE``,
         ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) and build the mesh.
@@ -122,7 +136,7 @@ class Mesh:
             if backend == "nccl":
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
-        return cls(data=data, tensor=tensor, pipe=pipe)
+        return cls(data=data, tensor=tensor, pipe=pipe, device=device)
 
     # --- coordinates ------------------------------------------------------------------------
     def coords_of(self, rank: int) -> dict[str, int]:

@@ -1,10 +1,14 @@
 """Gradient reduction overlapped with backward (PyTorch DDP's buckets, Li et al. 2020), and the
-asynchronous flat collectives it and the ZeRO-3 prefetch (:mod:`fastllm.sharding.prefetch`) use.
+asynchronous flat collectives it and the ZeRO-3 gathers (:mod:`fastllm.sharding.zero3`) use.
 Results equal the synchronous path of :mod:`fastllm.sharding.zero`: the same sums of the same
 values, only started earlier.
 
-The leaves a step differentiates (its fp32 masters) are grouped, in reverse order of use (LM head,
-last block, ..., first block, embedding), into flat buffers of at most ``bucket_bytes``. A
+Which leaves need which sums comes from the plan: a leaf's gradient is a partial sum over the mesh
+axes that split the operations it is used in and not the leaf itself (``data`` for every
+parameter; also ``tensor`` for the ones replicated over ``tensor`` under sequence parallelism).
+The leaves summed over ``data`` only are grouped, in reverse order of use (the model's parts
+backwards: head, last block, ..., first block, embedding), into flat buffers of at most
+``bucket_bytes``. A
 ``post_accumulate_grad`` hook copies each leaf's gradient into its bucket (in ``reduce_dtype``) as
 soon as autograd has accumulated it, and frees the leaf's ``.grad``; a full bucket starts its
 collective (``async_op=True``) while backward goes on: an all-reduce over ``data`` (stages 0 and 1;
@@ -17,9 +21,9 @@ of their prefetched gather instead and arrive through a :class:`GradientSink`.
 
 Gradient accumulation: only the last micro-batch's backward reduces; earlier micro-batches
 accumulate locally into ``.grad`` (DDP's ``no_sync``), so the reduced value is the same sum of the
-same local gradients as the synchronous path's. Gradients that need two reductions (under sequence
-parallelism, parameters replicated over ``tensor`` also sum over ``tensor``: norms, output biases,
-all small) are reduced synchronously after backward, as before.
+same local gradients as the synchronous path's. Gradients that need two reductions (over ``tensor``
+and ``data``: norms and output biases under sequence parallelism, all small) are reduced after
+backward, as is everything with ``overlap=False``.
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ from fastllm.sharding.zero import reduce_gradients
 
 __all__ = [
     "Pending", "gather_async", "reduce_scatter_async", "gather_each_async", "reduce_scatter_each_async",
-    "all_reduce_async", "to_rows", "from_rows",
-    "part_order", "part_of", "GradientSink", "GradientReduction", "MAX_IN_FLIGHT",
+    "all_reduce_async", "to_rows", "from_rows", "GradientSink", "GradientReduction", "MAX_IN_FLIGHT",
 ]
 
 MAX_IN_FLIGHT = 2  # reduction collectives launched and not yet waited for
@@ -144,15 +147,6 @@ def from_rows(rows: Tensor, dim: int, block: torch.Size) -> Tensor:
     return rows.reshape(n, *block).movedim(0, dim).flatten(dim, dim + 1)
 
 
-def part_order(params: Any) -> list[str]:
-    """The parts of a params tree in the order the model uses them: top-level entries in insertion
-    order, lists expanded (``["embed", "layers.0", ..., "final_norm", "lm_head"]``)."""
-    order = []
-    for name, value in params.items():
-        order += [f"{name}.{i}" for i in range(len(value))] if isinstance(value, list) else [name]
-    return order
-
-
 # --- results of reductions started inside autograd --------------------------------------------------------------------
 class GradientSink:
     """Receives the reduce-scatters started by the gathers' backward and sums their results per path
@@ -193,29 +187,32 @@ class _Bucket:
 
 
 class GradientReduction:
-    """One train step's gradient reduction (see the module docstring). ``masters``: the tree of leaf
-    tensors the step differentiates; ``gather``: the layout's ZeRO-3
-    :class:`~fastllm.sharding.prefetch.PrefetchGather` (``None`` below stage 3 or without ``data``)."""
+    """One train step's gradient reduction (see the module docstring). ``masters``: the flat
+    ``{path: leaf}`` the step differentiates; ``reduce_axes``: each leaf's partial-sum axes (from
+    the plan); ``use_order``: each leaf's first part (bucket order is the reverse); ``gather``: the
+    ZeRO-3 :class:`~fastllm.sharding.zero3.PartGather` when parameters are gathered with prefetch.
+    ``overlap=False`` reduces everything after backward (same values)."""
 
     def __init__(
         self,
-        masters: Any,
+        masters: dict[str, Tensor],
         *,
         zero_stage: int,
         data_dims: dict[str, int | None],
-        compute_specs: dict[str, PartitionSpec],
+        reduce_axes: dict[str, frozenset],
+        use_order: dict[str, int],
         mesh: Mesh,
-        sequence_parallel: bool,
         dtype: torch.dtype,
         limit_bytes: int,
         gather=None,
+        overlap: bool = True,
     ):
         self.masters, self.mesh, self.dtype, self.gather = masters, mesh, dtype, gather
-        self.zero_stage, self.data_dims, self.compute_specs = zero_stage, data_dims, compute_specs
-        self.sequence_parallel, self.limit_bytes = sequence_parallel, limit_bytes
-        self.leaves = tree.leaves_with_path(masters)
+        self.zero_stage, self.data_dims, self.reduce_axes = zero_stage, data_dims, reduce_axes
+        self.limit_bytes, self.overlap = limit_bytes, overlap
+        self.leaves = list(masters.items())
         self.kinds = [self._kind(path) for path, _ in self.leaves]
-        self.buckets = self._buckets()
+        self.buckets = self._buckets(use_order) if overlap else []
         self.bucket_of = {i: b for b in self.buckets for i in b.members}
         self.sink = GradientSink()
         self._next, self._in_flight = 0, deque()
@@ -225,17 +222,17 @@ class GradientReduction:
             gather.reset_counts()
 
     def _kind(self, path: str) -> str:
-        n, dim = self.mesh.size("data"), self.data_dims[path]
-        partial = self.sequence_parallel and "tensor" not in self.compute_specs[path].used_axes
-        if n == 1 or partial:
-            return "after"  # reduced after backward (over tensor and data: two collectives)
-        if dim is not None and self.zero_stage == 3:
+        axes, dim = self.reduce_axes[path], self.data_dims[path]
+        if not axes:
+            return "none"  # every rank computed the whole gradient (or there is one rank)
+        if dim is not None and self.zero_stage == 3 and self.gather is not None and axes == {"data"}:
             return "sink"  # the gather's backward reduce-scatters it
+        if axes != {"data"} or not self.overlap:  # (a sink gradient summed over data may still need tensor)
+            return "after"  # reduced after backward (over tensor too: two collectives)
         return "scatter" if dim is not None and self.zero_stage == 2 else "reduce"
 
-    def _buckets(self) -> list[_Bucket]:
-        rank = {part: k for k, part in enumerate(part_order(self.masters))}
-        use = sorted(range(len(self.leaves)), key=lambda i: -rank.get(part_of(self.leaves[i][0]), 0))
+    def _buckets(self, use_order: dict[str, int]) -> list[_Bucket]:
+        use = sorted(range(len(self.leaves)), key=lambda i: -use_order[self.leaves[i][0]])
         buckets, size = [], 0
         for i in use:
             kind, t = self.kinds[i], self.leaves[i][1]
@@ -261,9 +258,9 @@ class GradientReduction:
 
     # --- one micro-batch ---
     @contextmanager
-    def micro_batch(self, params: Any, *, last: bool):
-        """Forward and backward of one micro-batch on ``params`` (the masters, cast to the compute
-        dtype); only the ``last`` one's backward reduces as it goes."""
+    def micro_batch(self, params: dict[str, Tensor], *, last: bool):
+        """Forward and backward of one micro-batch on ``params`` (flat: the masters cast to the
+        compute dtype); only the ``last`` one's backward reduces as it goes."""
         if self.gather is not None:
             self.gather.bind(params, self.sink)
         hooks = []
@@ -335,8 +332,8 @@ class GradientReduction:
         return {"buckets": len(self.buckets), "started_in_backward": self.started_in_backward, **gather}
 
     # --- after the last micro-batch ---
-    def finish(self) -> Any:
-        """Wait for everything; the gradients in the stage's gradient layout, a tree like ``masters``."""
+    def finish(self) -> dict[str, Tensor]:
+        """Wait for everything; the gradients (flat, like ``masters``) in the stage's gradient layout."""
         for bucket in self.buckets[self._next:]:  # leaves whose hook did not fire (no gradient)
             for i in sorted(bucket.missing):
                 self._put(bucket, i, self._local(i))
@@ -344,15 +341,15 @@ class GradientReduction:
         while self._in_flight:
             self._collect(self._in_flight.popleft())
         after = {path: self._local(i) for i, (path, _) in enumerate(self.leaves) if self.kinds[i] == "after"}
-        after = reduce_gradients(
-            after, zero_stage=self.zero_stage, data_dims=self.data_dims, compute_specs=self.compute_specs,
-            mesh=self.mesh, sequence_parallel=self.sequence_parallel, dtype=self.dtype, limit_bytes=self.limit_bytes,
-        ) if after else after
+        if after:
+            after = reduce_gradients(after, zero_stage=self.zero_stage, data_dims=self.data_dims,
+                                     reduce_axes=self.reduce_axes, mesh=self.mesh, dtype=self.dtype,
+                                     limit_bytes=self.limit_bytes, gathered=self.gather is not None)
         results = {**self._results, **after}
-        for i, (path, leaf) in enumerate(self.leaves):
-            if self.kinds[i] == "sink":
+        for i, (path, _) in enumerate(self.leaves):
+            if self.kinds[i] in ("sink", "none"):
                 results[path] = self._local(i)
-        return tree.map_with_path(lambda path, _: results[path], self.masters)
+        return {path: results[path] for path, _ in self.leaves}
 
     def _local(self, i: int) -> Tensor:
         """Leaf ``i``'s gradient as this rank holds it: from the sink (stage 3 split leaves, already
@@ -366,9 +363,3 @@ class GradientReduction:
             return g.to(leaf.dtype)
         return leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
 
-
-def part_of(path: str) -> str:
-    """``layers.3.attention.wq`` -> ``layers.3``; ``embed.tokens`` -> ``embed``."""
-    first, _, rest = path.partition(".")
-    index = rest.partition(".")[0]
-    return f"{first}.{index}" if index.isdigit() else first

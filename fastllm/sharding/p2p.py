@@ -8,9 +8,8 @@ SMs; 369 GB/s against NCCL's 207 alone). This module moves a part's bytes that w
 symmetric memory (CUDA backend: every rank maps every other rank's buffers):
 
 * **shadow**: each rank keeps its storage blocks in the compute dtype in one symmetric buffer,
-  written once per step, by the fused AdamW kernel as it updates the masters (``rounded`` copies;
-  else by a cast at the step's start), behind a barrier so that no rank still reads the old values,
-  and read by peers only after a second barrier, once every rank's new values are in place;
+  cast from the masters once per step, behind a barrier so that no rank still reads the old
+  values, and read by peers only after a second barrier, once every rank's new values are in place;
 * **gather**: a part's compute tensors are filled by copying each rank's block (whole rows, dim 0)
   from that rank's shadow straight into its rows, on a side stream;
 * **reduce-scatter**: block ``r`` of each gradient (rows again, in the dtype autograd produced) is
@@ -21,14 +20,13 @@ symmetric memory (CUDA backend: every rank maps every other rank's buffers):
 
 Two receive buffers alternate; a rank pushes part ``k + 2`` into a buffer only after the barrier of
 part ``k + 1``, which every rank passes after summing part ``k``: the barriers on the reduce-scatter
-stream order every reuse. Used by :class:`~fastllm.sharding.prefetch.PrefetchGather` for the parts
-whose split leaves all lie in the shadow; everything else keeps NCCL.
+stream order every reuse. Used by :class:`~fastllm.sharding.zero3.PartGather` for the parts whose
+split leaves all lie in the shadow, filed under that part; everything else keeps NCCL.
 """
 
 from __future__ import annotations
 
 import socket
-import weakref
 from typing import Any, Optional
 
 import torch
@@ -131,7 +129,6 @@ class Shadow:
             raise ValueError(f"the shadow needs a flat buffer of {total} elements, got {tuple(buffer.shape)}")
         self.buffer = buffer
         self.views = {path: self.block(path).requires_grad_(True) for path in self.blocks}
-        self._written: Optional[dict] = None  # see written_from
 
     def block(self, path: str) -> Tensor:
         """The block of ``path`` in the buffer: a plain view (no autograd)."""
@@ -145,39 +142,11 @@ class Shadow:
         return all(p in self.offsets and t.dtype == self.buffer.dtype and
                    t.data_ptr() == base + self.offsets[p] * size for p, t in zip(paths, tensors))
 
-    def cast_from(self, masters: dict[str, Tensor], sources: Optional[dict[str, Tensor]] = None) -> bool:
-        """Write ``masters`` (path -> block, any float dtype) rounded into the buffer, unless the
-        optimizer already did from exactly ``sources`` (:meth:`written_from`); whether it wrote."""
-        stale = self.stale(sources)
-        if stale:
-            self.write(masters)
-        return stale
-
-    def stale(self, sources: Optional[dict[str, Tensor]]) -> bool:
-        """Whether the blocks need a cast: anything but the optimizer having just written them from
-        exactly ``sources``. Answered once per write: the next asks again unless it writes again."""
-        fresh = self._is_written_from(sources)
-        self._written = None
-        return not fresh
-
     def write(self, masters: dict[str, Tensor]) -> None:
         """The masters (path -> block, any float dtype) rounded into their blocks."""
         with torch.no_grad():
             for path, m in masters.items():
                 self.block(path).copy_(m)
-
-    def written_from(self, sources: dict[str, Tensor]) -> None:
-        """The optimizer has just written the rounded values of ``sources`` (the params it updated
-        in place) into the blocks. Tracked by the tensors themselves (weak references) and their
-        version counters: any other in-place write, or other tensors, mean a cast next time."""
-        self._written = {path: (weakref.ref(t), t._version) for path, t in sources.items()}
-
-    def _is_written_from(self, sources: Optional[dict[str, Tensor]]) -> bool:
-        written = self._written
-        if sources is None or written is None or written.keys() != sources.keys():
-            return False
-        return all(ref() is sources[path] and version == sources[path]._version
-                   for path, (ref, version) in written.items())
 
 
 class CopyEngineTransport:
@@ -224,16 +193,13 @@ class CopyEngineTransport:
         return dtype == self.dtype and blocks == self.blocks
 
     # --- the shadow ---
-    def fill(self, masters: dict[str, Tensor], *, write: bool = True,
-             sources: Optional[dict[str, Tensor]] = None) -> dict[str, Tensor]:
+    def fill(self, masters: dict[str, Tensor], *, write: bool = True) -> dict[str, Tensor]:
         """The shadow's blocks for these masters (``path -> storage block``, any float dtype), cast
-        into it when ``write`` (``False``: a later micro-batch of the same step, the values are
-        there) unless the optimizer wrote them from ``sources`` (see :class:`Shadow`)."""
+        into it when ``write`` (``False``: a later micro-batch of the same step, the values are there)."""
         if write:
-            if self.shadow.stale(sources):
-                self.barrier()  # nobody reads the old values (each rank waited for its gathers)
-                self.shadow.write(masters)
-            self.barrier()  # every rank's new values (ours, or the optimizer's) are in place before anyone gathers
+            self.barrier()  # nobody reads the old values (each rank waited for its gathers)
+            self.shadow.write(masters)
+            self.barrier()  # every rank's new values are in place before anyone gathers
         return {path: self.shadow.views[path] for path in masters}
 
     def barrier(self) -> None:

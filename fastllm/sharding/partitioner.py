@@ -1,15 +1,15 @@
-"""The partitioner: (mesh, rules, ZeRO stage) -> each rank's shards, their layouts and collectives.
+"""The partitioner: (mesh, rules, ZeRO stage) -> each rank's shards, the activation layout, the
+gathers and gradient reductions of a train step, for any model (an :class:`fastllm.nn.Model`).
 
-Every parameter has two specs, resolved from its logical axes by two rules tables:
+One rules table lays out parameters and activations alike. Every parameter has two specs:
 
-* **compute** (:data:`COMPUTE_RULES`): how a layer uses it (Megatron tensor parallelism);
-* **storage** (:data:`STORAGE_RULES`): the compute spec plus a ``data`` split (ZeRO).
+* **compute**: the rules on its logical dims: how operations use it (the table's ``heads``,
+  ``mlp`` and ``vocab`` on ``tensor`` are Megatron's tensor parallelism);
+* **storage**: the compute spec plus a ``data`` split on the first dim of its compute shard that
+  ``data`` divides (ZeRO): a storage block is whole rows of the compute shard, and moving between
+  them is a slice (compute -> storage) or an all-gather over ``data`` (backward: reduce-scatter).
 
-The partitioner requires the storage spec to refine the compute spec by a ``data`` split on at most
-one dim, as the minor axis of that dim: a storage shard is then a block of the compute shard, and
-moving between them is a slice (compute -> storage) or an all-gather over ``data`` (storage ->
-compute, backward: reduce-scatter). The ZeRO stage (Rajbhandari et al. 2020) picks which trees
-follow the storage spec:
+The ZeRO stage (Rajbhandari et al. 2020) picks which trees follow the storage spec:
 
 =========  ==========  ==========  ================
 stage      params      gradients   optimizer state
@@ -20,6 +20,12 @@ stage      params      gradients   optimizer state
 3          storage     storage     storage
 =========  ==========  ==========  ================
 
+Each parameter's gradient is a partial sum over the mesh axes that split the operations using it
+and not the parameter (:meth:`MeshLayout.param_reduce_axes`): ``data`` always, ``tensor`` too for
+parameters replicated over it when the token stream's ``seq`` is split. The model's parts order
+the ZeRO-3 gathers and the gradient buckets; the repeated parts (along ``layers``) are what the
+``layers`` rule deals to pipeline stages.
+
 A rank initialises only its shards, each drawn exactly as :func:`fastllm.nn.init` draws the whole
 tensor and then sliced, so the values are the slice of the unsharded init, bit for bit.
 """
@@ -28,37 +34,42 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from fastllm import nn, random, tree
-from fastllm.sharding import collectives as C
+from fastllm.sharding.layout import MeshLayout
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import GradientReduction
 from fastllm.sharding.p2p import TRANSPORTS
-from fastllm.sharding.prefetch import PrefetchGather
-from fastllm.sharding.rules import COMPUTE_RULES, STORAGE_RULES, Rules, resolve
+from fastllm.sharding.rules import COMPUTE_RULES, Rules, resolve
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard
-from fastllm.sharding.tensor_parallel import ParallelLayout
+from fastllm.sharding.zero3 import PartGather
 
-__all__ = ["Partitioner", "Plan", "param_declarations"]
+__all__ = ["Partitioner", "Plan", "PartPlan", "as_model", "ZERO_STAGES"]
 
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-def param_declarations(declarations: Any) -> Any:
-    """``declarations`` checked to be a tree of :class:`fastllm.nn.Param` (what a model's
-    ``param_specs(config)`` returns). The caller passes them: sharding never imports models."""
-    leaves = tree.leaves(declarations, is_leaf=nn.is_param)
-    if not leaves or not all(nn.is_param(leaf) for leaf in leaves):
-        got = type(declarations).__name__
-        raise TypeError(f"the partitioner takes a tree of fastllm.nn.Param declarations (e.g. "
-                        f"fastllm.models.param_specs(config)), got a {got}")
-    return declarations
+def as_model(model_or_declarations: Any) -> nn.Model:
+    """``model_or_declarations`` as an :class:`fastllm.nn.Model`: a model, or a bare tree of
+    :class:`fastllm.nn.Param` (one part: enough to plan shards and memory, not to run)."""
+    if isinstance(model_or_declarations, nn.Model):
+        return model_or_declarations
+    leaves = tree.leaves(model_or_declarations, is_leaf=nn.is_param)
+    if not leaves or not all(nn.is_param(leaf) for leaf in leaves) or not isinstance(model_or_declarations, dict):
+        got = type(model_or_declarations).__name__
+        raise TypeError(f"the partitioner takes a fastllm.nn.Model (e.g. fastllm.models.model(config)) or a dict "
+                        f"of fastllm.nn.Param declarations, got a {got}")
+    return nn.Model(model_or_declarations, (nn.Part("model", [(key,) for key in model_or_declarations], _unrunnable),))
 
 
-def _data_dim(compute: PartitionSpec, storage: PartitionSpec, path: str) -> int | None:
+def _unrunnable(*_):
+    raise TypeError("a model planned from bare declarations has no parts to run; pass a fastllm.nn.Model")
+
+
+def _data_dim(compute: PartitionSpec, storage: PartitionSpec, path: str) -> Optional[int]:
     """The dim that storage splits further over ``data`` (``None``: not split over data)."""
     found = None
     for dim, (c, s) in enumerate(zip(compute, storage)):
@@ -76,13 +87,30 @@ def _data_dim(compute: PartitionSpec, storage: PartitionSpec, path: str) -> int 
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Specs of one model under a partitioner: trees shaped like the params (flat dicts inside)."""
+class PartPlan:
+    """One part of the model under the plan: the leaves it uses, its index along ``layers`` (if a
+    repeated unit) and its pipeline stage."""
 
-    declarations: Any
+    name: str
+    leaves: tuple[str, ...]
+    layer: Optional[int]
+    stage: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Specs of one model under a partitioner: trees shaped like the params, plus per-leaf facts."""
+
+    model: nn.Model
     compute: Any  # tree of PartitionSpec
     storage: Any
     zero_stage: int
+    reduce_axes: dict[str, frozenset]  # dotted path -> mesh axes its gradient is summed over
+    parts: tuple[PartPlan, ...]
+
+    @property
+    def declarations(self) -> Any:
+        return self.model.declarations
 
     @cached_property
     def flat_compute(self) -> dict[str, PartitionSpec]:
@@ -93,10 +121,17 @@ class Plan:
         return tree.flatten(self.storage, is_leaf=is_spec)
 
     @cached_property
-    def data_dims(self) -> dict[str, int | None]:
-        return {
-            path: _data_dim(spec, self.flat_storage[path], path) for path, spec in self.flat_compute.items()
-        }
+    def data_dims(self) -> dict[str, Optional[int]]:
+        return {path: _data_dim(spec, self.flat_storage[path], path) for path, spec in self.flat_compute.items()}
+
+    @cached_property
+    def first_use(self) -> dict[str, int]:
+        """Each leaf's first part (the gradient buckets go in reverse of this)."""
+        first: dict[str, int] = {}
+        for index, part in enumerate(self.parts):
+            for path in part.leaves:
+                first.setdefault(path, index)
+        return first
 
     @property
     def params(self) -> Any:
@@ -112,28 +147,25 @@ class Plan:
 
 
 class Partitioner:
-    """Turns a mesh, two rules tables and a ZeRO stage into shards, layouts and collectives.
+    """Turns a mesh, a rules table and a ZeRO stage into shards, an activation layout and the
+    collectives of a train step.
 
-    ``sequence_parallel`` keeps the residual stream split over ``seq`` between the tensor-parallel
-    regions; ``reduce_dtype`` is the dtype gradients are summed in over ``data`` (float32, or
-    bfloat16 to halve the traffic); ``bucket_bytes`` bounds one flattened gradient collective.
-    ``overlap`` (default) reduces gradients during backward and prefetches ZeRO-3 gathers one block
-    ahead (:mod:`fastllm.sharding.overlap`, :mod:`fastllm.sharding.prefetch`); ``overlap=False``
-    runs every collective synchronously where it is needed (same results; for debugging).
-    ``transport`` moves the overlapped ZeRO-3 gathers and reduce-scatters: ``"copy_engine"``
-    through NVLink copy engines and symmetric memory (:mod:`fastllm.sharding.p2p`: no SMs taken
-    from the GEMMs; CUDA, NCCL and one host), ``"nccl"`` as NCCL collectives, ``"auto"`` (default)
-    the copy engines where they can run, else NCCL.
+    ``rules``: the one table for parameters and activations (default :data:`COMPUTE_RULES`; put
+    ``("seq", "tensor")`` in place of ``("seq", None)`` for sequence parallelism);
+    ``reduce_dtype``: the dtype gradients are summed in over ``data`` (float32, or bfloat16 to halve
+    the traffic); ``bucket_bytes`` bounds one flattened gradient collective. ``overlap`` (default)
+    reduces gradients during backward and prefetches ZeRO-3 gathers one part ahead;
+    ``overlap=False`` runs every collective where it is needed (same results; for debugging).
+    ``transport`` moves the ZeRO-3 gathers and reduce-scatters: ``"copy_engine"`` through NVLink
+    copy engines (:mod:`fastllm.sharding.p2p`; CUDA, NCCL, one host), ``"nccl"``, or ``"auto"``.
     """
 
     def __init__(
         self,
         mesh: Mesh,
         *,
+        rules: Rules = COMPUTE_RULES,
         zero_stage: int = 0,
-        compute_rules: Rules = COMPUTE_RULES,
-        storage_rules: Rules = STORAGE_RULES,
-        sequence_parallel: bool = False,
         reduce_dtype: torch.dtype = torch.float32,
         bucket_bytes: int = 64 << 20,
         overlap: bool = True,
@@ -141,62 +173,90 @@ class Partitioner:
     ):
         if zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
-        if mesh.size("pipe") > 1:
-            raise NotImplementedError(
-                f"pipeline parallelism (mesh pipe={mesh.size('pipe')}) is not supported yet; use pipe=1"
-            )
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
         if reduce_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16, got {reduce_dtype}")
+        if not isinstance(rules, Rules):
+            raise TypeError(f"rules must be a fastllm.sharding.Rules, got {type(rules).__name__}")
+        if rules.fallback is not None:
+            raise ValueError("the rules table of a partitioner has no fallback: ZeRO adds 'data' in storage itself")
         self.mesh = mesh
+        self.rules = rules
+        self.storage_rules = Rules(rules.table, fallback="data")
         self.zero_stage = zero_stage
-        self.compute_rules = compute_rules
-        self.storage_rules = storage_rules
-        self.sequence_parallel = bool(sequence_parallel) and mesh.size("tensor") > 1
         self.reduce_dtype = reduce_dtype
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = bool(overlap)
         self.transport = transport
+        self._layout = MeshLayout(mesh, rules)
 
     def __repr__(self) -> str:
-        sp = ", sequence_parallel" if self.sequence_parallel else ""
         sync = ", overlap=False" if not self.overlap else ""
         transport = f", transport={self.transport!r}" if self.transport != "auto" else ""
-        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sp}{sync}{transport})"
+        return f"Partitioner({self.mesh!r}, zero_stage={self.zero_stage}{sync}{transport})"
 
-    # --- specs ------------------------------------------------------------------------------
-    def plan(self, declarations: Any) -> Plan:
-        """Compute and storage specs of every parameter of a tree of :class:`fastllm.nn.Param`."""
-        declarations = param_declarations(declarations)
+    # --- the plan ------------------------------------------------------------------------------
+    def plan(self, model: Any) -> Plan:
+        """Compute and storage specs, gradient sums and parts of a model (or bare declarations)."""
+        model = as_model(model)
+        declarations = model.declarations
         axes, shapes = nn.axes(declarations), nn.shapes(declarations)
-        if self.mesh.size("tensor") > 1:
-            _refuse_experts(axes)
-        compute = resolve(axes, shapes, self.mesh, self.compute_rules)
+        self._check_rule_names(axes, model.layer_dim)
+        self._check_unsupported(axes)
+        compute = resolve(axes, shapes, self.mesh, self.rules)
         storage = resolve(axes, shapes, self.mesh, self.storage_rules)
         for path, spec in tree.flatten(compute, is_leaf=is_spec).items():
             if "data" in spec.used_axes:
-                raise ValueError(f"{path}: the compute rules split it over 'data' ({spec!r}); "
-                                 "parameters may only be split over 'data' in storage (ZeRO)")
-        plan = Plan(declarations, compute, storage, self.zero_stage)
+                raise ValueError(f"{path}: the rules split it over 'data' ({spec!r}); parameters may only "
+                                 "be split over 'data' in storage (ZeRO)")
+        flat_axes = tree.flatten(axes, is_leaf=tree.is_axes)
+        reduce_axes = {path: self._layout.param_reduce_axes(names) for path, names in flat_axes.items()}
+        parts = tuple(PartPlan(part.name, tuple(model.leaves_of(part)), part.layer, self._stage(part, model))
+                      for part in model.parts)
+        plan = Plan(model, compute, storage, self.zero_stage, reduce_axes, parts)
         plan.data_dims  # validates storage against compute now, with the path in the error
         return plan
 
-    def param_specs(self, declarations: Any) -> Any:
+    def _check_rule_names(self, axes: Any, layer_dim: str) -> None:
+        """A rule must name a dim the library's operations or the model's parameters use."""
+        known = COMPUTE_RULES.names | {name for names in tree.leaves(axes, is_leaf=tree.is_axes) for name in names}
+        unknown = sorted(self.rules.names - known - {layer_dim})
+        if unknown:
+            raise ValueError(f"rules name dims that nothing has: {unknown} (the model's parameter dims: "
+                             f"{sorted(known - COMPUTE_RULES.names) or 'only standard ones'}; standard dims: "
+                             f"{sorted(COMPUTE_RULES.names)})")
+
+    def _check_unsupported(self, axes: Any) -> None:
+        for path, names in tree.leaves_with_path(axes, is_leaf=tree.is_axes):
+            if "experts" in names and self.mesh.size("tensor") > 1:
+                raise NotImplementedError(
+                    f"{path}: mixture-of-experts layers under tensor parallelism are not supported yet "
+                    "(expert parallelism comes as rules on 'experts'); use mesh.tensor=1 for MoE models")
+
+    def _stage(self, part: nn.Part, model: nn.Model) -> int:
+        """The pipeline stage of a part, from the rule of the model's ``layers`` dim."""
+        axes = self._layout.dims_of([(model.layer_dim,)])[model.layer_dim]
+        if "pipe" in axes:
+            raise NotImplementedError(f"pipeline parallelism (mesh pipe={self.mesh.size('pipe')}) is not "
+                                      "supported yet; use mesh.pipe=1")
+        return 0
+
+    def param_specs(self, model: Any) -> Any:
         """Tree of :class:`PartitionSpec` of the params a train state holds at this ZeRO stage."""
-        return self.plan(declarations).params
+        return self.plan(model).params
 
-    def grad_specs(self, declarations: Any) -> Any:
-        return self.plan(declarations).grads
+    def grad_specs(self, model: Any) -> Any:
+        return self.plan(model).grads
 
-    def opt_state_specs(self, declarations: Any) -> Any:
+    def opt_state_specs(self, model: Any) -> Any:
         """Specs of each params-shaped tree inside the optimizer state (scalars are replicated)."""
-        return self.plan(declarations).opt_state
+        return self.plan(model).opt_state
 
     # --- materialising ------------------------------------------------------------------------
     def init_params(
         self,
-        declarations: Any,
+        model: Any,
         key: random.Key,
         *,
         dtype: torch.dtype = torch.float32,
@@ -204,7 +264,7 @@ class Partitioner:
     ) -> Any:
         """This rank's shards (in the params layout of the ZeRO stage): each parameter drawn from
         ``fold_in(key, path)`` as :func:`fastllm.nn.init` draws it, then sliced with its spec."""
-        plan = self.plan(declarations)
+        plan = self.plan(model)
         device = self.mesh.device if device is None else torch.device(device)
         flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
 
@@ -218,54 +278,33 @@ class Partitioner:
 
         return tree.map_with_path(make, plan.declarations, is_leaf=nn.is_param)
 
-    def layout(self, declarations: Any) -> ParallelLayout:
-        """The activation layout to pass to ``fastllm.models.loss(..., layout=)``."""
-        plan = self.plan(declarations)
-        gather = None
-        if self.zero_stage >= 3 and self.overlap and self.mesh.size("data") > 1:
-            gather = PrefetchGather(self.mesh, plan.data_dims, self.reduce_dtype, transport=self.transport)
-        elif self.zero_stage >= 3:
-            gather = _Gather(self.mesh, plan.data_dims)
-        return ParallelLayout(self.mesh, sequence_parallel=self.sequence_parallel, gather=gather)
+    # --- what a step runs ----------------------------------------------------------------------
+    def layout(self, *, trace: Optional[list] = None) -> Optional[MeshLayout]:
+        """The activation layout to run models under; ``None`` when every operation is local (one
+        rank, or only ``data`` has several: the batch is split the same way everywhere)."""
+        if trace is None:
+            return None if self._layout.active <= {"data"} else self._layout
+        return MeshLayout(self.mesh, self.rules, trace=trace)
 
-    def gradient_reduction(self, plan: Plan, masters: Any, layout: ParallelLayout) -> GradientReduction:
-        """One step's gradient reduction overlapped with backward (``overlap=True``): ``masters``
-        is the tree of leaves the step differentiates, ``layout`` the one its model runs under."""
-        gather = layout.gather if isinstance(layout.gather, PrefetchGather) else None
+    def gather(self, plan: Plan) -> Optional[PartGather]:
+        """The ZeRO-3 gathers of a plan's parts (``None`` below stage 3 or with one data rank)."""
+        if self.zero_stage < 3 or self.mesh.size("data") == 1:
+            return None
+        parts = [(list(part.leaves), part.layer is not None) for part in plan.parts]
+        return PartGather(self.mesh, parts, plan.data_dims, self.reduce_dtype, transport=self.transport,
+                          prefetch=self.overlap)
+
+    def gradient_reduction(self, plan: Plan, masters: dict[str, torch.Tensor],
+                           gather: Optional[PartGather]) -> GradientReduction:
+        """One step's gradient reduction: ``masters`` is the flat ``{path: leaf}`` the step
+        differentiates, ``gather`` the step's ZeRO-3 gathers (if any)."""
         return GradientReduction(
-            masters, zero_stage=self.zero_stage, data_dims=plan.data_dims, compute_specs=plan.flat_compute,
-            mesh=self.mesh, sequence_parallel=self.sequence_parallel, dtype=self.reduce_dtype,
-            limit_bytes=self.bucket_bytes, gather=gather,
+            masters, zero_stage=self.zero_stage, data_dims=plan.data_dims, reduce_axes=plan.reduce_axes,
+            use_order=plan.first_use, mesh=self.mesh, dtype=self.reduce_dtype, limit_bytes=self.bucket_bytes,
+            gather=gather, overlap=self.overlap,
         )
 
-    def describe(self, declarations: Any, **kwargs):
+    def describe(self, model: Any, **kwargs):
         from fastllm.sharding.describe import describe
 
-        return describe(
-            declarations, self.mesh, compute_rules=self.compute_rules,
-            storage_rules=self.storage_rules, zero_stage=self.zero_stage, **kwargs,
-        )
-
-
-class _Gather:
-    """ZeRO-3: the storage shards of one part of the model -> its compute shards (all-gather over
-    ``data``; backward: reduce-scatter of the gradients)."""
-
-    def __init__(self, mesh: Mesh, data_dims: dict[str, int | None]):
-        self.mesh, self.data_dims = mesh, data_dims
-
-    def __call__(self, path: str, part: Any) -> Any:
-        def gather(sub: str, x: torch.Tensor) -> torch.Tensor:
-            dim = self.data_dims[f"{path}.{sub}"]
-            return x if dim is None else C.all_gather(x, dim, "data", self.mesh)
-
-        return tree.map_with_path(gather, part)
-
-
-def _refuse_experts(axes: Any) -> None:
-    for path, names in tree.leaves_with_path(axes, is_leaf=tree.is_axes):
-        if "experts" in names:
-            raise NotImplementedError(
-                f"{path}: mixture-of-experts layers under tensor parallelism (expert parallel) are "
-                "not supported yet; use mesh tensor=1 for MoE models"
-            )
+        return describe(model, self.mesh, rules=self.rules, zero_stage=self.zero_stage, **kwargs)

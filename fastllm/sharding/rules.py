@@ -23,13 +23,15 @@ so every parameter gets a ``data`` shard when its shape allows.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from fastllm import tree
 from fastllm.sharding.mesh import AXES, Mesh
 from fastllm.sharding.spec import PartitionSpec, _as_axes, local_shape
 
-__all__ = ["Rule", "Rules", "COMPUTE_RULES", "STORAGE_RULES", "resolve", "spec_for"]
+__all__ = ["Rule", "Rules", "COMPUTE_RULES", "STORAGE_RULES", "resolve", "spec_for", "assign"]
 
 Rule = tuple[str, str | tuple[str, ...] | None]
 
@@ -64,21 +66,51 @@ class Rules:
         """``a + b``: ``a``'s rules first (they take priority), ``b``'s fallback unless ``b`` has none."""
         return Rules(self.table + other.table, other.fallback or self.fallback)
 
+    def replace(self, name: str, target: str | tuple[str, ...] | None) -> "Rules":
+        """The table with the first rule for ``name`` (and only it) now pointing at ``target``, in the
+        same place (same priority); appended when there is none."""
+        table = list(self.table)
+        for index, (rule_name, _) in enumerate(table):
+            if rule_name == name:
+                table[index] = (name, target)
+                return Rules(tuple(table), self.fallback)
+        return Rules((*table, (name, target)), self.fallback)
 
-# Megatron-style tensor parallelism: split heads, MLP hidden units, vocabulary and experts over
-# ``tensor``; activations' batch over ``data``; stacked layers over ``pipe``.
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], fallback: str | None = None) -> "Rules":
+        """A table from an ordered ``{logical name: mesh axis | [axes] | None}`` (a config's form)."""
+        def target(value):
+            return tuple(value) if isinstance(value, (list, tuple)) else value
+
+        return cls(tuple((name, target(value)) for name, value in mapping.items()), fallback)
+
+    def as_mapping(self) -> dict[str, Any]:
+        """``{name: target}`` of the first rule of each name (the form configs hold)."""
+        mapping: dict[str, Any] = {}
+        for name, target in self.table:
+            mapping.setdefault(name, list(target) if isinstance(target, tuple) else target)
+        return mapping
+
+
+# One table for parameters and activations (so an op's operands always agree): split heads, MLP
+# hidden units and the vocabulary over ``tensor`` (Megatron's tensor parallelism falls out of it),
+# activations' batch over ``data``, the model's layers over ``pipe``. ``seq`` is the residual
+# stream's sequence dim: ``("seq", "tensor")`` in its place is sequence parallelism (heads, mlp and
+# vocab take ``tensor`` first wherever they meet ``seq``, so the attention and MLP cores keep the
+# whole sequence). Experts are replicated: expert parallelism is a later rule.
 COMPUTE_RULES = Rules(
     (
         ("batch", "data"),
-        ("experts", "tensor"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
+        ("experts", None),
         ("layers", "pipe"),
         ("embed", None),
         ("head_dim", None),
         ("positions", None),
+        ("rotary", None),
         ("seq", None),
     )
 )
@@ -122,6 +154,33 @@ def spec_for(
                 f"or put a rule ({name!r}, None) before the one that splits it"
             )
     return _with_fallback(spec, shape, mesh, rules.fallback)
+
+
+def assign(operands: Sequence[tuple[str, ...]], rules: Rules, *, what: str = "op") -> dict[str, tuple[str, ...]]:
+    """The mesh axes of every logical name of an operation whose operands (and results) have these
+    dims: one answer per name, so every operand agrees on how a shared dim is split.
+
+    The table is visited in order; a rule gives its axes to its name when they are free in every
+    operand that has the name (a mesh axis splits at most one dim of a tensor). So ``seq`` next to
+    ``heads`` in the attention projections stays whole, while the residual stream alone may split it.
+    A name no rule mentions is an error naming it; names left undecided are replicated (``()``).
+    """
+    names = {name for dims in operands for name in dims}
+    unknown = sorted(names - rules.names)
+    if unknown:
+        raise ValueError(f"{what}: no rule for logical dims {unknown} (dims {list(operands)}); add them to the rules")
+    decided: dict[str, tuple[str, ...]] = {}
+    used = [set() for _ in operands]
+    for name, target in rules.table:
+        if name not in names or name in decided:
+            continue
+        axes = _as_axes(target)
+        holders = [i for i, dims in enumerate(operands) if name in dims]
+        if all(used[i].isdisjoint(axes) for i in holders):
+            decided[name] = axes
+            for i in holders:
+                used[i].update(axes)
+    return {name: decided.get(name, ()) for name in names}
 
 
 def _with_fallback(

@@ -28,7 +28,7 @@ from fastllm import tree
 from fastllm.kernels.optim import global_norm as kernel_global_norm
 from fastllm.sharding import collectives as C
 from fastllm.sharding.mesh import AXES, Mesh
-from fastllm.sharding.spec import PartitionSpec, is_spec
+from fastllm.sharding.spec import is_spec
 
 __all__ = ["reduce_gradients", "to_storage", "to_compute", "global_norm", "all_reduce_flat"]
 
@@ -121,38 +121,35 @@ def to_compute(values: Any, data_dims: dict[str, int | None], mesh: Mesh, limit_
 
 
 def reduce_gradients(
-    grads: Any,
+    grads: dict[str, Tensor],
     *,
     zero_stage: int,
     data_dims: dict[str, int | None],
-    compute_specs: dict[str, PartitionSpec],
+    reduce_axes: dict[str, frozenset],
     mesh: Mesh,
-    sequence_parallel: bool,
     dtype: torch.dtype = torch.float32,
     limit_bytes: int = 64 << 20,
-) -> Any:
-    """Per-rank gradients (compute layout; storage layout at stage 3) -> their sums over the ranks
-    that share each block, in the gradient layout of the stage (see the module docstring)."""
-    flat = tree.leaves_with_path(grads)
-    leaves = [t for _, t in flat]
-    if sequence_parallel:  # tensor-replicated params saw only this rank's tokens
-        partial = [i for i, (path, _) in enumerate(flat) if "tensor" not in compute_specs[path].used_axes]
-        summed = all_reduce_flat([leaves[i] for i in partial], "tensor", mesh, dtype, limit_bytes)
-        for i, g in zip(partial, summed):
-            leaves[i] = g
-    split = [i for i, (path, _) in enumerate(flat) if data_dims[path] is not None]
-    whole = [i for i, (path, _) in enumerate(flat) if data_dims[path] is None]
-    if zero_stage <= 1:
-        whole, split = list(range(len(flat))), []
-    elif zero_stage == 2:
-        scattered = _reduce_scatter_flat([(leaves[i], data_dims[flat[i][0]]) for i in split], mesh, dtype, limit_bytes)
-        for i, g in zip(split, scattered):
-            leaves[i] = g
-    # stage 3: ``split`` leaves were reduce-scattered by the backward of the parameter all-gather
-    summed = all_reduce_flat([leaves[i] for i in whole], "data", mesh, dtype, limit_bytes)
-    for i, g in zip(whole, summed):
-        leaves[i] = g
-    return tree.with_leaves(grads, leaves)
+    gathered: bool = False,
+) -> dict[str, Tensor]:
+    """Per-rank partial gradients (flat) -> their sums over each leaf's ``reduce_axes``, in the
+    gradient layout of the stage: all-reduced over every axis but ``data``; over ``data``
+    all-reduced (stages 0 and 1, and leaves too small to split), reduce-scattered (stage 2) or,
+    when ``gathered`` (stage 3: the gathers' backward reduce-scattered them), left as they are."""
+    out = dict(grads)
+    for axis in [a for a in AXES if a != "data"]:
+        paths = [p for p in out if axis in reduce_axes[p]]
+        for path, g in zip(paths, all_reduce_flat([out[p] for p in paths], axis, mesh, dtype, limit_bytes)):
+            out[path] = g
+    summed = [p for p in out if "data" in reduce_axes[p]]
+    split = [p for p in summed if data_dims[p] is not None and zero_stage >= 2]
+    if zero_stage == 2:
+        scattered = _reduce_scatter_flat([(out[p], data_dims[p]) for p in split], mesh, dtype, limit_bytes)
+        out.update(zip(split, scattered))
+    elif zero_stage >= 3 and not gathered and split:
+        raise ValueError("ZeRO-3 gradients of split leaves come from the gathers' backward (gathered=True)")
+    whole = [p for p in summed if p not in split]
+    out.update(zip(whole, all_reduce_flat([out[p] for p in whole], "data", mesh, dtype, limit_bytes)))
+    return out
 
 
 def _one_pass(tensors: list[Tensor]) -> bool:

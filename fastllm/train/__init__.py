@@ -23,7 +23,7 @@ from fastllm.train.config import (
 from fastllm.train.optimizer import build_optimizer, learning_rate_schedule
 from fastllm.train.run import train
 from fastllm.train.state import TrainState
-from fastllm.train.step import make_eval_step, make_train_step
+from fastllm.train.step import EvalStep, TrainStep
 from fastllm.train.trainer import Trainer, TrainResult
 
 __all__ = [
@@ -36,8 +36,8 @@ __all__ = [
     "ZeroSection",
     "SampleSection",
     "TrainState",
-    "make_train_step",
-    "make_eval_step",
+    "TrainStep",
+    "EvalStep",
     "build_optimizer",
     "learning_rate_schedule",
     "Trainer",

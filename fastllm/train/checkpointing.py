@@ -59,9 +59,9 @@ def load(
 ) -> tuple[TrainState, dict[str, Any]]:
     """(state, extra) of the checkpoint at ``path``, laid out like ``template`` (under a mesh: this
     rank's shards by ``specs``, whatever mesh wrote them)."""
-    if mesh is not None:
+    if mesh is not None and (sharded.is_sharded(path) or mesh.world_size > 1):
         trees, meta = sharded.load(path, specs, mesh, like=_trees(template), device=device)
-    else:
+    else:  # a one-process checkpoint (the format before every run wrote sharded ones)
         trees, meta = checkpoint.load(path, like=_trees(template), device=device)
     key = random.Key(int(meta["key"]["seed"]), tuple(meta["key"]["path"]))
     extra = {name: value for name, value in meta.items() if name not in ("step", "key")}

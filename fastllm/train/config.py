@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 from fastllm.config import merge_partial, partial_fields, require
 from fastllm.data.config import DataConfig
@@ -79,8 +79,8 @@ def resolve_model(section) -> ModelConfig:
 @dataclass(frozen=True)
 class TrainSection:
     steps: int = 1000  # optimizer steps
-    micro_batch_size: int = 8  # sequences per forward/backward
-    grad_accum: int = 1  # micro-batches per optimizer step
+    batch_size: int = 8  # sequences per optimizer step, all data ranks together: the recipe fixes it
+    micro_batch_size: Optional[int] = None  # sequences per forward/backward on one rank; None: batch_size / mesh.data
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # compute dtype; master weights stay fp32
     remat: Literal["none", "block"] = "none"  # "block": recompute each block's activations in backward
     compile: bool = False  # torch.compile each decoder block (fastllm.train.compile); needs FASTLLM_TYPECHECK=0
@@ -94,10 +94,14 @@ class TrainSection:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
 
     def __post_init__(self):
-        for name in ("steps", "micro_batch_size", "grad_accum", "log_every", "eval_batches",
-                     "keep_checkpoints", "loss_scale_growth_interval"):
+        for name in ("steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints",
+                     "loss_scale_growth_interval"):
             value = getattr(self, name)
             require(value > 0, f"train.{name}", f"must be > 0, got {value}")
+        require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size",
+                f"must be > 0 or none, got {self.micro_batch_size}")
+        require(self.micro_batch_size is None or self.batch_size % self.micro_batch_size == 0, "train.batch_size",
+                f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch_size}")
         for name in ("eval_every", "checkpoint_every"):
             value = getattr(self, name)
             require(value >= 0, f"train.{name}", f"must be >= 0, got {value}")
@@ -105,10 +109,21 @@ class TrainSection:
                 f"must be > 0 or None, got {self.grad_clip}")
         require(self.loss_scale > 0, "train.loss_scale", f"must be > 0, got {self.loss_scale}")
 
-    @property
-    def batch_size(self) -> int:
-        """Sequences per optimizer step."""
-        return self.micro_batch_size * self.grad_accum
+    def micro_batch(self, data_ranks: int) -> int:
+        """Sequences per forward/backward on one rank when ``data_ranks`` share the batch."""
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        require(self.batch_size % data_ranks == 0, "train.batch_size",
+                f"{self.batch_size} sequences do not split over mesh.data={data_ranks} ranks")
+        return self.batch_size // data_ranks
+
+    def grad_accum(self, data_ranks: int) -> int:
+        """Micro-batches per optimizer step on each rank: ``batch_size / (micro_batch_size x data)``."""
+        per_pass = self.micro_batch(data_ranks) * data_ranks
+        require(self.batch_size % per_pass == 0, "train.batch_size",
+                f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch(data_ranks)} x "
+                f"mesh.data={data_ranks} = {per_pass} (sequences per forward/backward over all data ranks)")
+        return self.batch_size // per_pass
 
 
 @dataclass(frozen=True)
@@ -132,18 +147,38 @@ class OptimSection:
         require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
 
 
+def _default_rules() -> dict[str, Any]:
+    from fastllm.sharding.rules import COMPUTE_RULES
+
+    return COMPUTE_RULES.as_mapping()
+
+
 @dataclass(frozen=True)
 class MeshSection:
-    """Process grid: data x tensor x pipe ranks (their product is the world size)."""
+    """Process grid: data x tensor x pipe ranks (their product is the world size), and the rules
+    that lay parameters and activations out on it: ``{logical dim: mesh axis | [axes] | None}`` in
+    priority order (``mesh.rules.seq=tensor``: sequence parallelism; docs/sharding.md)."""
 
     data: int = 1
     tensor: int = 1
     pipe: int = 1
-    sequence_parallel: bool = False  # partitioner: residual stream split over seq between TP regions
+    rules: dict[str, Any] = field(default_factory=_default_rules)
 
     def __post_init__(self):
         for name in ("data", "tensor", "pipe"):
             require(getattr(self, name) >= 1, f"mesh.{name}", f"must be >= 1, got {getattr(self, name)}")
+        require(isinstance(self.rules, dict) and self.rules, "mesh.rules",
+                f"must be a non-empty mapping of logical dims to mesh axes, got {self.rules!r}")
+        try:
+            self.rules_table()
+        except ValueError as error:
+            raise ValueError(f"mesh.rules: {error}") from None
+
+    def rules_table(self):
+        """The rules as a :class:`fastllm.sharding.Rules` table."""
+        from fastllm.sharding.rules import Rules
+
+        return Rules.from_mapping(self.rules)
 
     @property
     def size(self) -> int:
@@ -184,12 +219,14 @@ class Config:
     sample: SampleSection = field(default_factory=SampleSection)
 
     def __post_init__(self):
-        model = resolve_model(self.model)
-        require(self.data.seq_len <= model.max_seq_len, "data.seq_len",
-                f"{self.data.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
+        if isinstance(self.model, ModelSection):  # a recipe's own model config checks itself
+            model = resolve_model(self.model)
+            require(self.data.seq_len <= model.max_seq_len, "data.seq_len",
+                    f"{self.data.seq_len} exceeds the model's max_seq_len={model.max_seq_len}")
         require(self.optim.warmup_steps <= self.train.steps, "optim.warmup_steps",
                 f"{self.optim.warmup_steps} exceeds train.steps={self.train.steps}")
 
     @property
-    def model_config(self) -> ModelConfig:
-        return resolve_model(self.model)
+    def model_config(self) -> Any:
+        """The built-in decoder's :class:`ModelConfig`, or a recipe's own model config as it is."""
+        return resolve_model(self.model) if isinstance(self.model, ModelSection) else self.model

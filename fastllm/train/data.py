@@ -37,26 +37,29 @@ class StepBatches:
 
 def _data_config(config):
     data = config.data
-    if data.vocab_size is None:  # refuse datasets whose ids the model's embedding cannot hold
-        data = data.replace(vocab_size=config.model_config.vocab_size)
+    vocab = getattr(config.model_config, "vocab_size", None)
+    if data.vocab_size is None and vocab is not None:  # refuse datasets whose ids the model cannot embed
+        data = data.replace(vocab_size=vocab)
     return data
 
 
-def build_loaders(config, *, dp_rank: int = 0, dp_size: int = 1) -> tuple[StepBatches, Optional[StepBatches]]:
-    """(train batches, validation micro-batches or ``None``) for a :class:`fastllm.train.Config`;
-    under a mesh, this data rank's share (``dp_rank`` of ``dp_size``)."""
+def build_loaders(config, *, micro_batch_size: int, dp_rank: int = 0,
+                  dp_size: int = 1) -> tuple[StepBatches, Optional[StepBatches]]:
+    """(train batches, validation micro-batches or ``None``) for a :class:`fastllm.train.Config`:
+    this data rank's share (``dp_rank`` of ``dp_size``) of each global batch of
+    ``train.batch_size`` sequences, read ``micro_batch_size`` at a time."""
     from fastllm import data as fdata
 
     data, t = _data_config(config), config.train
     if not data.datasets:
         raise ValueError("data.datasets: no prepared dataset given (prepare one with `fastllm prepare`)")
-    train = fdata.make_loader(data, micro_batch_size=t.micro_batch_size, grad_accumulation=t.grad_accum,
+    train = fdata.make_loader(data, micro_batch_size=micro_batch_size, global_batch_size=t.batch_size,
                                dp_rank=dp_rank, dp_size=dp_size)
     val = None
     if data.validation or data.validation_fraction > 0:
-        val = StepBatches(fdata.make_loader(data, micro_batch_size=t.micro_batch_size, split="validation",
+        val = StepBatches(fdata.make_loader(data, micro_batch_size=micro_batch_size, split="validation",
                                             dp_rank=dp_rank, dp_size=dp_size), 1)
-    return StepBatches(train, t.grad_accum), val
+    return StepBatches(train, train.grad_accumulation), val
 
 
 def tokenizer_path(config) -> Optional[Path]:

@@ -3,6 +3,7 @@
 Runs the Trainer, then (``run.export_hf``) writes a Hugging Face checkpoint to ``<run.dir>/hf`` and
 (``sample.prompt``) prints a sample from the trained model. A recipe module may define
 ``before_train(config) -> config`` (e.g. prepare its data) and ``after_train(config, result)``.
+A recipe may also define ``model(config) -> fastllm.nn.Model`` to train a model of its own.
 Under a mesh the state holds shards: rank 0 exports from the last (sharded) checkpoint.
 """
 
@@ -14,6 +15,7 @@ from types import ModuleType
 from typing import Optional
 
 from fastllm import random
+from fastllm.models.config import ModelConfig
 from fastllm.train import checkpointing
 from fastllm.train.trainer import Trainer, TrainResult
 
@@ -52,22 +54,35 @@ def sample_text(model_config, params, tokenizer_file: str | Path, prompt: str, *
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)
 
 
-def train(config, *, recipe: Optional[ModuleType] = None, print_fn=print) -> TrainResult:
+def train(config, *, recipe: Optional[ModuleType] = None, model=None, print_fn=print) -> TrainResult:
+    """Train ``config`` (with ``recipe``'s hooks, and its ``model(config)`` when it defines one;
+    ``model``: an :class:`fastllm.nn.Model` instead), then export and sample as the config says."""
     if recipe is not None and hasattr(recipe, "before_train"):
         config = recipe.before_train(config) or config
-    trainer = Trainer(config)
+    if model is None and recipe is not None and hasattr(recipe, "model"):
+        model = recipe.model(config)
+    builtin = isinstance(config.model_config, ModelConfig)
+    if config.run.export_hf and not builtin:
+        raise ValueError("run.export_hf: Hugging Face export needs a built-in model family (config.model)")
+    trainer = Trainer(config, model=model)
     result = trainer.run()
-    if trainer.partitioner is not None:
-        if trainer.is_main:
-            _after_sharded_run(config, trainer, result, print_fn)
+    if not trainer.is_main:
         return result
+    sharded = trainer.mesh.world_size > 1
+    where = f" (sharded over {trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)"
     print_fn(f"step {result.state.step}: loss {result.final_loss:.4f}"
-             + ("" if result.val_loss is None else f", validation loss {result.val_loss:.4f}"))
+             + ("" if result.val_loss is None else f", validation loss {result.val_loss:.4f}")
+             + (where if sharded else ""))
     if config.run.export_hf:
-        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, result.state.params)}")
+        # Under a mesh the run ends with a save, a collective that returns on every rank once the
+        # checkpoint is complete: rank 0 assembles the whole tensors in this process.
+        params = checkpointing.load_model(checkpointing.latest(config.run.dir))[1] if sharded else result.state.params
+        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, params)}")
     tokenizer = Path(config.run.dir) / "tokenizer.json"
     s = config.sample
-    if s.prompt and s.max_new_tokens and tokenizer.is_file():
+    # Under a mesh no sample: decoding needs the whole model on one device, which a sharded run may
+    # not have room for, while the other ranks idle. `fastllm generate <run.dir>` samples from it.
+    if builtin and not sharded and s.prompt and s.max_new_tokens and tokenizer.is_file():
         text = sample_text(config.model_config, result.state.params, tokenizer, s.prompt,
                            max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k,
                            top_p=s.top_p, seed=config.run.seed)
@@ -75,16 +90,3 @@ def train(config, *, recipe: Optional[ModuleType] = None, print_fn=print) -> Tra
     if recipe is not None and hasattr(recipe, "after_train"):
         recipe.after_train(config, result)
     return result
-
-
-def _after_sharded_run(config, trainer: Trainer, result: TrainResult, print_fn) -> None:
-    """Rank 0, after a run on a mesh: the summary and the export, from the last checkpoint."""
-    print_fn(f"step {result.state.step}: loss {result.final_loss:.4f} (sharded over "
-             f"{trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)")
-    if config.run.export_hf:
-        # The run ends with a save, a collective that returns on every rank once the checkpoint is
-        # complete (the barrier): rank 0 assembles its whole tensors in this process.
-        _, params, _ = checkpointing.load_model(checkpointing.latest(config.run.dir))
-        print_fn(f"exported a Hugging Face checkpoint to {export_hf(config, params)}")
-    # No sample: decoding needs the whole model on one device, which a sharded run may not have room
-    # for, while the other ranks idle. `fastllm generate <run.dir>` samples from the checkpoint.

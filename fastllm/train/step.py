@@ -1,43 +1,51 @@
-"""Pure training and evaluation steps.
+"""One train step and one eval step, for every model and every layout (one device is a mesh of one).
 
-``train_step(state, batch) -> (state, metrics)``: the batch (``[micro_batch_size * grad_accum,
-seq]`` tensors) is split into ``grad_accum`` micro-batches; each runs forward and backward on the
-parameters cast to the compute dtype, and its gradient is weighted by its share of the valid
-target tokens, so the accumulated gradient is the gradient of the mean loss over the whole batch:
+``step(state, batch) -> (state, metrics)``: ``batch`` holds this data rank's rows
+(``[micro_batch_size * grad_accum, seq]``, the same on every rank of the other axes), split into
+``grad_accum`` micro-batches. Each runs the model's parts (:func:`fastllm.nn.run`) on the
+parameters cast to the compute dtype, with its loss weighted by its share of the valid target
+tokens of the *global* batch, so the gradients summed over the data ranks are the gradient of the
+global mean loss, as one process computes it:
 
-    grad = sum_i (n_i / N) * grad(loss_i)        (n_i valid targets of micro-batch i, N = sum n_i)
+    grad = sum_ranks sum_i (n_i / N) grad(loss_i),     N = sum over ranks and micro-batches of n_i
 
-Gradients land on the fp32 master weights (the cast is differentiable) and the optimizer state is
-fp32. The update goes through :func:`fastllm.optim.apply_gradients`: an optimizer with a fused
-kernel (``optim.adamw``) writes the new params and moments into the input state's tensors (the
-step consumes its input state unless ``donate=False``). With fp16 the loss is multiplied by a
-dynamic scale before backward and the update is skipped (via ``torch.where``, no host sync) when a
-gradient overflows (Micikevicius et al. 2018).
+Per part the step gathers ZeRO-3 parameters (prefetching the next part), recomputes the repeated
+parts in backward (``remat``) and runs them compiled (``compile``); gradients are reduced as
+backward goes (:class:`fastllm.sharding.overlap.GradientReduction`), clipped by their global norm
+over every shard, and the functional optimizer updates the blocks this rank owns (its storage
+blocks from ZeRO stage 1 on), gathered back into the compute layout at stages 1 and 2. With fp16
+the loss is multiplied by a dynamic scale and a step whose gradients overflow anywhere is skipped
+on every rank (``torch.where``, no host sync; Micikevicius et al. 2018).
+
+On one device every collective is the identity and none of this costs anything: the same code.
 Metrics are 0-d tensors; reading them is the caller's (the Trainer's) choice of sync point.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
-from fastllm import models, optim, tree
-from fastllm.models.config import ModelConfig
+from fastllm import nn, optim, random, tree
 from fastllm.nn.loss import IGNORE_INDEX
+from fastllm.sharding import zero
+from fastllm.sharding.partitioner import Partitioner, Plan
 from fastllm.train.state import TrainState
 
-__all__ = ["COMPUTE_DTYPES", "make_train_step", "make_eval_step", "split_micro_batches", "target_weight",
-           "block_fn_for"]
+__all__ = ["COMPUTE_DTYPES", "TrainStep", "EvalStep", "split_micro_batches", "target_weight"]
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Batch = dict[str, Tensor]
 
 
 def target_weight(batch: Batch) -> Tensor:
-    """Total weight of the valid targets of a batch (the ``N`` above), as a float32 0-d tensor."""
+    """Total weight of the valid targets of a batch (the ``n`` above), as a float32 0-d tensor."""
     weight = (batch["targets"] != IGNORE_INDEX).float()
     if batch.get("loss_mask") is not None:
         weight = weight * batch["loss_mask"].float()
@@ -53,108 +61,203 @@ def split_micro_batches(batch: Batch, count: int) -> list[Batch]:
     return [{name: parts[i] for name, parts in chunks.items()} for i in range(count)]
 
 
-def _loss_fn(config: ModelConfig, remat: str, block_fn=None) -> Callable[[Any, Batch], tuple[Tensor, dict]]:
-    return lambda params, batch: models.loss(config, params, batch, remat=remat == "block", block_fn=block_fn)
+def _sum_over(value: Tensor, axis: str, partitioner: Partitioner) -> Tensor:
+    mesh = partitioner.mesh
+    if mesh.size(axis) == 1:
+        return value
+    value = value.clone()
+    dist.all_reduce(value, group=mesh.group(axis))
+    return value
 
 
-def block_fn_for(compile: bool, backend: str = "inductor"):
-    """The ``block_fn`` of :func:`fastllm.models.loss`: ``None`` (eager) or one
-    :class:`~fastllm.train.compile.CompiledBlocks` for the step's every block and micro-batch."""
+class _Runner:
+    """Runs one part of a model inside a step: its ZeRO-3 gather, recomputation and compilation."""
+
+    def __init__(self, gather, remat: bool, compiled):
+        self.gather, self.remat, self.compiled = gather, remat, compiled
+
+    def __call__(self, flat: Optional[dict], index: int, part: nn.Part, params: Any, carry: dict,
+                 batch: Batch, layout) -> dict:
+        def body(carry: dict) -> dict:  # under remat this runs again in backward: gather included
+            subtrees = self.subtrees(flat, index, part, params)
+            fn = self.compiled(part) if self.compiled is not None and part.layer is not None else part.fn
+            return fn(part.static, subtrees, carry, batch, layout)
+
+        if self.remat and part.layer is not None:
+            return checkpoint(body, carry, use_reentrant=False)
+        return body(carry)
+
+    def subtrees(self, flat: Optional[dict], index: int, part: nn.Part, params: Any) -> tuple:
+        if self.gather is None:
+            return nn.model.part_params(part, params)
+        gathered = self.gather.gathered(index, flat)
+        out = []
+        for keys in part.params:
+            prefix = tree.dotted(keys)
+            out.append(tree.map_with_path(lambda sub, x: gathered.get(f"{prefix}.{sub}" if sub else prefix, x),
+                                          tree.get(params, keys)))
+        return tuple(out)
+
+
+def _compiled_parts(compile: bool, backend: str):
     if not compile:
         return None
-    from fastllm.train.compile import CompiledBlocks  # imports the compiler stack only when asked
+    from fastllm.train.compile import CompiledParts  # imports the compiler stack only when asked
 
-    return CompiledBlocks(backend)
-
-
-def _gradients(loss_fn, params, micro_batches: list[Batch], dtype, loss_scale, total_weight=None):
-    """(sum of weighted fp32 gradients, weighted mean loss) over the micro-batches.
-
-    ``total_weight`` (default: the micro-batches' own) is the ``N`` of the formula above; the
-    sharded step passes the valid targets of every data rank."""
-    masters = tree.map(lambda p: p.detach().requires_grad_(True), params)
-    leaves = tree.leaves(masters)
-    if total_weight is None:
-        total_weight = sum(target_weight(m) for m in micro_batches)
-    total_weight = total_weight.clamp(min=1.0)
-    grads = [torch.zeros_like(p) for p in leaves]
-    loss_sum = torch.zeros((), dtype=torch.float32, device=leaves[0].device)
-    for micro in micro_batches:
-        loss, _ = loss_fn(optim.cast_tree(masters, dtype), micro)
-        share = target_weight(micro) / total_weight
-        scaled = loss.float() * share * (1.0 if loss_scale is None else loss_scale)
-        micro_grads = torch.autograd.grad(scaled, leaves, allow_unused=True)
-        for acc, g in zip(grads, micro_grads):
-            if g is not None:
-                acc.add_(g)
-        loss_sum = loss_sum + loss.detach().float() * share
-    return tree.with_leaves(params, grads), loss_sum
+    return CompiledParts(backend)
 
 
-def _grad_norm(grads, opt_state) -> Tensor:
-    """The global gradient norm: the one the clipping transform just computed, if it clips."""
-    clip = optim.get_state(opt_state, optim.ClipByGlobalNormState)
-    return optim.global_norm(grads) if clip is None else clip.norm
+class TrainStep:
+    """``step(state, batch) -> (state, metrics)`` for ``model`` under ``partitioner`` (module docstring).
 
+    ``optimizer`` must not clip by global norm when there are several ranks (it would see one
+    rank's shards): pass ``max_grad_norm`` to the step instead. ``donate`` (default): the fused
+    optimizer writes the new params and moments into the input state's tensors; ``False`` runs
+    the optimizer's pure chain and keeps the input state intact (fp16 always does). ``remat``:
+    recompute the repeated parts' activations in backward; ``compile``: run them through
+    ``torch.compile`` (``compile_backend``); both change no value beyond rounding."""
 
-def make_train_step(
-    config: ModelConfig,
-    optimizer: optim.GradientTransformation,
-    *,
-    grad_accum: int = 1,
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32",
-    remat: Literal["none", "block"] = "none",
-    learning_rate: Callable[[int], float] | None = None,
-    compile: bool = False,
-    compile_backend: str = "inductor",
-    donate: bool = True,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
-    """The step for a model and optimizer; ``learning_rate(step)`` is only reported.
+    def __init__(
+        self,
+        model: nn.Model,
+        partitioner: Partitioner,
+        optimizer: optim.GradientTransformation,
+        *,
+        grad_accum: int = 1,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+        max_grad_norm: Optional[float] = None,
+        learning_rate: Callable[[int], float] | None = None,
+        remat: bool = False,
+        compile: bool = False,
+        compile_backend: str = "inductor",
+        donate: bool = True,
+    ):
+        if precision not in COMPUTE_DTYPES:
+            raise ValueError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {precision!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0, got {max_grad_norm}")
+        if grad_accum < 1:
+            raise ValueError(f"grad_accum must be >= 1, got {grad_accum}")
+        self.model, self.partitioner, self.optimizer = model, partitioner, optimizer
+        self.grad_accum, self.dtype, self.precision = grad_accum, COMPUTE_DTYPES[precision], precision
+        self.max_grad_norm, self.learning_rate, self.remat, self.donate = max_grad_norm, learning_rate, remat, donate
+        self.plan: Plan = partitioner.plan(model)
+        self.layout = partitioner.layout()
+        self.gather = partitioner.gather(self.plan)
+        self.runner = _Runner(self.gather, remat, _compiled_parts(compile, compile_backend))
+        self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
 
-    ``compile``: each decoder block runs through ``torch.compile`` (``compile_backend``), see
-    :mod:`fastllm.train.compile`; same loss and gradients up to rounding. ``donate``: the step may
-    write the new params and optimizer moments into the input state's tensors (the optimizer's
-    fused path, one kernel pass); ``False`` keeps the input state intact (the unfused chain, a pure
-    step). With fp16 loss scaling the step is always pure: a skipped step keeps the old params."""
-    dtype = COMPUTE_DTYPES[precision]
-    loss_fn = _loss_fn(config, remat, block_fn_for(compile, compile_backend))
+    # --- state ---------------------------------------------------------------------------------
+    def init_state(self, key: random.Key, *, loss_scale: Optional[optim.LossScale] = None) -> TrainState:
+        """This rank's train state: its parameter shards (drawn from ``fold_in(key, "params")``) and
+        the optimizer state of the blocks it owns."""
+        params = self.partitioner.init_params(self.model, random.fold_in(key, "params"))
+        opt_state = self.optimizer.init(self._owned(params))
+        return TrainState(params, opt_state, 0, random.fold_in(key, "train"), loss_scale)
 
-    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
-        micro_batches = split_micro_batches(batch, grad_accum)
-        loss_scale = state.loss_scale
-        scale = None if loss_scale is None else loss_scale.scale
-        grads, loss = _gradients(loss_fn, state.params, micro_batches, dtype, scale)
+    def _owned(self, values: Any) -> Any:
+        """The blocks the optimizer owns: storage slices at stages 1-2 (stage 3 stores only those)."""
+        if self.partitioner.zero_stage in (1, 2):
+            return zero.to_storage(values, self.plan.data_dims, self.partitioner.mesh)
+        return values
+
+    # --- gradients -----------------------------------------------------------------------------
+    def gradients(self, state: TrainState, batch: Batch) -> tuple[Any, Tensor, Tensor]:
+        """(gradients in the stage's gradient layout, global mean loss, global valid tokens); with
+        fp16 the gradients are still multiplied by the loss scale."""
+        p = self.partitioner
+        micro_batches = split_micro_batches(batch, self.grad_accum)
+        tokens = _sum_over(sum(target_weight(m) for m in micro_batches), "data", p)
+        masters = tree.map(lambda t: t.detach().requires_grad_(True), state.params)
+        reduction = p.gradient_reduction(self.plan, tree.flatten(masters), self.gather)
+        total = tokens.clamp(min=1.0)
+        scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
+        loss_sum = torch.zeros((), dtype=torch.float32, device=tree.leaves(state.params)[0].device)
+        for index, micro in enumerate(micro_batches):
+            compute = (self.gather.compute_params(masters, self.dtype, refill=index == 0) if self.gather is not None
+                       else optim.cast_tree(masters, self.dtype))
+            flat = tree.flatten(compute)
+            with reduction.micro_batch(flat, last=index == len(micro_batches) - 1):
+                carry = nn.run(self.model, compute, micro, layout=self.layout, call=partial(self.runner, flat))
+                share = target_weight(micro) / total
+                reduction.backward(carry["loss"].float() * share * scale, remat=self.remat)
+            loss_sum = loss_sum + carry["loss"].detach().float() * share
+        grads = reduction.finish()
+        self.overlap_stats = reduction.stats
+        return tree.with_leaves(state.params, list(grads.values())), _sum_over(loss_sum, "data", p), tokens
+
+    # --- the step ------------------------------------------------------------------------------
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
+        p = self.partitioner
+        if p.mesh.world_size > 1 and optim.get_state(state.opt_state, optim.ClipByGlobalNormState):
+            raise ValueError("the optimizer clips by global norm, which on shards sees one rank's part "
+                             "only: build it without clipping and pass max_grad_norm to the step")
+        grads, loss, tokens = self.gradients(state, batch)
+        grads = self._owned(grads) if p.zero_stage == 1 else grads
+        loss_scale, finite = state.loss_scale, None
         if loss_scale is not None:
-            grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale)
-        if loss_scale is None and donate:  # fused when the optimizer has a kernel for it: in place
-            params, opt_state = optim.apply_gradients(optimizer, grads, state.opt_state, state.params,
-                                                      kernels=config.kernels)
-        else:
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optim.apply_updates(state.params, updates)
-        grad_norm = _grad_norm(grads, opt_state)
-        if loss_scale is not None:  # an overflowing fp16 step changes nothing but the scale
-            params, opt_state = optim.select_tree(finite, (params, opt_state), (state.params, state.opt_state))
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": target_weight(batch)}
-        if learning_rate is not None:
-            metrics["lr"] = torch.tensor(float(learning_rate(state.step)))
+            grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale, agree=self._agree)
+        grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh)
+        factor = None
+        if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
+            factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+        owned = self._owned(state.params)
+        if self.donate and loss_scale is None:  # fused (AdamW) when it can: params and moments in place
+            owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
+                                                     kernels=getattr(self.model.config, "kernels", None),
+                                                     grad_scale=factor)
+        else:  # the pure chain: the input state stays as it was
+            grads = grads if factor is None else tree.map(lambda g: g * factor, grads)
+            updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)
+            owned = optim.apply_updates(owned, updates)
+        if finite is not None:  # an overflowing fp16 step changes nothing but the scale
+            owned, opt_state = optim.select_tree(finite, (owned, opt_state), (self._owned(state.params), state.opt_state))
+        params = self._compute_layout(owned)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        if self.learning_rate is not None:
+            metrics["lr"] = torch.tensor(float(self.learning_rate(state.step)))
         if loss_scale is not None:
             metrics["loss_scale"] = loss_scale.scale
-        new_state = TrainState(params, opt_state, state.step + 1, state.key, loss_scale)
-        return new_state, metrics
+        return TrainState(params, opt_state, state.step + 1, state.key, loss_scale), metrics
 
-    return train_step
+    def _compute_layout(self, owned: Any) -> Any:
+        if self.partitioner.zero_stage not in (1, 2):
+            return owned
+        return zero.to_compute(owned, self.plan.data_dims, self.partitioner.mesh, self.partitioner.bucket_bytes)
+
+    def _agree(self, finite: Tensor) -> Tensor:
+        """Every rank's fp16 overflow verdict combined: a step is skipped everywhere or nowhere."""
+        if self.partitioner.mesh.world_size == 1:
+            return finite
+        flag = finite.to(torch.float32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return flag > 0
 
 
-def make_eval_step(
-    config: ModelConfig, *, precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-) -> Callable[[Any, Batch], dict[str, Tensor]]:
-    """``eval_step(params, batch) -> {"loss", "tokens"}`` without gradients, in the compute dtype."""
-    dtype = COMPUTE_DTYPES[precision]
+class EvalStep:
+    """``eval_step(params, batch) -> {"loss", "tokens"}`` over the global batch (every data rank),
+    without gradients, in the compute dtype; ``params`` and ``batch`` as for :class:`TrainStep`."""
 
-    def eval_step(params: Any, batch: Batch) -> dict[str, Tensor]:
+    def __init__(self, model: nn.Model, partitioner: Partitioner, *,
+                 precision: Literal["fp32", "bf16", "fp16"] = "fp32"):
+        self.model, self.partitioner, self.dtype = model, partitioner, COMPUTE_DTYPES[precision]
+        self.plan = partitioner.plan(model)
+        self.layout = partitioner.layout()
+        self.gather = partitioner.gather(self.plan)
+        self.runner = _Runner(self.gather, False, None)
+
+    def __call__(self, params: Any, batch: Batch) -> dict[str, Tensor]:
         with torch.no_grad():
-            loss, _ = models.loss(config, optim.cast_tree(params, dtype), batch)
-        return {"loss": loss.float(), "tokens": target_weight(batch)}
-
-    return eval_step
+            compute = optim.cast_tree(params, self.dtype)
+            flat = tree.flatten(compute)
+            if self.gather is not None:
+                self.gather.bind(flat, None)
+            try:
+                carry = nn.run(self.model, compute, batch, layout=self.layout, call=partial(self.runner, flat))
+            finally:
+                if self.gather is not None:
+                    self.gather.release()
+        tokens = target_weight(batch)
+        total = _sum_over(tokens, "data", self.partitioner)
+        loss = _sum_over(carry["loss"].float() * tokens, "data", self.partitioner) / total.clamp(min=1.0)
+        return {"loss": loss, "tokens": total}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,19 +19,20 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from fastllm import models, random
+from fastllm import nn, optim, random
 from fastllm.config import to_dict
+from fastllm.sharding import Mesh, Partitioner
+from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.train import checkpointing
-from fastllm.train import sharded
 from fastllm.train.config import Config
 from fastllm.train.data import build_loaders, tokenizer_path
 from fastllm.train.metrics import MetricsLog, Throughput, mfu
 from fastllm.train.optimizer import build_optimizer
 from fastllm.train.progress import ProgressBar
 from fastllm.train.state import TrainState
-from fastllm.train.step import make_eval_step, make_train_step
+from fastllm.train.step import EvalStep, TrainStep
 
-__all__ = ["Trainer", "TrainResult", "resolve_device"]
+__all__ = ["Trainer", "TrainResult", "resolve_device", "default_model", "mesh_from_config", "partitioner_from_config"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -40,6 +42,34 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"run.device={name!r} but no CUDA device is available")
     return device
+
+
+def default_model(config: Config) -> nn.Model:
+    """The model a config's ``model`` section describes: the built-in decoder of a preset."""
+    from fastllm import models
+
+    model_config = config.model_config
+    if not isinstance(model_config, models.ModelConfig):
+        raise TypeError(f"config.model is a {type(model_config).__name__}: pass the model to train "
+                        "(a recipe's model(config) function, or Trainer(config, model=...))")
+    return models.model(model_config)
+
+
+def mesh_from_config(config: Config) -> Mesh:
+    """``config.mesh``'s grid over the processes torchrun started (one process: a mesh of one on
+    ``run.device``)."""
+    m = config.mesh
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if m.data * m.tensor * m.pipe != world:
+        raise ValueError(f"mesh.data={m.data} x mesh.tensor={m.tensor} x mesh.pipe={m.pipe} = "
+                         f"{m.data * m.tensor * m.pipe} ranks, but the world has {world} (launch with "
+                         f"torchrun --nproc-per-node {m.data * m.tensor * m.pipe})")
+    return Mesh.from_env(data=m.data, tensor=m.tensor, pipe=m.pipe, device=resolve_device(config.run.device))
+
+
+def partitioner_from_config(config: Config, mesh: Mesh) -> Partitioner:
+    return Partitioner(mesh, rules=config.mesh.rules_table(), zero_stage=config.zero.stage,
+                       transport=config.zero.transport)
 
 
 @dataclass
@@ -59,36 +89,32 @@ class TrainResult:
 
 
 class Trainer:
-    """``Trainer(config).run()``. ``train_data``/``val_data`` override the loaders the config's
+    """``Trainer(config).run()``. ``model``: an :class:`fastllm.nn.Model` (default: the built-in
+    decoder of ``config.model``); ``train_data``/``val_data`` override the loaders the config's
     ``data`` section would build (each: an iterator of batch dicts with ``state_dict()`` and
-    ``load_state_dict()``). ``mesh``: a :class:`fastllm.sharding.Mesh` (default: built from
-    ``config.mesh`` under torchrun); with more than one rank the steps run on shards."""
+    ``load_state_dict()``); ``mesh``: a :class:`fastllm.sharding.Mesh` (default: ``config.mesh``
+    over torchrun's processes, or one process). One path for every layout: a single process is a
+    mesh of one."""
 
-    def __init__(self, config: Config, *, train_data=None, val_data=None, mesh=None):
+    def __init__(self, config: Config, *, model: Optional[nn.Model] = None, train_data=None, val_data=None,
+                 mesh: Optional[Mesh] = None):
         self.config = config
-        self.model_config = config.model_config
-        self.run_dir = Path(config.run.dir)
-        self.device = resolve_device(config.run.device)
-        # partitioner: a mesh of more than one rank trains on shards (fastllm.train.sharded)
-        self.partitioner = sharded.partitioner_from_config(config, mesh)
-        self.mesh = mesh if self.partitioner is None else self.partitioner.mesh
-        if self.partitioner is not None:
-            self.device = self.partitioner.mesh.device
-            self.optimizer, self.schedule = build_optimizer(config, clip=False)
-            self.train_step, self.eval_step = sharded.build_steps(config, self.partitioner, self.optimizer, self.schedule)
-        else:
-            self.optimizer, self.schedule = build_optimizer(config)
-            t = config.train
-            self.train_step = make_train_step(
-                self.model_config, self.optimizer, grad_accum=t.grad_accum, precision=t.precision,
-                remat=t.remat, learning_rate=self.schedule, compile=t.compile,
-            )
-            self.eval_step = make_eval_step(self.model_config, precision=t.precision)
-        self.is_main = sharded.is_main_rank()
+        self.model = default_model(config) if model is None else model
+        self.mesh = mesh_from_config(config) if mesh is None else mesh
+        self.partitioner = partitioner_from_config(config, self.mesh)
+        self.device = self.mesh.device
+        t = config.train
+        data_ranks = self.mesh.size("data")
+        self.micro_batch_size, self.grad_accum = t.micro_batch(data_ranks), t.grad_accum(data_ranks)
+        self.optimizer, self.schedule = build_optimizer(config, clip=False)  # the step clips over all shards
+        self.train_step = TrainStep(self.model, self.partitioner, self.optimizer, grad_accum=self.grad_accum,
+                                    precision=t.precision, max_grad_norm=t.grad_clip, learning_rate=self.schedule,
+                                    remat=t.remat == "block", compile=t.compile)
+        self.eval_step = EvalStep(self.model, self.partitioner, precision=t.precision)
+        self.is_main = self.mesh.global_rank == 0
         if train_data is None:
-            dp = {} if self.partitioner is None else dict(
-                dp_rank=self.partitioner.mesh.rank("data"), dp_size=self.partitioner.mesh.size("data"))
-            train_data, built_val = build_loaders(config, **dp)
+            train_data, built_val = build_loaders(config, micro_batch_size=self.micro_batch_size,
+                                                  dp_rank=self.mesh.rank("data"), dp_size=data_ranks)
             val_data = built_val if val_data is None else val_data
         self.train_data, self.val_data = train_data, val_data
         # Validation always reads the same batches, from the validation loader's starting position.
@@ -96,18 +122,11 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def init_state(self) -> TrainState:
-        if self.partitioner is not None:  # partitioner: each rank initialises its shards only
-            return sharded.init_state(self.config, self.partitioner, self.optimizer)
-        key = random.key(self.config.run.seed)
-        params = models.init(self.model_config, random.fold_in(key, "params"), device=self.device)
-        loss_scale = None
-        if self.config.train.precision == "fp16":
-            from fastllm import optim
-
-            loss_scale = optim.dynamic_loss_scale(
-                self.config.train.loss_scale, self.config.train.loss_scale_growth_interval, device=self.device
-            )
-        return TrainState(params, self.optimizer.init(params), 0, random.fold_in(key, "train"), loss_scale)
+        """This rank's initial state: its shards only, each the slice of the one-process init."""
+        t, loss_scale = self.config.train, None
+        if t.precision == "fp16":
+            loss_scale = optim.dynamic_loss_scale(t.loss_scale, t.loss_scale_growth_interval, device=self.device)
+        return self.train_step.init_state(random.key(self.config.run.seed), loss_scale=loss_scale)
 
     def restore(self) -> Optional[TrainState]:
         """The newest checkpoint's state (loaders repositioned), or ``None`` when there is none."""
@@ -117,10 +136,14 @@ class Trainer:
         template = self.init_state()
         state, extra = checkpointing.load(found, template, device=self.device, **self._mesh_args(template))
         if extra.get("config") != to_dict(self.config):
-            print(f"note: resuming from {found}, written with a different config (run.resume=false starts afresh)")
-        print(f"resuming from {found} at step {state.step}")
+            self._say(f"note: resuming from {found}, written with a different config (run.resume=false starts afresh)")
+        self._say(f"resuming from {found} at step {state.step}")
         self.train_data.load_state_dict(extra["data"]["train"])
         return state
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run.dir)
 
     def save(self, state: TrainState) -> Path:
         extra = {
@@ -133,10 +156,17 @@ class Trainer:
         return path
 
     def _mesh_args(self, state: TrainState) -> dict:
-        """Under a mesh, the spec trees and mesh of a sharded checkpoint (every rank its shards)."""
-        if self.partitioner is None:
-            return {}
-        return {"specs": sharded.checkpoint_specs(self.config, self.partitioner, state), "mesh": self.partitioner.mesh}
+        """The spec trees and mesh of the (sharded) checkpoint: every rank writes its shards, and a
+        checkpoint loads onto any mesh, one process included."""
+        plan = self.train_step.plan
+        specs = {"params": plan.params, "opt_state": sharded_checkpoint.state_specs(state.opt_state, plan.opt_state)}
+        if state.loss_scale is not None:
+            specs["loss_scale"] = sharded_checkpoint.state_specs(state.loss_scale, plan.params)
+        return {"specs": specs, "mesh": self.mesh}
+
+    def _say(self, text: str) -> None:
+        if self.is_main:
+            print(text)
 
     # -- loop --------------------------------------------------------------------------------
     def _batch(self, source: Iterator) -> dict:
@@ -154,7 +184,7 @@ class Trainer:
 
     def _prepare_run_dir(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not self.is_main:  # partitioner: one rank writes the run's files
+        if not self.is_main:  # one rank writes the run's files
             return
         (self.run_dir / "config.json").write_text(json.dumps(to_dict(self.config), indent=2) + "\n")
         tokenizer = tokenizer_path(self.config) if self.config.data.datasets else None
@@ -173,7 +203,7 @@ class Trainer:
         last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         result = TrainResult(state)
         bar = ProgressBar(cfg.train.steps, start=state.step, enabled=_progress_enabled(cfg.run.progress) if self.is_main else False)
-        flops = models.flops_per_token(self.model_config, cfg.data.seq_len)
+        flops = self.model.flops_per_token(cfg.data.seq_len) if self.model.flops_per_token else None
         meter = Throughput(self.device)
         saved_at = state.step if resumed else None
         while state.step < last:
@@ -196,11 +226,12 @@ class Trainer:
         result.state = state
         return result
 
-    def _record(self, step: int, metrics: dict, tokens_per_s: float, flops: float) -> dict:
+    def _record(self, step: int, metrics: dict, tokens_per_s: float, flops: Optional[float]) -> dict:
         record = {"step": step, **{name: value.item() for name, value in metrics.items()}}
         record["tokens_per_s"] = tokens_per_s
-        if self.device.type == "cuda":
-            record["mfu"] = mfu(tokens_per_s, flops)
+        if self.device.type == "cuda" and flops is not None:
+            # tokens_per_s counts this data rank's tokens, which its tensor (and pipe) ranks share
+            record["mfu"] = mfu(tokens_per_s / (self.mesh.size("tensor") * self.mesh.size("pipe")), flops)
         return record
 
 

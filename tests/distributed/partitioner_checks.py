@@ -1,14 +1,25 @@
 """Checks run inside spawned gloo ranks: every layout trains like one process.
 
 For each model and layout, every rank computes the single-process reference itself (tiny models:
-cheap), then runs the sharded step on its shards and compares: the sharded init against the slice
-of the unsharded init (bitwise), the gradients after step 1 (gathered to global tensors) and the
-losses of 5 AdamW steps (within 1e-5 relative), and the bytes it holds against ``describe``.
-Returns ``{check name: "ok" | traceback}`` so one spawn reports every failure at once.
+cheap), in plain PyTorch (the model's loss, ``backward``, ``clip_grad_norm_`` and ``torch.optim``:
+no code shared with the train step but the model), then runs the step on its shards and
+compares: the sharded init against the slice of the unsharded init (bitwise), the gradients after
+step 1 (gathered to global tensors), and after 5 steps the losses, the logged grad norms, the final
+parameters and every optimizer moment (all within 1e-5 relative to each tensor's largest value),
+and the bytes it holds against ``describe``. Returns ``{check name: "ok" | traceback}`` so one
+spawn reports every failure at once.
+
+Optimizers: AdamW with weight decay and clipping (a dropped decay or a wrong clip factor moves the
+params by far more than 1e-5), and on some layouts SGD with momentum and no clipping (its update
+is linear in the gradient: a gradient summed over the wrong ranks, or a clip factor applied when
+none was asked for, shows directly). AdamW's ``eps`` is 1e-3 here: with the default 1e-8 an entry
+whose gradient is near zero moves by ``lr * g / (|g| + eps)``, which turns rounding-level
+differences of ``g`` (summed in another order) into percent-level differences of the update; a
+larger ``eps`` keeps the update a smooth function of the gradient, so the comparison is exact to
+rounding and still sees every term of the optimizer.
 
 ``device`` (default CPU, for the gloo ranks) is where the reference, the batches and the comparisons
-live; it must be the mesh's device (``cuda:LOCAL_RANK`` under NCCL, see nccl_partitioner.py), so the
-reference and the sharded run see the same kernels and rounding.
+live; it must be the mesh's device (``cuda:LOCAL_RANK`` under NCCL, see nccl_partitioner.py).
 """
 
 from __future__ import annotations
@@ -19,15 +30,25 @@ import torch
 import torch.distributed as dist
 
 from fastllm import models, optim, random, tree
-from fastllm.sharding import Mesh, Partitioner, shard, unshard
+from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, shard, unshard
 from fastllm.sharding.spec import is_spec
-from fastllm.train.sharded_step import init_sharded_state, make_sharded_train_step
-from fastllm.train.state import TrainState
-from fastllm.train.step import _gradients, make_train_step, split_micro_batches
+from fastllm.train.step import TrainStep
 
 STEPS, BATCH, SEQ, LR, CLIP = 5, 8, 16, 3e-3, 0.5
 RTOL = 1e-5
 BUCKET_BYTES = 64 << 10  # several gradient buckets per tiny model (~400 KiB of fp32 params)
+SP_RULES = COMPUTE_RULES.replace("seq", "tensor")  # sequence parallelism is one rule
+
+
+def adamw():
+    return optim.adamw(LR, weight_decay=0.1, eps=1e-3)  # clipping lives in the step (max_grad_norm)
+
+
+def sgd():
+    return optim.sgd(0.3, momentum=0.9)
+
+
+OPTIMIZERS = {"adamw": (adamw, CLIP), "sgd": (sgd, None)}
 
 
 def batches(config, seed: int = 0, device: torch.device | str = "cpu") -> list[dict]:
@@ -46,19 +67,56 @@ def batches(config, seed: int = 0, device: torch.device | str = "cpu") -> list[d
     return out
 
 
-def reference(config, key, device: torch.device | str = "cpu") -> dict:
-    """One process on ``device``: params at init, gradients of step 1 and the losses of every step."""
-    opt = optim.adamw(LR, weight_decay=0.1, max_grad_norm=CLIP)
-    params = models.init(config, random.fold_in(key, "params"), device=device)
-    data = batches(config, device=device)
-    grads, _ = _gradients(lambda p, b: models.loss(config, p, b), params, [data[0]], torch.float32, None)
-    step = make_train_step(config, opt)
-    state = TrainState(tree.map(torch.clone, params), opt.init(params), 0, key)  # `params` stay the init
-    losses = []
+def run_steps(step: TrainStep, state, data: list[dict], mesh: Mesh):
+    """(final state, losses, grad norms) of the step over the batches (this data rank's rows)."""
+    losses, norms = [], []
     for batch in data:
-        state, metrics = step(state, batch)
+        state, metrics = step(state, local_rows(batch, mesh))
         losses.append(float(metrics["loss"]))
-    return {"params": params, "grads": grads, "losses": losses, "data": data}
+        norms.append(float(metrics["grad_norm"]))
+    return state, losses, norms
+
+
+def _torch_optimizer(optimizer: str, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
+    """The same optimizer from ``torch.optim``: the reference shares no optimizer code with the step."""
+    if optimizer == "sgd":
+        return torch.optim.SGD(list(leaves.values()), lr=0.3, momentum=0.9)
+    decayed = [t for path, t in leaves.items() if optim.default_decay_mask(path, t)]
+    others = [t for path, t in leaves.items() if not optim.default_decay_mask(path, t)]
+    return torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                             lr=LR, betas=(0.9, 0.999), eps=1e-3)
+
+
+def _moments(optimizer: str, state: dict, leaves: dict[str, torch.Tensor]) -> dict[str, dict]:
+    names = {"sgd": {"trace": "momentum_buffer"}, "adamw": {"mu": "exp_avg", "nu": "exp_avg_sq"}}[optimizer]
+    return {ours: tree.unflatten({path: state[t][theirs].clone() for path, t in leaves.items()})
+            for ours, theirs in names.items()}
+
+
+def reference(config, key, optimizer: str, device: torch.device | str = "cpu") -> dict:
+    """One process on ``device``, in plain PyTorch: the model's loss, ``backward``,
+    ``clip_grad_norm_`` and ``torch.optim`` (AdamW with per-group decay, or SGD). Params at init,
+    gradients of step 1, losses, grad norms, final params and optimizer moments."""
+    _, clip = OPTIMIZERS[optimizer]
+    init = models.init(config, random.fold_in(key, "params"), device=device)
+    leaves = {path: t.clone().requires_grad_(True) for path, t in tree.flatten(init).items()}
+    params = tree.unflatten(leaves)
+    opt = _torch_optimizer(optimizer, leaves)
+    data = batches(config, device=device)
+    losses, norms, first_grads = [], [], None
+    for batch in data:
+        opt.zero_grad()
+        loss, _ = models.loss(config, params, batch)
+        loss.backward()
+        if first_grads is None:
+            first_grads = tree.unflatten({path: t.grad.clone() for path, t in leaves.items()})
+        norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), clip if clip is not None else float("inf"))
+        opt.step()
+        losses.append(float(loss.detach()))
+        norms.append(float(norm))
+    final = tree.unflatten({path: t.detach().clone() for path, t in leaves.items()})
+    return {"params": init, "grads": first_grads, "losses": losses, "norms": norms, "final": final,
+            "moments": _moments(optimizer, opt.state, leaves), "data": data}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
@@ -70,6 +128,12 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
         raise AssertionError(f"{what}: max error {error:.3g} vs max magnitude {scale:.3g}")
 
 
+def close_numbers(actual: list[float], expected: list[float], what: str) -> None:
+    for i, (a, b) in enumerate(zip(actual, expected)):
+        if not abs(a - b) <= RTOL * abs(b):
+            raise AssertionError(f"{what} of step {i + 1}: {a!r} vs one process {b!r} (all: {actual} vs {expected})")
+
+
 def local_rows(batch: dict, mesh: Mesh) -> dict:
     n, me = mesh.size("data"), mesh.rank("data")
     return {name: value.chunk(n)[me] for name, value in batch.items()}
@@ -79,8 +143,17 @@ def nbytes(values) -> int:
     return sum(t.numel() * t.element_size() for t in tree.leaves(values) if t.ndim > 0)
 
 
-def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool, transport: str = "auto") -> None:
-    """The overlap path really overlapped: some buckets started during backward, and ZeRO-3
+def compare_tree(values, specs, expected, mesh: Mesh, what: str) -> None:
+    """Each shard of ``values`` (laid out by the spec tree ``specs``) against the whole tensors."""
+    flat_specs = tree.flatten(specs, is_leaf=is_spec)
+    flat_expected = tree.flatten(expected)
+    for path, value in tree.flatten(values).items():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            close(unshard(value, flat_specs[path], mesh), flat_expected[path], f"{what} {path}")
+
+
+def check_overlap(step: TrainStep, config, mesh: Mesh, zero_stage: int, remat: bool, transport: str = "auto") -> None:
+    """The overlap path really overlapped: every gradient bucket started during backward, and ZeRO-3
     gathers were prefetched (forward and, under remat, backward) with one in flight at most."""
     stats = step.overlap_stats
     if mesh.size("data") > 1 and stats["started_in_backward"] != stats["buckets"]:
@@ -92,65 +165,65 @@ def check_overlap(step, config, mesh: Mesh, zero_stage: int, remat: bool, transp
         if stats["prefetched"] < blocks or stats["most_in_flight"] != 1:
             raise AssertionError(f"ZeRO-3 prefetch: expected >= {blocks} prefetched gathers, one in flight "
                                  f"at most: {stats}")
-        if not config.tie_embeddings and stats["companions"] < 1:  # the final norm brings the LM head
-            raise AssertionError(f"ZeRO-3 prefetch: the LM head should be gathered with the final norm: {stats}")
-        if not config.tie_embeddings and mesh.size("tensor") == 1 and stats["lookups"] < 1:
-            raise AssertionError(f"ZeRO-3: tokens should be looked up from the table's storage block: {stats}")
         copy_engines = transport == "copy_engine" or (transport == "auto" and mesh.backend == "nccl")
         if copy_engines != (stats["copy_engine_gathers"] >= config.n_layers):
             raise AssertionError(f"ZeRO-3 transport {transport!r} on {mesh.backend}: copy-engine gathers "
                                  f"expected {'for every block' if copy_engines else 'none'}: {stats}")
 
 
-def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, sp: bool, grad_accum: int,
+def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, rules, grad_accum: int, optimizer: str,
                  overlap: bool = True, remat: bool = False, transport: str = "auto") -> None:
-    partitioner = Partitioner(mesh, zero_stage=zero_stage, sequence_parallel=sp, overlap=overlap,
-                              bucket_bytes=BUCKET_BYTES, transport=transport)
-    plan = partitioner.plan(models.param_specs(config))
-    opt = optim.adamw(LR, weight_decay=0.1)  # clipping lives in the sharded step
-    state = init_sharded_state(config, partitioner, opt, key)
+    partitioner = Partitioner(mesh, rules=rules, zero_stage=zero_stage, overlap=overlap, bucket_bytes=BUCKET_BYTES,
+                              transport=transport)
+    make, clip = OPTIMIZERS[optimizer]
+    step = TrainStep(models.model(config), partitioner, make(), grad_accum=grad_accum, max_grad_norm=clip,
+                     remat=remat)
+    plan = step.plan
+    state = step.init_state(key)
     flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
     for path, value in tree.flatten(state.params).items():
         expected = shard(tree.flatten(ref["params"])[path], flat_specs[path], mesh)
         if not torch.equal(value, expected):
             raise AssertionError(f"sharded init of {path} differs from the slice of the full init")
-    step = make_sharded_train_step(config, partitioner, opt, grad_accum=grad_accum, max_grad_norm=CLIP, remat=remat)
     grads, _, _ = step.gradients(state, local_rows(ref["data"][0], mesh))
     if overlap:
         check_overlap(step, config, mesh, zero_stage, remat, transport)
-    grad_specs = tree.flatten(plan.grads, is_leaf=is_spec)
-    for path, g in tree.flatten(grads).items():
-        close(unshard(g, grad_specs[path], mesh), tree.flatten(ref["grads"])[path], f"gradient of {path}")
-    totals = partitioner.describe(plan.declarations).totals
+    compare_tree(grads, plan.grads, ref["grads"], mesh, "gradient of")
+    totals = partitioner.describe(plan.model).totals
     held = {"params": nbytes(state.params), "grads": nbytes(grads), "optimizer": nbytes(state.opt_state)}
     for name, value in held.items():
-        if value != totals[name]:
-            raise AssertionError(f"describe says {totals[name]} bytes of {name} per rank, rank holds {value}")
-    losses = []
-    for batch in ref["data"]:
-        state, metrics = step(state, local_rows(batch, mesh))
-        losses.append(float(metrics["loss"]))
-    for i, (a, b) in enumerate(zip(losses, ref["losses"])):
-        if not abs(a - b) <= RTOL * abs(b):
-            raise AssertionError(f"loss of step {i + 1}: {a!r} vs one process {b!r} (all: {losses} vs {ref['losses']})")
+        if name != "optimizer" or optimizer == "adamw":  # describe counts Adam's two moments
+            if value != totals[name]:
+                raise AssertionError(f"describe says {totals[name]} bytes of {name} per rank, rank holds {value}")
+    state, losses, norms = run_steps(step, state, ref["data"], mesh)
+    close_numbers(losses, ref["losses"], "loss")
+    close_numbers(norms, ref["norms"], "grad_norm")
+    compare_tree(state.params, plan.params, ref["final"], mesh, "final param")
+    kind = optim.ScaleByAdamState if optimizer == "adamw" else optim.TraceState
+    moments = optim.get_state(state.opt_state, kind)
+    for name, expected in ref["moments"].items():
+        compare_tree(getattr(moments, name), plan.opt_state, expected, mesh, f"optimizer {name} of")
 
 
-# (name, mesh sizes, zero stage, sequence parallel, options): communication overlapped with
-# compute by default (fastllm/sharding/overlap.py); "sync" layouts run every collective in place
-# (overlap=False), "remat" ones recompute blocks (ZeRO-3 re-gathers them in backward, prefetched).
+# (name, mesh sizes, zero stage, rules, options): communication overlapped with compute by default
+# (fastllm/sharding/overlap.py); "sync" layouts run every collective in place (overlap=False),
+# "remat" ones recompute blocks (ZeRO-3 re-gathers them in backward, prefetched), "sgd" ones train
+# with SGD + momentum and no clipping instead of AdamW.
 LAYOUTS = [
-    ("data4_zero1", dict(data=4), 1, False, {}),
-    ("data4_zero2", dict(data=4), 2, False, {}),
-    ("data4_zero3", dict(data=4), 3, False, {}),
-    ("data4_zero3_remat", dict(data=4), 3, False, dict(remat=True)),
-    ("tensor4", dict(tensor=4), 0, False, {}),
-    ("tensor4_sp", dict(tensor=4), 0, True, {}),
-    ("data2_tensor2_zero3", dict(data=2, tensor=2), 3, False, {}),
-    ("data2_tensor2_zero3_sp", dict(data=2, tensor=2), 3, True, {}),
-    ("data2_tensor2_zero3_sp_remat", dict(data=2, tensor=2), 3, True, dict(remat=True)),
-    ("data4_zero2_sync", dict(data=4), 2, False, dict(overlap=False)),
-    ("data4_zero3_sync", dict(data=4), 3, False, dict(overlap=False)),
-    ("data2_tensor2_zero3_sp_sync", dict(data=2, tensor=2), 3, True, dict(overlap=False)),
+    ("data4_zero1", dict(data=4), 1, COMPUTE_RULES, {}),
+    ("data4_zero2", dict(data=4), 2, COMPUTE_RULES, {}),
+    ("data4_zero3", dict(data=4), 3, COMPUTE_RULES, {}),
+    ("data4_zero3_sgd", dict(data=4), 3, COMPUTE_RULES, dict(optimizer="sgd")),
+    ("data4_zero3_remat", dict(data=4), 3, COMPUTE_RULES, dict(remat=True)),
+    ("tensor4", dict(tensor=4), 0, COMPUTE_RULES, {}),
+    ("tensor4_sp", dict(tensor=4), 0, SP_RULES, {}),
+    ("tensor4_sp_sgd", dict(tensor=4), 0, SP_RULES, dict(optimizer="sgd")),
+    ("data2_tensor2_zero3", dict(data=2, tensor=2), 3, COMPUTE_RULES, {}),
+    ("data2_tensor2_zero3_sp", dict(data=2, tensor=2), 3, SP_RULES, {}),
+    ("data2_tensor2_zero3_sp_remat", dict(data=2, tensor=2), 3, SP_RULES, dict(remat=True)),
+    ("data4_zero2_sync", dict(data=4), 2, COMPUTE_RULES, dict(overlap=False)),
+    ("data4_zero3_sync", dict(data=4), 3, COMPUTE_RULES, dict(overlap=False)),
+    ("data2_tensor2_zero3_sp_sync", dict(data=2, tensor=2), 3, SP_RULES, dict(overlap=False)),
 ]
 
 
@@ -158,32 +231,29 @@ def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: to
                   layouts: list | None = None) -> dict[str, str]:
     """Every layout of ``layouts`` (default LAYOUTS) for one tiny preset; tensor=4 needs 4 KV heads
     (the tiny presets have 2), so those layouts use the preset with ``n_kv_heads=4``. The reference
-    of each config is computed once, on ``device``, when a layout first needs it."""
+    of each (config, optimizer) is computed once, on ``device``, when a layout first needs it."""
     key, device = random.key(7), torch.device(device)
     configs = {2: models.preset(preset), 4: models.preset(preset, n_kv_heads=4)}
-    refs = {}
+    refs: dict = {}
     report = {}
-    for name, sizes, stage, sp, options in LAYOUTS if layouts is None else layouts:
+    for name, sizes, stage, rules, options in LAYOUTS if layouts is None else layouts:
+        options = dict(options)
+        optimizer = options.pop("optimizer", "adamw")
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
         if mesh.device != device:
             raise ValueError(f"layout {name}: the mesh computes on {mesh.device} but the reference was "
                              f"asked for on {device}; pass device=mesh.device")
         tp = 4 if mesh.size("tensor") == 4 else 2
-        if tp not in refs:
-            refs[tp] = reference(configs[tp], key, device)
+        if (tp, optimizer) not in refs:
+            refs[tp, optimizer] = reference(configs[tp], key, optimizer, device)
         for accum in grad_accums:
             check = f"{preset}/{name}/accum{accum}"
             try:
-                check_layout(configs[tp], refs[tp], key, mesh, stage, sp, accum, **options)
+                check_layout(configs[tp], refs[tp, optimizer], key, mesh, stage, rules, accum, optimizer, **options)
                 report[check] = "ok"
             except Exception:  # noqa: BLE001 - reported per check
                 report[check] = traceback.format_exc()
     return report
-
-
-def all_checks() -> dict[str, str]:
-    return {**layout_checks("tiny-llama"), **layout_checks("tiny-qwen2")}
-
 
 
 def transport_checks() -> dict[str, str]:
@@ -191,10 +261,8 @@ def transport_checks() -> dict[str, str]:
     collectives (checked by every layout above through ``check_overlap``)."""
     mesh = Mesh(data=dist.get_world_size())
     config = models.preset("tiny-llama")
-    partitioner = Partitioner(mesh, zero_stage=3, transport="copy_engine")
-    opt = optim.adamw(LR)
-    state = init_sharded_state(config, partitioner, opt, random.key(0))
-    step = make_sharded_train_step(config, partitioner, opt)
+    step = TrainStep(models.model(config), Partitioner(mesh, zero_stage=3, transport="copy_engine"), optim.adamw(LR))
+    state = step.init_state(random.key(0))
     batch = local_rows(batches(config)[0], mesh)
     try:
         step(state, batch)

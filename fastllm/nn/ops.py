@@ -1,0 +1,231 @@
+"""Operations on named dims: where model code says what its tensors' dims are, and nothing more.
+
+A layer names the logical dims of what it computes with (``("batch", "seq", "embed")`` for the
+residual stream, its weights' names from their :class:`fastllm.nn.Param` declarations) and calls
+these functions. With ``layout=None`` each is the plain single-device computation. Under a
+parallel layout (:class:`Layout`, built by ``fastllm.sharding`` from the mesh and the rules table)
+the same call runs on local shards: the layout places every named dim by the rules, moves the
+operands where the operation needs them and its results back, and picks the collectives each move
+implies (docs/sharding.md). Model code never says *how* a tensor is split, or that it is.
+
+================================  ===============================================================
+function                          computes
+================================  ===============================================================
+:func:`dense`                     ``x W^T (+ b)`` contracting the dims ``x`` and ``W`` share
+:func:`projections`               several :func:`dense` of one input (q, k, v; up and gate)
+:func:`lookup`                    rows of a table (token or position embeddings)
+:func:`linear_cross_entropy`      the LM head and its loss, without the ``[tokens, vocab]`` logits
+:func:`local`                     any function of local shards (the primitive the others use)
+================================  ===============================================================
+
+Three kinds of operands: *activations* (laid out by the rules), *parameters* (the step hands them
+over laid out by the rules; an operation never moves them) and *inputs* (the batch: split over
+``data`` by rows like every batch-sized tensor, whole along every other dim).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastllm.kernels import Choice
+from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
+
+__all__ = [
+    "Axes",
+    "STREAM",
+    "Arg",
+    "activation",
+    "param",
+    "data",
+    "Shards",
+    "Layout",
+    "local",
+    "dense",
+    "projections",
+    "dense_axes",
+    "lookup",
+    "linear_cross_entropy",
+]
+
+Axes = tuple[str, ...]
+STREAM: Axes = ("batch", "seq", "embed")  # the residual stream
+
+
+class Arg(NamedTuple):
+    """One operand: its tensor, the logical name of each dim, and its kind (see the module docstring)."""
+
+    value: Tensor
+    axes: Axes
+    kind: str  # "activation" | "param" | "input"
+
+
+def activation(value: Tensor, axes: Axes) -> Arg:
+    return Arg(value, tuple(axes), "activation")
+
+
+def param(value: Tensor, axes: Axes) -> Arg:
+    return Arg(value, tuple(axes), "param")
+
+
+def data(value: Tensor, axes: Axes) -> Arg:
+    return Arg(value, tuple(axes), "input")
+
+
+class Shards:
+    """What a local function needs to know of the split: for a logical dim, which block this rank
+    holds. The single-device value: every dim whole."""
+
+    def index(self, name: str) -> int:
+        """This rank's block along ``name`` (0 when whole)."""
+        return 0
+
+    def count(self, name: str) -> int:
+        """Number of blocks ``name`` is split into (1 when whole)."""
+        return 1
+
+    def group(self, name: str) -> Any:
+        """The process group of the ranks that share the other blocks of ``name`` (``None`` when whole)."""
+        return None
+
+
+WHOLE = Shards()
+
+
+@runtime_checkable
+class Layout(Protocol):
+    """A parallel layout (``fastllm.sharding``): runs a local function on shards."""
+
+    def local(self, fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
+              reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = ()) -> list[Tensor]: ...
+
+    def linear_cross_entropy(self, hidden: Arg, head: Arg, targets: Tensor, loss_mask: Optional[Tensor],
+                             impl: Choice) -> tuple[Tensor, Tensor]: ...
+
+
+def local(
+    layout: Optional[Layout], fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
+    reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (),
+) -> list[Tensor]:
+    """``fn(shards, *tensors)`` on every rank's blocks: the outputs named ``out_axes`` (a list).
+
+    Every logical dim gets one split for the whole operation, so ``fn`` sees matching blocks of all
+    its operands. A dim that an operand has and an output lacks is summed over by ``fn`` (a
+    contraction): a split of it leaves each rank a partial sum, which the layout adds up. Name in
+    ``reduced`` the dims ``fn`` reduces across ranks itself (through ``shards.group``), in ``whole``
+    the dims it needs whole on every rank, and in ``inner`` the dims of tensors it makes inside (the
+    logits of a loss), so that no two of their dims share a mesh axis. ``fn`` returns a tensor per
+    entry of ``out_axes`` (a tuple when several).
+    """
+    if layout is None:
+        out = fn(WHOLE, *(arg.value for arg in args))
+        return list(out) if isinstance(out, tuple) else [out]
+    return layout.local(fn, args, out_axes, reduced=reduced, whole=whole, inner=inner)
+
+
+def dense_axes(x_axes: Axes, w_axes: Axes) -> Axes:
+    """The dims of ``dense(x, w)``: ``x``'s without the contracted trailing ones, then ``w``'s
+    leading (output) ones."""
+    k = _contracted(x_axes, w_axes)
+    return (*x_axes[:len(x_axes) - k], *w_axes[:len(w_axes) - k])
+
+
+def _contracted(x_axes: Axes, w_axes: Axes) -> int:
+    """How many trailing dims ``x`` and ``w`` share (the contraction), at least one."""
+    k = 0
+    while k < min(len(x_axes), len(w_axes)) and x_axes[len(x_axes) - 1 - k] == w_axes[len(w_axes) - 1 - k]:
+        k += 1
+    if k == 0:
+        raise ValueError(f"dense: {x_axes} and {w_axes} share no trailing dim to contract")
+    return k
+
+
+def _matmul(k: int, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """``x`` ``[..., K1..Kk]`` times ``w`` ``[N1..Nm, K1..Kk]`` as one ``F.linear`` (cuBLAS' layout)."""
+    out_shape = w.shape[:w.ndim - k]
+    y = F.linear(x.flatten(x.ndim - k) if k > 1 else x, w.reshape(math.prod(out_shape), -1),
+                 None if b is None else b.reshape(-1))
+    return y.unflatten(-1, out_shape) if len(out_shape) != 1 else y
+
+
+def projections(
+    layout: Optional[Layout],
+    x: Tensor,
+    x_axes: Axes,
+    weights: Sequence[tuple[Tensor, Axes, Optional[Tensor]]],
+) -> list[Tensor]:
+    """``[dense(x, w, b) for (w, w_axes, b) in weights]``, in one operation: one move of ``x`` for
+    all of them (the q, k and v projections share theirs, and so its gradient's sum)."""
+    counts = [_contracted(x_axes, w_axes) for _, w_axes, _ in weights]
+    if layout is None:
+        return [_matmul(k, x, w, b) for k, (w, _, b) in zip(counts, weights)]
+    out_axes = [dense_axes(x_axes, w_axes) for _, w_axes, _ in weights]
+
+    def matmuls(shards: Shards, x: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
+        return tuple(_matmul(k, x, w) for k, w in zip(counts, ws))
+
+    args = [activation(x, x_axes)] + [param(w, w_axes) for w, w_axes, _ in weights]
+    outs = layout.local(matmuls, args, out_axes)
+    # Biases join after the layout has summed partial products (once, not once per rank).
+    return [y if b is None else y + b for y, (_, _, b) in zip(outs, weights)]
+
+
+def dense(
+    layout: Optional[Layout], x: Tensor, x_axes: Axes, w: Tensor, w_axes: Axes, b: Optional[Tensor] = None
+) -> Tensor:
+    """``x W^T + b`` over the dims ``x`` and ``w`` share at their ends; ``w`` is ``[out..., in...]``.
+
+    ``dense(layout, x, ("batch", "seq", "heads", "head_dim"), wo, ("embed", "heads", "head_dim"))``
+    is attention's output projection: its result is ``("batch", "seq", "embed")``.
+    """
+    return projections(layout, x, x_axes, [(w, w_axes, b)])[0]
+
+
+def _rows(shards: Shards, table: Tensor, ids: Tensor, name: str) -> Tensor:
+    """Rows ``ids`` of the table whose block along ``name`` this rank holds (zeros for ids outside it:
+    a partial lookup the layout sums over the ranks)."""
+    if shards.count(name) == 1:
+        return F.embedding(ids, table)
+    rows = table.shape[0]
+    offset = ids - shards.index(name) * rows
+    inside = (offset >= 0) & (offset < rows)
+    out = F.embedding(offset.masked_fill(~inside, 0), table)
+    return out * inside.unsqueeze(-1).to(out.dtype)
+
+
+def lookup(
+    layout: Optional[Layout], table: Tensor, table_axes: Axes, ids: Tensor, ids_axes: Axes = ("batch", "seq")
+) -> Tensor:
+    """``table[ids]``: rows of a ``[rows, dim]`` table for integer inputs ``ids``; the result's dims
+    are ``ids_axes + table_axes[1:]``."""
+    if layout is None:
+        return F.embedding(ids, table)
+    name = table_axes[0]
+    fn = lambda shards, table, ids: _rows(shards, table, ids, name)  # noqa: E731
+    # inner: the one-hot [ids..., rows] the lookup contracts, so the ids and the rows never share an axis
+    return layout.local(fn, [param(table, table_axes), data(ids, ids_axes)], [(*ids_axes, *table_axes[1:])],
+                        inner=[(*ids_axes, name)])[0]
+
+
+def linear_cross_entropy(
+    layout: Optional[Layout],
+    hidden: Tensor,
+    hidden_axes: Axes,
+    head: Tensor,
+    head_axes: Axes,
+    targets: Tensor,
+    loss_mask: Optional[Tensor] = None,
+    *,
+    impl: Choice = "auto",
+) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy over the valid targets, their total weight) of ``hidden`` through the
+    ``[vocab, embed]`` ``head``: :func:`fastllm.nn.loss.linear_cross_entropy`, fused where ``impl``
+    says. Under a layout each data rank's value is over its own rows."""
+    if layout is None:
+        return _linear_cross_entropy(hidden, head, targets, loss_mask=loss_mask, impl=impl)
+    return layout.linear_cross_entropy(activation(hidden, hidden_axes), param(head, head_axes), targets,
+                                       loss_mask, impl)

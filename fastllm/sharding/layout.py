@@ -1,0 +1,209 @@
+"""The partitioner's activation layout: runs :mod:`fastllm.nn.ops` on shards, moving operands by the rules.
+
+For one operation (a local function and its named operands and results) the layout:
+
+1. assigns every logical dim of the operation its mesh axes, jointly over all operands and results
+   (:func:`fastllm.sharding.rules.assign`: one answer per dim, each mesh axis at most once per
+   tensor), which is where each rank computes its block of the operation;
+2. moves each activation from its own placement (the rules applied to its dims alone) to the
+   operation's (:func:`fastllm.sharding.placement.relayout`). Its gradient comes back as partial
+   sums over every mesh axis the operation is split over and the operand is not (the operand was
+   broadcast along those blocks), which the backward of that move adds up;
+3. runs the local function on the blocks;
+4. moves each result from where it was computed (partial sums over the axes of the dims it summed
+   away) to its own placement.
+
+Parameters are never moved: their placement must already be the operation's (else the rules
+disagree with themselves, an error naming the operand), and their gradients stay partial sums
+over the batch (and, where the stream's ``seq`` is split, the sequence) for the train step to
+reduce with the others, as :meth:`MeshLayout.param_reduce_axes` predicts. Inputs (the batch) are
+split over what ``batch`` maps to and whole elsewhere.
+
+Applied to a transformer with ``heads``, ``mlp`` and ``vocab`` on ``tensor`` these steps give
+Megatron-LM's tensor parallelism (Shoeybi et al. 2019): the projections' input is an identity
+forward with an all-reduce of its gradient, the output projection's partial sums are all-reduced,
+the vocabulary-parallel embedding sums masked lookups. With ``seq`` on ``tensor`` too, the
+residual stream keeps a block of the sequence and the same moves become all-gathers and
+reduce-scatters (Korthikanti et al. 2022). docs/sharding.md works the example through.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from fastllm.kernels import Choice, VocabShard
+from fastllm.nn import ops
+from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
+from fastllm.sharding.mesh import AXES, Mesh
+from fastllm.sharding.placement import Collective, Placement, relayout
+from fastllm.sharding.rules import Rules, assign
+
+__all__ = ["MeshLayout", "STREAM_DIMS"]
+
+STREAM_DIMS = ("batch", "seq")  # the token dims every parameter's operations run over
+
+
+class _Shards(ops.Shards):
+    def __init__(self, mesh: Mesh, dims: dict[str, tuple[str, ...]]):
+        self.mesh, self.dims = mesh, dims
+
+    def index(self, name: str) -> int:
+        axes = self.dims.get(name, ())
+        return self.mesh.rank(axes) if axes else 0
+
+    def count(self, name: str) -> int:
+        return self.mesh.size(self.dims.get(name, ()))
+
+    def group(self, name: str) -> Any:
+        axes = self.dims.get(name, ())
+        if len(axes) > 1:
+            raise NotImplementedError(f"dim {name!r} is split over several mesh axes {axes}")
+        return self.mesh.group(axes[0]) if axes else None
+
+
+@dataclass(frozen=True)
+class _OpPlan:
+    """How one operation signature runs: where each operand goes, where each result comes back."""
+
+    moves: tuple[Optional[tuple[Placement, Placement, frozenset]], ...]  # per operand (None: stays)
+    results: tuple[tuple[Placement, Placement], ...]  # per result: (computed, own placement)
+    shards: _Shards
+
+
+class MeshLayout:
+    """Implements :class:`fastllm.nn.ops.Layout` for a mesh and a rules table (module docstring).
+
+    ``trace`` (a list) records every collective the operations run (on an abstract mesh they only
+    record: tensors are ``meta``). Axes of one rank are left out of placements: nothing moves over them.
+    """
+
+    def __init__(self, mesh: Mesh, rules: Rules, *, trace: Optional[list] = None):
+        self.mesh, self.rules, self.trace = mesh, rules, trace
+        self.active = frozenset(axis for axis in AXES if mesh.size(axis) > 1)
+        self._plans: dict = {}
+        self._placements: dict = {}
+
+    def __repr__(self) -> str:
+        return f"MeshLayout({self.mesh!r})"
+
+    # --- placements -----------------------------------------------------------------------------
+    def dims_of(self, operands: Sequence[tuple[str, ...]], what: str = "op") -> dict[str, tuple[str, ...]]:
+        """The active mesh axes of each logical dim of an operation with these operands."""
+        assigned = assign(list(operands), self.rules, what=what)
+        return {name: tuple(a for a in axes if a in self.active) for name, axes in assigned.items()}
+
+    def placement(self, axes: tuple[str, ...]) -> Placement:
+        """Where a tensor with these dims lives between operations (the rules on its dims alone)."""
+        found = self._placements.get(axes)
+        if found is None:
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"a tensor's dims must have distinct names, got {axes}")
+            dims = self.dims_of([axes], what=f"tensor {axes}")
+            found = self._placements[axes] = Placement(tuple(dims[name] for name in axes))
+        return found
+
+    def input_placement(self, axes: tuple[str, ...]) -> Placement:
+        """Where an input (batch data) lives: split as ``batch`` is, whole along every other dim."""
+        batch = self.placement(("batch",)).dims[0] if "batch" in axes else ()
+        return Placement(tuple(batch if name == "batch" else () for name in axes))
+
+    def param_reduce_axes(self, axes: tuple[str, ...]) -> frozenset[str]:
+        """The mesh axes over which a parameter with these dims gets partial gradients: those that
+        split the operations it is used in (its dims and the token dims) and not the parameter."""
+        stream = tuple(name for name in STREAM_DIMS if name not in axes)
+        dims = self.dims_of([(*axes, *stream)], what=f"parameter {axes}")
+        return frozenset(a for d in dims.values() for a in d) - self.placement(axes).axes
+
+    # --- operations ----------------------------------------------------------------------------
+    def _plan(self, signature: tuple, options: tuple) -> _OpPlan:
+        (operands, out_axes), (reduced, whole, inner, keep) = signature, options
+        rules = Rules(tuple((name, None) for name in whole)) + self.rules if whole else self.rules
+        assigned = assign([axes for axes, _ in operands] + list(out_axes) + list(inner), rules)
+        dims = {name: tuple(a for a in axes if a in self.active) for name, axes in assigned.items()}
+        used = frozenset(a for d in dims.values() for a in d)
+        moves = []
+        for axes, kind in operands:
+            there = Placement(tuple(dims[name] for name in axes))
+            if kind == "param":
+                self._check_param(axes, there, used)
+                moves.append(None)
+                continue
+            here = self.input_placement(axes) if kind == "input" else self.placement(axes)
+            grad_partial = frozenset() if kind == "input" else used - there.axes  # broadcast blocks
+            moves.append(None if here == there and not grad_partial else (here, there, grad_partial))
+        inside = frozenset(a for name in reduced for a in dims.get(name, ()))
+        batch = frozenset(self.placement(("batch",)).dims[0])
+        results = []
+        for axes in out_axes:
+            dims_axes = tuple(dims[name] for name in axes)
+            computed = Placement(dims_axes, used - inside - frozenset(a for d in dims_axes for a in d))
+            own = Placement(computed.dims, computed.partial & batch) if keep == "batch" else self.placement(axes)
+            results.append((computed, own))
+        return _OpPlan(tuple(moves), tuple(results), _Shards(self.mesh, dims))
+
+    def _check_param(self, axes: tuple[str, ...], there: Placement, used: frozenset) -> None:
+        own = self.placement(axes)
+        if own != there:
+            raise ValueError(f"a parameter with dims {axes} is laid out {own} by the rules but an operation "
+                             f"using it needs {there}: reorder the rules so that they agree")
+        expected = self.param_reduce_axes(axes)
+        if used - there.axes != expected:
+            raise ValueError(f"a parameter with dims {axes} is used in an operation split over {sorted(used)}; "
+                             f"its gradient reduction assumes partial sums over {sorted(expected)}")
+
+    def local(self, fn: Callable[..., Any], args: Sequence[ops.Arg], out_axes: Sequence[tuple[str, ...]], *,
+              reduced: tuple[str, ...] = (), whole: tuple[str, ...] = (), inner: Sequence[tuple[str, ...]] = (),
+              keep: str = "") -> list[Tensor]:
+        """:func:`fastllm.nn.ops.local` on this rank's blocks. ``keep="batch"``: results stay partial
+        sums over the batch's axes (a loss over this rank's rows, which the train step reduces)."""
+        signature = (tuple((arg.axes, arg.kind) for arg in args), tuple(tuple(a) for a in out_axes))
+        options = (tuple(reduced), tuple(whole), tuple(tuple(a) for a in inner), keep)
+        key = (signature, options)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._plan(signature, options)
+        values = []
+        for arg, move in zip(args, plan.moves):
+            if move is None:
+                values.append(arg.value)
+            else:
+                here, there, grad_partial = move
+                values.append(relayout(arg.value, here, there, self.mesh, grad_partial=grad_partial,
+                                       trace=self.trace, what=f"{arg.kind} {arg.axes}"))
+        out = fn(plan.shards, *values)
+        out = list(out) if isinstance(out, tuple) else [out]
+        return [relayout(y, computed, own, self.mesh, trace=self.trace, what=f"result {axes}")
+                for y, (computed, own), axes in zip(out, plan.results, out_axes)]
+
+    def linear_cross_entropy(self, hidden: ops.Arg, head: ops.Arg, targets: Tensor, loss_mask: Optional[Tensor],
+                             impl: Choice) -> tuple[Tensor, Tensor]:
+        """The loss over this data rank's rows. With ``vocab`` split each rank holds a block of the
+        logits (never all of them); the softmax statistics are summed over its group inside."""
+        vocab, tokens = head.axes[0], hidden.axes[:-1]
+
+        def loss(shards: ops.Shards, h: Tensor, w: Tensor, targets: Tensor, *mask: Tensor):
+            mask = mask[0] if mask else None
+            n = shards.count(vocab)
+            if h.device.type == "meta":  # planning: the statistics' all-reduces, no values
+                if self.trace is not None and n > 1:
+                    self._trace_statistics(h, vocab, shards)
+                return h.new_zeros(()), h.new_zeros((), dtype=torch.float32)
+            shard = None if n == 1 else VocabShard(shards.index(vocab) * w.shape[0], w.shape[0] * n, shards.group(vocab))
+            return _linear_cross_entropy(h, w, targets, loss_mask=mask, shard=shard, impl=impl)
+
+        args = [hidden, head, ops.data(targets, tokens)]
+        if loss_mask is not None:
+            args.append(ops.data(loss_mask, tokens))
+        # the logits [tokens, vocab] are the operation's inner tensor: vocab and seq never share an axis
+        return tuple(self.local(loss, args, [(), ()], reduced=(vocab,), inner=[(*tokens, vocab)], keep="batch"))
+
+    def _trace_statistics(self, h: Tensor, vocab: str, shards: _Shards) -> None:
+        rows = h.numel() // h.shape[-1]
+        for axis in shards.dims[vocab]:
+            self.trace.append(Collective("all_reduce", axis, rows * 4, "softmax max over the vocab blocks"))
+            self.trace.append(Collective("all_reduce", axis, 3 * rows * 4, "softmax sums over the vocab blocks"))
