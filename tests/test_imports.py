@@ -41,7 +41,7 @@ def module_names() -> list[str]:
 
 def test_every_module_imports_first():
     names = module_names()
-    assert "fastllm.train.sharded_step" in names and "fastllm.sharding.partitioner" in names
+    assert "fastllm.train.step" in names and "fastllm.sharding.partitioner" in names
     env = {"FASTLLM_TYPECHECK": "0", "PATH": "", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", CHILD, *names], capture_output=True, text=True, env=env,
                           cwd=PACKAGE.parent, timeout=300)
@@ -62,4 +62,30 @@ def test_sharding_never_imports_train_or_models():
                 if words[1] == f"fastllm.{package}" or words[1].startswith(f"fastllm.{package}.") or (
                         words[1] == "fastllm" and package in words[2:]):
                     offenders.append(f"{path.name}:{number}: {line.strip()}")
+    assert offenders == [], offenders
+
+
+def _lines(folder: str):
+    for path in sorted((PACKAGE / folder).rglob("*.py")):
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            yield f"{path.relative_to(PACKAGE)}:{number}", line
+
+
+def test_model_code_names_dims_and_no_parallel_layers():
+    """Model code says what its tensors' dims are (fastllm.nn.ops) and nothing about how they are
+    split: no hooks named after Megatron's parallel layers, no ranks, no process groups."""
+    words = ("enter_parallel", "exit_parallel", "row_parallel", "column_parallel", "local_seq", "copy_to_parallel",
+             "megatron", "get_rank", "process_group", "torch.distributed", "sequence_parallel")
+    offenders = [f"{where}: {line.strip()}" for folder in ("nn", "models") for where, line in _lines(folder)
+                 if any(word in line.lower() for word in words)]
+    assert offenders == [], offenders
+
+
+def test_sharding_reads_no_parameter_paths():
+    """Sharding consumes the model's declarations (axes, parts); it never parses a parameter's
+    dotted path or looks for a particular parameter by name."""
+    patterns = ('split(".")', 'partition(".")', "rsplit(", "isdigit", '"lm_head', '"embed.', '"layers.',
+                '"final_norm')
+    offenders = [f"{where}: {line.strip()}" for where, line in _lines("sharding")
+                 if any(pattern in line for pattern in patterns)]
     assert offenders == [], offenders

@@ -19,7 +19,6 @@ attend to all of them under the same mask, so each generated token costs O(seq) 
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Optional, Union
 
@@ -33,13 +32,19 @@ from fastllm.kernels.attention import attention as kernel_attention
 from fastllm.kernels.attention import visible as mask
 from fastllm.kernels.rotary import apply_rotary
 from fastllm.nn import ops
-from fastllm.nn.param import Param, axes, normal, zeros
+from fastllm.nn.param import Param, normal, zeros
 
 __all__ = ["Attention", "KVCache", "params", "apply", "dot_product_attention", "mask", "Q_AXES", "KV_AXES"]
 
 Q_AXES: ops.Axes = ("batch", "seq", "heads", "head_dim")  # queries, and the attention's output
 KV_AXES: ops.Axes = ("batch", "seq", "kv_heads", "head_dim")
 ROPE_AXES: ops.Axes = ("batch", "seq", "rotary")  # cos and sin of the rotary angles (inputs)
+# The weights' logical dims, declared once: params() uses them, and so do the operations in apply().
+AXES: dict[str, ops.Axes] = {
+    "wq": ("heads", "head_dim", "embed"), "wk": ("kv_heads", "head_dim", "embed"),
+    "wv": ("kv_heads", "head_dim", "embed"), "wo": ("embed", "heads", "head_dim"),
+    "bq": ("heads", "head_dim"), "bk": ("kv_heads", "head_dim"), "bv": ("kv_heads", "head_dim"), "bo": ("embed",),
+}
 
 
 class KVCache(NamedTuple):
@@ -81,17 +86,17 @@ def params(layer: Attention) -> dict:
     h, kv, d, e = layer.n_heads, layer.n_kv_heads, layer.head_dim, layer.embed_dim
     out_std = layer.std if layer.out_std is None else layer.out_std
     spec = {
-        "wq": Param((h, d, e), ("heads", "head_dim", "embed"), normal(layer.std)),
-        "wk": Param((kv, d, e), ("kv_heads", "head_dim", "embed"), normal(layer.std)),
-        "wv": Param((kv, d, e), ("kv_heads", "head_dim", "embed"), normal(layer.std)),
-        "wo": Param((e, h, d), ("embed", "heads", "head_dim"), normal(out_std)),
+        "wq": Param((h, d, e), AXES["wq"], normal(layer.std)),
+        "wk": Param((kv, d, e), AXES["wk"], normal(layer.std)),
+        "wv": Param((kv, d, e), AXES["wv"], normal(layer.std)),
+        "wo": Param((e, h, d), AXES["wo"], normal(out_std)),
     }
     if layer.qkv_bias:
-        spec["bq"] = Param((h, d), ("heads", "head_dim"), zeros())
-        spec["bk"] = Param((kv, d), ("kv_heads", "head_dim"), zeros())
-        spec["bv"] = Param((kv, d), ("kv_heads", "head_dim"), zeros())
+        spec["bq"] = Param((h, d), AXES["bq"], zeros())
+        spec["bk"] = Param((kv, d), AXES["bk"], zeros())
+        spec["bv"] = Param((kv, d), AXES["bv"], zeros())
     if layer.out_bias:
-        spec["bo"] = Param((e,), ("embed",), zeros())
+        spec["bo"] = Param((e,), AXES["bo"], zeros())
     return spec
 
 
@@ -109,12 +114,6 @@ def dot_product_attention(
     runs on")."""
     impl = select(kernels, "attention", q.device)
     return kernel_attention(q, k, v, window=window, segment_ids=segment_ids, impl=impl)
-
-
-@functools.lru_cache(maxsize=256)
-def _names(layer: Attention) -> dict:
-    """The logical dims of each weight, as :func:`params` declares them (one source of truth)."""
-    return axes(params(layer))
 
 
 def _kv_of_local_heads(shards: ops.Shards, k: Tensor, v: Tensor, heads: int) -> tuple[Tensor, Tensor]:
@@ -146,21 +145,20 @@ def _core(layer: Attention, rotary: bool, segments: bool):
 def apply(
     layer: Attention,
     p: dict,
-    x: Float[Tensor, "batch seq embed"],
+    x: Float[Tensor, "batch seq_shard embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[ops.Layout] = None,
     cache: Optional[KVCache] = None,
-) -> Union[Float[Tensor, "batch seq embed"], tuple[Float[Tensor, "batch seq embed"], KVCache]]:
+) -> Union[Float[Tensor, "batch seq_shard embed"], tuple[Float[Tensor, "batch seq_shard embed"], KVCache]]:
     """Self-attention of the residual stream ``x``; ``rope`` is the (cos, sin) pair of
     :func:`rotary.cos_sin` (inputs: whole sequences). ``layout``: see :mod:`fastllm.nn.ops` (the
     attention needs every key of a sequence: ``seq`` stays whole inside it).
     ``cache``: ``x`` continues the cached tokens (``rope`` at their positions); returns
     ``(output, cache extended by x's keys and values)``.
     """
-    names = _names(layer)
-    q, k, v = ops.projections(layout, x, ops.STREAM, [(p[w], names[w], p.get(b)) for w, b in
+    q, k, v = ops.projections(layout, x, ops.STREAM, [(p[w], AXES[w], p.get(b)) for w, b in
                                                       (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))])
     if cache is not None:
         if layout is not None:
@@ -172,7 +170,7 @@ def apply(
         args += [ops.data(segment_ids, ("batch", "seq"))] if segment_ids is not None else []
         core = _core(layer, rope is not None, segment_ids is not None)
         out = ops.local(layout, core, args, [Q_AXES], whole=("seq",))[0]
-    out = ops.dense(layout, out, Q_AXES, p["wo"], names["wo"], p.get("bo"))
+    out = ops.dense(layout, out, Q_AXES, p["wo"], AXES["wo"], p.get("bo"))
     return out if cache is None else (out, cache)
 
 

@@ -47,21 +47,22 @@ def params(layer: Block) -> dict:
 def apply(
     layer: Block,
     p: dict,
-    x: Float[Tensor, "batch seq embed"],
+    x: Float[Tensor, "batch seq_shard embed"],
     *,
     rope: Optional[tuple[Tensor, Tensor]] = None,
     segment_ids: Optional[Int[Tensor, "batch seq"]] = None,
     layout: Optional[Layout] = None,
     cache: Optional[attention.KVCache] = None,
 ) -> Union[
-    tuple[Float[Tensor, "batch seq embed"], Optional[Tensor]],
-    tuple[Float[Tensor, "batch seq embed"], Optional[Tensor], attention.KVCache],
+    tuple[Float[Tensor, "batch seq_shard embed"], Optional[Tensor]],
+    tuple[Float[Tensor, "batch seq_shard embed"], Optional[Tensor], attention.KVCache],
 ]:
     """(new residual stream, router logits or ``None`` for a dense block), and with a ``cache``
     (decoding, see :func:`attention.apply`) its extension by ``x``'s keys and values.
 
     ``layout`` (see :mod:`fastllm.nn.ops`): ``x`` is the residual stream ``("batch", "seq", "embed")``
-    laid out as the rules say; ``rope`` and ``segment_ids`` are inputs (whole sequences).
+    laid out as the rules say (``seq_shard``: a block of the sequence when they split ``seq``);
+    ``rope`` and ``segment_ids`` are inputs (whole sequences).
     """
     h = norm.apply(p["attention_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     out = attention.apply(

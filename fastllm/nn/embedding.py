@@ -24,9 +24,10 @@ def params(num: int, dim: int, *, axes: tuple[str, str] = AXES, std: float = 0.0
 def apply(
     table: Float[Tensor, "num dim"], ids: Int[Tensor, "*batch"], *, axes: ops.Axes = AXES,
     layout: Optional[ops.Layout] = None, ids_axes: ops.Axes = ("batch", "seq"),
-) -> Float[Tensor, "*batch dim"]:
+) -> Float[Tensor, "*tokens dim"]:
     """``table[ids]``; ``axes`` are the table's dims as declared, ``ids`` are inputs (see
-    :func:`fastllm.nn.ops.lookup`)."""
+    :func:`fastllm.nn.ops.lookup`: under a layout the rows come back laid out by the rules, e.g. a
+    block of the sequence, so the result's token dims may be a block of the ids')."""
     if layout is None:
         return F.embedding(ids, table)
     return ops.lookup(layout, table, axes, ids, ids_axes)

@@ -24,11 +24,14 @@ from fastllm.kernels.activation import ACTIVATIONS, activation_reference
 from fastllm.kernels.activation import activation as kernel_activation
 from fastllm.kernels.activation import gated as kernel_gated
 from fastllm.nn import ops
-from fastllm.nn.param import Param, axes, normal, zeros
+from fastllm.nn.param import Param, normal, zeros
 
 __all__ = ["MLP", "Activation", "activation", "activate", "params", "apply"]
 
 Activation = Literal["silu", "gelu", "gelu_tanh", "relu"]  # the kernel module's ACTIVATIONS
+# The weights' logical dims, declared once: params() uses them, and so do the operations in apply().
+AXES: dict[str, ops.Axes] = {"w_up": ("mlp", "embed"), "w_gate": ("mlp", "embed"), "w_down": ("embed", "mlp"),
+                             "b_up": ("mlp",), "b_gate": ("mlp",), "b_down": ("embed",)}
 
 
 def activation(name: str) -> Callable[[Tensor], Tensor]:
@@ -68,21 +71,16 @@ class MLP:
 def params(layer: MLP) -> dict:
     e, m = layer.embed_dim, layer.mlp_dim
     out_std = layer.std if layer.out_std is None else layer.out_std
-    spec = {"w_up": Param((m, e), ("mlp", "embed"), normal(layer.std))}
+    spec = {"w_up": Param((m, e), AXES["w_up"], normal(layer.std))}
     if layer.gated:
-        spec["w_gate"] = Param((m, e), ("mlp", "embed"), normal(layer.std))
-    spec["w_down"] = Param((e, m), ("embed", "mlp"), normal(out_std))
+        spec["w_gate"] = Param((m, e), AXES["w_gate"], normal(layer.std))
+    spec["w_down"] = Param((e, m), AXES["w_down"], normal(out_std))
     if layer.bias:
-        spec["b_up"] = Param((m,), ("mlp",), zeros())
+        spec["b_up"] = Param((m,), AXES["b_up"], zeros())
         if layer.gated:
-            spec["b_gate"] = Param((m,), ("mlp",), zeros())
-        spec["b_down"] = Param((e,), ("embed",), zeros())
+            spec["b_gate"] = Param((m,), AXES["b_gate"], zeros())
+        spec["b_down"] = Param((e,), AXES["b_down"], zeros())
     return spec
-
-
-@functools.lru_cache(maxsize=256)
-def _names(layer: MLP) -> dict:
-    return axes(params(layer))
 
 
 def apply(
@@ -90,9 +88,8 @@ def apply(
     x_axes: ops.Axes = ops.STREAM,
 ) -> Float[Tensor, "*batch embed"]:
     """``layout`` (see :mod:`fastllm.nn.ops`): ``x``'s dims are ``x_axes`` (the residual stream)."""
-    names = _names(layer)
     projected = [("w_up", "b_up")] + ([("w_gate", "b_gate")] if "w_gate" in p else [])
-    up, *gate = ops.projections(layout, x, x_axes, [(p[w], names[w], p.get(b)) for w, b in projected])
+    up, *gate = ops.projections(layout, x, x_axes, [(p[w], AXES[w], p.get(b)) for w, b in projected])
     hidden = activate(layer.activation, up, gate[0] if gate else None, kernels=layer.kernels)  # [..., mlp]
-    return ops.dense(layout, hidden, ops.dense_axes(x_axes, names["w_up"]), p["w_down"], names["w_down"],
+    return ops.dense(layout, hidden, ops.dense_axes(x_axes, AXES["w_up"]), p["w_down"], AXES["w_down"],
                      p.get("b_down"))

@@ -49,7 +49,7 @@ Reduce = Optional[Callable[[Tensor], Tensor]]
 class GradientTransformation(NamedTuple):
     """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
 
-    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale, rounded)`` does ``update``
+    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale)`` does ``update``
     and ``apply_updates`` in one pass, writing the new params and state tensors IN PLACE, and
     returns ``(params, state)``, a state equal in structure and meaning to ``update``'s; or ``None``
     (having changed nothing) when it cannot take these leaves. See :func:`apply_gradients`.
@@ -99,7 +99,6 @@ def apply_gradients(
     *,
     kernels: Optional[KernelConfig] = None,
     grad_scale: Optional[Tensor] = None,
-    rounded: Optional[PyTree] = None,
 ) -> tuple[PyTree, Any]:
     """One optimizer step: ``(new params, new state)`` from the gradients.
 
@@ -109,23 +108,15 @@ def apply_gradients(
     declines these leaves, ``update`` then ``apply_updates``, out of place. ``grad_scale``: a 0-d
     factor applied to ``grads`` first (a clipping factor computed by the caller); ``kernels``:
     Triton or the torch reference for the fused path (fields ``adamw`` and ``grad_norm``).
-    ``rounded``: a tree like ``params`` of tensors in a lower precision that receive the new params
-    rounded to their dtype (the compute copy of mixed precision; the fused kernel writes it in the
-    same pass, the other path copies).
     """
     if transform.fused is not None:
-        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale, rounded=rounded)
+        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale)
         if done is not None:
             return done
     if grad_scale is not None and tree.leaves(grads):
         grads = tree.with_leaves(grads, _multi.mul(tree.leaves(grads), grad_scale))
     updates, state = transform.update(grads, state, params)
-    params = apply_updates(params, updates)
-    if rounded is not None:
-        with torch.no_grad():
-            for copy, value in zip(tree.leaves(rounded), tree.leaves(params), strict=True):
-                copy.copy_(value)
-    return params, state
+    return apply_updates(params, updates), state
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:

@@ -9,8 +9,7 @@ launches on a large model). The fused path computes the same step (Loshchilov & 
     p <- p (1 - lr_t wd) - lr_t (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
 with ``kernels.global_norm`` and ``kernels.adamw_step`` (decayed and non-decayed leaves: two
-launches), writing params and moments in place (and the ``rounded`` low-precision copies of the
-params, when given, in the same pass). ``lr_t``, ``t`` and ``c`` stay 0-d device tensors.
+launches), writing params and moments in place. ``lr_t``, ``t`` and ``c`` stay 0-d device tensors.
 The returned state is the chain's, leaf for leaf: the same NamedTuples, counters advanced the same
 way, the pre-clip norm in ``ClipByGlobalNormState``. Leaves the kernel cannot take (non-fp32
 params or moments, mixed gradient dtypes, non-contiguous tensors, several devices, one tensor at
@@ -78,26 +77,13 @@ def _clip_factor(grads: list, max_grad_norm: float, grad_scale: Optional[Tensor]
     return (factor if grad_scale is None else factor * grad_scale), norm
 
 
-def _roundable(rounded: list, params: list) -> bool:
-    """Whether the kernel can write these rounded copies of ``params`` (one dtype, contiguous)."""
-    return all(isinstance(r, Tensor) and r.shape == p.shape and r.device == p.device and r.is_contiguous()
-               and r.dtype == rounded[0].dtype for r, p in zip(rounded, params))
-
-
-def _adamw_by_decay(leaves: tuple[list, ...], decays: list[bool], weight_decay: float,
-                    rounded: Optional[list], **hyper) -> None:
+def _adamw_by_decay(leaves: tuple[list, ...], decays: list[bool], weight_decay: float, **hyper) -> None:
     """``kernels.adamw_step`` on (params, grads, m, v) leaves: one launch for the decayed ones, one
-    for the rest (weight decay is a scalar of the kernel). With ``rounded`` the params are the
-    kernel's masters and ``rounded`` receives the new values in its dtype."""
+    for the rest (weight decay is a scalar of the kernel)."""
     for decay, rate in ((True, weight_decay), (False, 0.0)):
         chosen = [i for i, d in enumerate(decays) if d == decay]
-        if not chosen:
-            continue
-        params, grads, mu, nu = ([role[i] for i in chosen] for role in leaves)
-        if rounded is None:
-            adamw_step(params, grads, mu, nu, weight_decay=rate, **hyper)
-        else:
-            adamw_step([rounded[i] for i in chosen], grads, mu, nu, params, weight_decay=rate, **hyper)
+        if chosen:
+            adamw_step(*([role[i] for i in chosen] for role in leaves), weight_decay=rate, **hyper)
 
 
 def fused_adamw(
@@ -112,8 +98,7 @@ def fused_adamw(
     """The ``fused`` function of ``optim.adamw`` with these arguments (see the module docstring)."""
     clips = max_grad_norm is not None
 
-    def fused(grads, state, params, *, kernels: Optional[KernelConfig] = None,
-              grad_scale: Optional[Tensor] = None, rounded: Any = None):
+    def fused(grads, state, params, *, kernels: Optional[KernelConfig] = None, grad_scale: Optional[Tensor] = None):
         if not isinstance(state, tuple) or len(state) != 3 + clips:
             raise ValueError(f"adamw (fused): expected the adamw chain's state ({3 + clips} parts), got "
                              f"{type(state).__name__} {state!r:.80}")
@@ -122,11 +107,6 @@ def fused_adamw(
         leaves = (p_leaves, tree.leaves(grads), tree.leaves(adam.mu), tree.leaves(adam.nu))
         if optree.tree_structure(grads) != spec or not _fusable(*leaves):
             return None
-        rounded_leaves = None
-        if rounded is not None:
-            rounded_leaves, rounded_spec = optree.tree_flatten(rounded)
-            if rounded_spec != spec or not _roundable(rounded_leaves, p_leaves):
-                return None
         device = p_leaves[0].device
         scale, clip_state = grad_scale, ()
         if clips:
@@ -135,7 +115,7 @@ def fused_adamw(
         count = adam.count + 1
         decays = [weight_decay > 0 and mask(path, p) for path, p in tree.leaves_with_path(params)]
         with torch.no_grad():  # params may be autograd leaves: this is the optimizer's own write
-            _adamw_by_decay(leaves, decays, weight_decay, rounded_leaves,
+            _adamw_by_decay(leaves, decays, weight_decay,
                             lr=_learning_rate(learning_rate, schedule_state),
                             beta1=b1, beta2=b2, eps=eps, step=count, grad_scale=1.0 if scale is None else scale,
                             impl=select(kernels, "adamw", device))

@@ -22,6 +22,7 @@ from typing import Any, Optional
 from fastllm import checkpoint, random
 from fastllm.checkpoint import CheckpointError
 from fastllm.sharding import checkpoint as sharded
+from fastllm.sharding.mesh import Mesh
 from fastllm.train.state import TrainState
 
 __all__ = [
@@ -58,15 +59,23 @@ def load(
     path: str | os.PathLike, template: TrainState, *, device="cpu", specs=None, mesh=None
 ) -> tuple[TrainState, dict[str, Any]]:
     """(state, extra) of the checkpoint at ``path``, laid out like ``template`` (under a mesh: this
-    rank's shards by ``specs``, whatever mesh wrote them)."""
+    rank's shards by ``specs``, whatever mesh wrote them; without one: whole tensors)."""
+    like = _trees(template)
+    if mesh is None and sharded.is_sharded(path):  # any sharded checkpoint, assembled in this process
+        mesh, specs = Mesh.local(device), {name: _whole(tree) for name, tree in like.items()}
     if mesh is not None and (sharded.is_sharded(path) or mesh.world_size > 1):
-        trees, meta = sharded.load(path, specs, mesh, like=_trees(template), device=device)
-    else:  # a one-process checkpoint (the format before every run wrote sharded ones)
-        trees, meta = checkpoint.load(path, like=_trees(template), device=device)
+        trees, meta = sharded.load(path, specs, mesh, like=like, device=device)
+    else:  # a one-process checkpoint of fastllm.checkpoint.save
+        trees, meta = checkpoint.load(path, like=like, device=device)
     key = random.Key(int(meta["key"]["seed"]), tuple(meta["key"]["path"]))
     extra = {name: value for name, value in meta.items() if name not in ("step", "key")}
     state = TrainState(trees["params"], trees["opt_state"], int(meta["step"]), key, trees.get("loss_scale"))
     return state, extra
+
+
+def _whole(values: Any) -> Any:
+    """Specs that keep every tensor whole (replicated), for loading into one process."""
+    return sharded.state_specs(values, None)
 
 
 def latest(run_dir: str | os.PathLike) -> Optional[Path]:

@@ -167,7 +167,7 @@ class MeshSection:
     def __post_init__(self):
         for name in ("data", "tensor", "pipe"):
             require(getattr(self, name) >= 1, f"mesh.{name}", f"must be >= 1, got {getattr(self, name)}")
-        require(isinstance(self.rules, dict) and self.rules, "mesh.rules",
+        require(isinstance(self.rules, dict) and bool(self.rules), "mesh.rules",
                 f"must be a non-empty mapping of logical dims to mesh axes, got {self.rules!r}")
         try:
             self.rules_table()

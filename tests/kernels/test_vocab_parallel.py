@@ -1,7 +1,8 @@
 """The fused loss on two vocab shards (gloo, CPU) equals the unsharded loss; dh partials sum up.
 
-The same two processes also run the tensor-parallel layout's LM head + loss hook
-(``ParallelLayout.linear_cross_entropy``, what ``models.loss`` calls), whose input op completes dh.
+The same two processes also run the LM head + loss as a model calls it
+(``nn.ops.linear_cross_entropy`` under a tensor-parallel layout): the layout moves the hidden
+states into the operation and completes dh in backward.
 """
 
 import os
@@ -14,8 +15,8 @@ import torch.multiprocessing as mp
 
 from fastllm import nn
 from fastllm.kernels import VocabShard, fused_linear_cross_entropy
+from fastllm.sharding import COMPUTE_RULES, MeshLayout
 from fastllm.sharding.mesh import Mesh
-from fastllm.sharding.tensor_parallel import ParallelLayout
 
 
 def _inputs():
@@ -43,12 +44,13 @@ def _worker(rank, world, init_file, impl, queue):
 
 
 def _layout_loss(rank, size, impl):
-    """(loss, valid weight, full dh) of the layout's head + loss hook on this rank's vocab block."""
+    """(loss, valid weight, full dh) of the head + loss operation on this rank's vocab block."""
     hidden, weight, targets = _inputs()
     h = hidden.clone().requires_grad_()
     w = weight[rank * size:(rank + 1) * size].clone().requires_grad_()
-    layout = ParallelLayout(Mesh(tensor=2))
-    loss, valid = nn.layout.linear_cross_entropy(layout, h, w, targets, _loss_mask(), impl=impl)
+    layout = MeshLayout(Mesh(tensor=2), COMPUTE_RULES)
+    loss, valid = nn.ops.linear_cross_entropy(layout, h, nn.ops.STREAM, w, ("vocab", "embed"), targets, _loss_mask(),
+                                              impl=impl)
     loss.backward()
     return loss.item(), valid.item(), h.grad.numpy()  # by value: we exit next
 

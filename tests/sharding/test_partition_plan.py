@@ -6,12 +6,13 @@ import pytest
 import torch
 
 from fastllm import models, optim, random, tree
-from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, Rules, describe, shard
+from fastllm.sharding import COMPUTE_RULES, Mesh, MeshLayout, Partitioner, Rules, describe, shard
 from fastllm.sharding.spec import is_spec
-from fastllm.train.sharded_step import init_sharded_state
+from fastllm.train.step import TrainStep
 
 CONFIG = models.preset("tiny-qwen2")  # tied embeddings, qkv biases, 2 KV heads
-SPECS = models.param_specs(CONFIG)  # the partitioner takes declarations: sharding never imports models
+MODEL = models.model(CONFIG)  # the partitioner takes the model's declarations: sharding never imports models
+SPECS = MODEL.declarations
 
 
 def nbytes(values) -> int:
@@ -42,7 +43,7 @@ def test_describe_matches_what_a_rank_allocates(stage):
     mesh = Mesh.abstract(data=2, tensor=2, rank=3)
     partitioner = Partitioner(mesh, zero_stage=stage)
     opt = optim.adamw(1e-3)
-    state = init_sharded_state(CONFIG, partitioner, opt, random.key(0))
+    state = TrainStep(MODEL, partitioner, opt).init_state(random.key(0))
     totals = partitioner.describe(SPECS).totals
     assert totals["params"] == nbytes(state.params)
     assert totals["optimizer"] == nbytes(state.opt_state)
@@ -63,27 +64,30 @@ def test_describe_table_names_every_parameter():
 
 def test_errors_name_the_problem():
     with pytest.raises(NotImplementedError, match="pipeline parallelism.*not supported yet"):
-        Partitioner(Mesh.abstract(pipe=2))
+        Partitioner(Mesh.abstract(pipe=2)).plan(MODEL)
     with pytest.raises(ValueError, match="zero_stage"):
         Partitioner(Mesh.abstract(data=2), zero_stage=4)
     with pytest.raises(NotImplementedError, match="experts.*tensor=1"):
-        Partitioner(Mesh.abstract(tensor=2)).plan(models.param_specs(models.preset("tiny-mixtral")))
-    bad_storage = Rules((("heads", "data"),), fallback=None) + COMPUTE_RULES
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.b?q: storage spec .* must be the compute spec"):
-        Partitioner(Mesh.abstract(data=2, tensor=2), storage_rules=bad_storage).plan(SPECS)
-    with pytest.raises(TypeError, match=r"fastllm.models.param_specs\(config\)"):
+        Partitioner(Mesh.abstract(tensor=2)).plan(models.model(models.preset("tiny-mixtral")))
+    over_data = Rules((("heads", "data"),)) + COMPUTE_RULES
+    with pytest.raises(ValueError, match=r"layers\.0\.attention\.b?q: the rules split it over 'data'"):
+        Partitioner(Mesh.abstract(data=2, tensor=2), rules=over_data).plan(MODEL)
+    with pytest.raises(TypeError, match=r"fastllm.models.model\(config\)"):
         Partitioner(Mesh.abstract(data=2)).plan(CONFIG)
     with pytest.raises(ValueError, match="kv_heads"):
-        Partitioner(Mesh.abstract(tensor=4)).plan(SPECS)  # 2 KV heads over 4 ranks
+        Partitioner(Mesh.abstract(tensor=4)).plan(MODEL)  # 2 KV heads over 4 ranks
+    with pytest.raises(ValueError, match=r"rules name dims that nothing has: \['sq'\]"):
+        Partitioner(Mesh.abstract(tensor=2), rules=COMPUTE_RULES.replace("sq", "tensor")).plan(MODEL)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-llama", "tiny-mixtral"])
-def test_one_process_layout_computes_the_same_loss(name):
+def test_a_layout_on_one_process_computes_the_same_loss(name):
+    """Every operation through a layout whose mesh has one rank is the plain computation."""
     config = models.preset(name)
     params = models.init(config, random.key(0))
     tokens = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     batch = {"tokens": tokens[:, :-1], "targets": tokens[:, 1:]}
-    layout = Partitioner(Mesh(), zero_stage=3, sequence_parallel=True).layout(models.param_specs(config))
+    layout = MeshLayout(Mesh.local(), COMPUTE_RULES.replace("seq", "tensor"))
     expected, _ = models.loss(config, params, batch)
     actual, _ = models.loss(config, params, batch, layout=layout)
     torch.testing.assert_close(actual, expected, rtol=1e-6, atol=0)
@@ -98,7 +102,7 @@ def test_zero3_blocks_are_whole_rows_so_gathers_and_scatters_need_no_copy():
     from fastllm.sharding.overlap import from_rows, to_rows
 
     config = models.preset("tiny-llama")
-    plan = Partitioner(Mesh.abstract(data=2), zero_stage=3).plan(models.param_specs(config))
+    plan = Partitioner(Mesh.abstract(data=2), zero_stage=3).plan(models.model(config))
     assert set(plan.data_dims.values()) == {0}, plan.data_dims
     full = torch.randn(8, 3, 5)
     rows = to_rows(full, 0, 2)

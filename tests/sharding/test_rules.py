@@ -110,7 +110,7 @@ def test_compute_rules_give_megatron_tensor_parallel():
     assert flat["layers.0.attention.wk"] == ("tensor", None, None)
     assert flat["layers.0.attention.wo"] == (None, "tensor", None)  # row parallel
     assert flat["layers.0.mlp.w_up"] == ("tensor", None) and flat["layers.0.mlp.w_down"] == (None, "tensor")
-    assert flat["layers.1.moe.w_up"] == ("tensor", None, None)  # experts win: listed before mlp
+    assert flat["layers.1.moe.w_up"] == (None, "tensor", None)  # experts replicated: each expert's mlp split
     assert flat["final_norm.scale"] == (None,)
     assert all("data" not in spec.used_axes for spec in flat.values())
 

@@ -16,10 +16,8 @@ import torch
 from torch._dynamo.utils import counters
 
 from fastllm import models, optim, random, tree
-from fastllm.sharding import Mesh, Partitioner, testing
-from fastllm.train.sharded_step import init_sharded_state, make_sharded_train_step
-from fastllm.train.state import TrainState
-from fastllm.train.step import _gradients, _loss_fn, block_fn_for, make_train_step
+from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, testing
+from fastllm.train.step import TrainStep
 
 BACKEND = "aot_eager"
 TOLERANCE = dict(atol=1e-6, rtol=1e-6)
@@ -48,44 +46,40 @@ def graph_counts() -> dict:
             "unique_graphs": counters["stats"]["unique_graphs"]}
 
 
+def _gradients(config, mesh: Mesh, compile: bool, remat: bool, **partitioner_options):
+    """(gradients, loss) of one step's backward with grad_accum=2, this data rank's rows."""
+    partitioner = Partitioner(mesh, bucket_bytes=64 << 10, **partitioner_options)
+    step = TrainStep(models.model(config), partitioner, optim.adamw(1e-3, weight_decay=0.1), grad_accum=2,
+                     remat=remat, compile=compile, compile_backend=BACKEND)
+    n, me = mesh.size("data"), mesh.rank("data")
+    rows = {name: value.chunk(n)[me] for name, value in batch(config, seed=1).items()}
+    grads, loss, _ = step.gradients(step.init_state(random.key(3)), rows)
+    return grads, loss
+
+
 def single_device() -> dict:
     """tiny-llama (2 layers): loss and gradients of compiled blocks equal eager, with and without
     remat; one dynamo graph serves both layers, no graph break; a compiled train step updates the
     params as the eager one does."""
     config = models.preset("tiny-llama")
-    params = models.init(config, random.key(0))
-    data = batch(config)
     counters.clear()
-    for remat in ("none", "block"):
-        eager = _gradients(_loss_fn(config, remat), params, [data], torch.float32, None)
-        compiled = _gradients(_loss_fn(config, remat, block_fn_for(True, BACKEND)), params, [data],
-                              torch.float32, None)
+    for remat in (False, True):
+        eager = _gradients(config, Mesh.local(), False, remat)
+        compiled = _gradients(config, Mesh.local(), True, remat)
         torch.testing.assert_close(compiled[1], eager[1], **TOLERANCE)
         assert_trees_close(compiled[0], eager[0], f"gradient (remat={remat})")
     counts = graph_counts()  # the checkpointed block reuses the graph too (dynamo caches per code object)
     assert counts == {"graph_breaks": 0, "unique_graphs": 1}, counts
-    opt = optim.adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    opt = optim.adamw(1e-3, weight_decay=0.1)
     states = {}
     for compile in (False, True):
-        step = make_train_step(config, opt, grad_accum=2, compile=compile, compile_backend=BACKEND)
-        fresh = tree.map(torch.clone, params)  # the step updates its input params in place (fused AdamW)
-        states[compile], metrics = step(TrainState(fresh, opt.init(fresh), 0, random.key(1)), data)
-        states[compile] = (states[compile].params, metrics["loss"])
+        step = TrainStep(models.model(config), Partitioner(Mesh.local()), opt, grad_accum=2, max_grad_norm=1.0,
+                         compile=compile, compile_backend=BACKEND)
+        state, metrics = step(step.init_state(random.key(1)), batch(config))
+        states[compile] = (state.params, metrics["loss"])
     torch.testing.assert_close(states[True][1], states[False][1], **TOLERANCE)
     assert_trees_close(states[True][0], states[False][0], "params after a compiled step")
     return "ok"
-
-
-def _sharded_grads(config, mesh: Mesh, compile: bool, **partitioner_options):
-    partitioner = Partitioner(mesh, bucket_bytes=64 << 10, **partitioner_options)
-    opt = optim.adamw(1e-3, weight_decay=0.1)
-    state = init_sharded_state(config, partitioner, opt, random.key(3))
-    step = make_sharded_train_step(config, partitioner, opt, grad_accum=2, remat=True, compile=compile,
-                                   compile_backend=BACKEND)
-    n, me = mesh.size("data"), mesh.rank("data")
-    rows = {name: value.chunk(n)[me] for name, value in batch(config, seed=1).items()}
-    grads, loss, _ = step.gradients(state, rows)
-    return grads, loss
 
 
 def distributed_rank() -> dict:
@@ -95,11 +89,11 @@ def distributed_rank() -> dict:
     config = models.preset("tiny-llama")
     report = {}
     for name, sizes, options in (("data2_zero3", dict(data=2), dict(zero_stage=3)),
-                                 ("tensor2_sp", dict(tensor=2), dict(sequence_parallel=True))):
+                                 ("tensor2_sp", dict(tensor=2), dict(rules=COMPUTE_RULES.replace("seq", "tensor")))):
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
-        eager_grads, eager_loss = _sharded_grads(config, mesh, False, **options)
+        eager_grads, eager_loss = _gradients(config, mesh, False, True, **options)
         counters.clear()
-        grads, loss = _sharded_grads(config, mesh, True, **options)
+        grads, loss = _gradients(config, mesh, True, True, **options)
         torch.testing.assert_close(loss, eager_loss, **TOLERANCE)
         assert_trees_close(grads, eager_grads, f"{name} gradient")
         report[name] = graph_counts()

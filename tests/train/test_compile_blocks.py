@@ -32,14 +32,14 @@ def test_single_device_loss_gradients_and_step_equal_eager_in_one_graph():
 def test_zero3_and_sequence_parallel_gradients_equal_eager():
     for rank in run_checks("distributed"):
         # ZeRO-3: gathers stay outside, the block is one graph. tensor=2 + SP: the collectives run
-        # eagerly, so dynamo splits the block at them (4 hooks a block: pieces between them)
+        # eagerly, so dynamo splits the block at them (4 moves a block: pieces between them)
         assert rank["data2_zero3"] == {"graph_breaks": 0, "unique_graphs": 1}, rank
         assert rank["tensor2_sp"]["graph_breaks"] >= 4 and rank["tensor2_sp"]["unique_graphs"] >= 5, rank
 
 
-def test_compiled_blocks_refuse_the_typecheck_hook(monkeypatch):
-    from fastllm.train.compile import CompiledBlocks
+def test_compiled_parts_refuse_the_typecheck_hook(monkeypatch):
+    from fastllm.train.compile import CompiledParts
 
     monkeypatch.setenv("FASTLLM_TYPECHECK", "1")
     with pytest.raises(RuntimeError, match="FASTLLM_TYPECHECK=0"):
-        CompiledBlocks("aot_eager")
+        CompiledParts("aot_eager")

@@ -34,7 +34,8 @@ def make_config(run_dir, dataset, **train) -> Config:
         run=RunConfig(dir=str(run_dir), progress="off"),
         model=ModelSection(preset="tiny-llama", vocab_size=VOCAB, n_layers=1),
         data=DataConfig(datasets=(dataset,), seq_len=32, validation_fraction=0.1, prefetch=0),
-        train=TrainSection(**{"steps": 6, "micro_batch_size": 2, "log_every": 1, "eval_batches": 2, **train}),
+        train=TrainSection(**{"steps": 6, "batch_size": 2, "micro_batch_size": 2, "log_every": 1, "eval_batches": 2,
+                              **train}),
         optim=OptimSection(lr=3e-3, warmup_steps=2),
     )
 
@@ -44,7 +45,7 @@ def losses(run_dir) -> list[tuple[int, float]]:
 
 
 def test_metrics_log_validation_and_final_checkpoint(tmp_path, dataset):
-    config = make_config(tmp_path, dataset, eval_every=3, grad_accum=2)
+    config = make_config(tmp_path, dataset, eval_every=3, batch_size=4)  # two micro-batches of 2 a step
     result = Trainer(config).run()
     records = read_metrics(tmp_path / "metrics.jsonl")
     train_records = [r for r in records if "loss" in r]
@@ -58,7 +59,7 @@ def test_metrics_log_validation_and_final_checkpoint(tmp_path, dataset):
     assert train_records[-1]["loss"] < train_records[0]["loss"]
     assert checkpointing.latest(tmp_path).name == "step-00000006"
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["train"]["grad_accum"] == 2 and (tmp_path / "tokenizer.json").is_file()
+    assert saved["train"]["batch_size"] == 4 and (tmp_path / "tokenizer.json").is_file()
 
 
 def test_resume_is_bitwise_exact(tmp_path, dataset):
@@ -68,6 +69,7 @@ def test_resume_is_bitwise_exact(tmp_path, dataset):
     first = Trainer(make_config(split, dataset)).run(stop_at=4)
     assert first.state.step == 4
     resumed = Trainer(make_config(split, dataset)).run()
+    assert [r["step"] for r in resumed.history if "loss" in r] == [5, 6]  # restored, not trained afresh
     assert losses(split) == losses(whole)  # same floats, bit for bit
     uninterrupted, _ = checkpointing.load(checkpointing.latest(whole), resumed.state)
     for a, b in zip(tree.leaves(resumed.state), tree.leaves(uninterrupted)):
@@ -85,13 +87,13 @@ def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path, dataset):
 
 _KILL_DURING_SAVE = """
 import os, sys
-import fastllm.checkpoint as store
+import fastllm.sharding.checkpoint as store
 real_save = store.save
-def dying_save(path, trees, metadata=None, **options):
+def dying_save(path, trees, specs, mesh, metadata=None, **options):
     def hook(stage):  # killed mid-checkpoint: tensors written, completion marker not, not renamed
         if stage == "before_complete" and "step-00000004" in str(path):
             os._exit(9)
-    return real_save(path, trees, metadata, _hook=hook, **options)
+    return real_save(path, trees, specs, mesh, metadata, _hook=hook, **options)
 store.save = dying_save
 sys.path.insert(0, {tests!r})
 from test_trainer import make_config
