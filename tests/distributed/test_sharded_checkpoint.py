@@ -239,20 +239,19 @@ def rows(batch: dict, mesh: Mesh) -> dict:
 
 def sharded_run(mesh: Mesh, zero_stage: int, path: str, *, save_at: int | None, resume: bool) -> list[float]:
     """Losses of steps ``RESUME_AT..`` (resumed from ``path``) or of every step (saving at ``save_at``)."""
-    from fastllm.train.state import TrainState
     from fastllm.sharding import Partitioner
-    from fastllm.train.sharded_step import init_sharded_state, make_sharded_train_step
+    from fastllm.train.state import TrainState
+    from fastllm.train.step import TrainStep
 
     config, opt, key = resume_config(), optim.adamw(LR, weight_decay=0.1), random.key(3)
-    partitioner = Partitioner(mesh, zero_stage=zero_stage)
-    plan = partitioner.plan(models.param_specs(config))
-    state = init_sharded_state(config, partitioner, opt, key)
+    step = TrainStep(models.model(config), Partitioner(mesh, zero_stage=zero_stage), opt)
+    plan, state = step.plan, step.init_state(key)
     specs = {"params": plan.params, "opt_state": sharded.state_specs(state.opt_state, plan.opt_state)}
     first = 0
     if resume:
         trees, metadata = sharded.load(path, specs, mesh, like={"params": state.params, "opt_state": state.opt_state})
         state, first = TrainState(trees["params"], trees["opt_state"], metadata["step"], key, None), metadata["step"]
-    step, losses = make_sharded_train_step(config, partitioner, opt), []
+    losses = []
     for i, batch in enumerate(resume_batches(config)[first:], start=first):
         if i == save_at:
             metadata = {"step": i, "model_config": serialize.config_to_dict(config)}
@@ -283,16 +282,17 @@ def close_losses(a: list[float], b: list[float]) -> bool:
 
 def resume_one_process(path: str, full: list[float]) -> None:
     """The plain (unsharded) train step of one process continues from the sharded checkpoint."""
+    from fastllm.sharding import Partitioner
     from fastllm.train.state import TrainState
-    from fastllm.train.step import make_train_step
+    from fastllm.train.step import TrainStep
 
     config, opt = resume_config(), optim.adamw(LR, weight_decay=0.1)
     params = models.init(config, random.key(0))
     template = {"params": params, "opt_state": opt.init(params)}
     replicated = {name: tree.map(lambda t: PartitionSpec(*[None] * t.ndim), value) for name, value in template.items()}
-    trees, metadata = sharded.load(path, replicated, Mesh(), like=template)
+    trees, metadata = sharded.load(path, replicated, Mesh.local(), like=template)
     state = TrainState(trees["params"], trees["opt_state"], metadata["step"], random.key(3))
-    step, losses = make_train_step(config, opt), []
+    step, losses = TrainStep(models.model(config), Partitioner(Mesh.local()), opt), []
     for batch in resume_batches(config)[RESUME_AT:]:
         state, metrics = step(state, batch)
         losses.append(float(metrics["loss"]))

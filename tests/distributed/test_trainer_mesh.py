@@ -6,7 +6,7 @@ import pytest
 
 import trainer_checks
 from fastllm.data import DataConfig
-from fastllm.sharding import testing
+from fastllm.sharding import Mesh, testing
 from fastllm.train.config import Config, ModelSection, OptimSection, RunConfig, TrainSection
 from fastllm.train.quickstart import prepare_quickstart
 from fastllm.train.trainer import Trainer
@@ -26,7 +26,7 @@ def make_config(run_dir, dataset) -> Config:
         run=RunConfig(dir=str(run_dir), progress="off"),
         model=ModelSection(preset="tiny-llama", vocab_size=VOCAB, n_layers=1),
         data=DataConfig(datasets=(dataset,), seq_len=32, prefetch=0),
-        train=TrainSection(steps=4, micro_batch_size=2, grad_accum=2, log_every=1, checkpoint_every=2),
+        train=TrainSection(steps=4, batch_size=4, micro_batch_size=2, log_every=1, checkpoint_every=2),
         optim=OptimSection(lr=3e-3, warmup_steps=1),
     )
 
@@ -35,7 +35,7 @@ def test_tensor_parallel_trainer_matches_one_process(tmp_path, dataset):
     """tensor=2 with sequence parallelism reads the same batches as one process: same losses."""
     one = trainer_checks.train(make_config(tmp_path / "one", dataset), [])
     reports = testing.run(trainer_checks.train, 2, make_config(tmp_path / "tp", dataset),
-                          ["mesh.tensor=2", "mesh.sequence_parallel=true"], timeout_s=300.0)
+                          ["mesh.tensor=2", "mesh.rules.seq=tensor"], timeout_s=300.0)
     assert len(one) == 4 and reports[0] == reports[1]  # rank 0 writes metrics.jsonl, all read it
     assert reports[0] == pytest.approx(one, rel=1e-5)
 
@@ -50,6 +50,7 @@ def test_zero3_data_tensor_mesh_resumes_from_sharded_checkpoints(tmp_path, datas
     assert (tmp_path / "whole" / "checkpoints").is_dir()
 
 
-def test_mesh_size_must_match_the_world(tmp_path, dataset):
-    with pytest.raises(NotImplementedError, match="mesh.pipe=2.*not supported yet"):
-        Trainer(trainer_checks.apply_overrides(make_config(tmp_path, dataset), ["mesh.pipe=2"]))
+def test_a_pipe_axis_is_refused_until_pipelines_exist(tmp_path, dataset):
+    config = trainer_checks.apply_overrides(make_config(tmp_path, dataset), ["mesh.pipe=2"])
+    with pytest.raises(NotImplementedError, match="pipeline parallelism.*use mesh.pipe=1"):
+        Trainer(config, mesh=Mesh.abstract(pipe=2))

@@ -25,14 +25,14 @@ def test_remat_zero3_matches_one_process_resumes_and_exports(tmp_path):
         run=RunConfig(dir=str(tmp_path / "run"), progress="off"),
         model=ModelSection(preset="tiny-llama", vocab_size=VOCAB, n_layers=2),
         data=DataConfig(datasets=(str(tokens),), seq_len=32, prefetch=0),
-        train=TrainSection(steps=4, micro_batch_size=2, grad_accum=1, log_every=1, checkpoint_every=2),
+        train=TrainSection(steps=4, batch_size=4, log_every=1, checkpoint_every=2),
         optim=OptimSection(lr=3e-3, warmup_steps=1),
     )
-    one = trainer_checks.train(config, [f"run.dir={tmp_path}/one", "train.micro_batch_size=4"])
+    one = trainer_checks.train(config, [f"run.dir={tmp_path}/one"])
     reports = testing.run(remat_resume_checks.remat_zero3_resume, 2, config,
                           ["mesh.data=2", "zero.stage=3", "train.remat=block"], timeout_s=120.0)
     report = reports[0]
-    assert report["whole"] == pytest.approx(one, rel=1e-5)  # 2 data ranks x 2 rows = 4 rows
+    assert report["whole"] == pytest.approx(one, rel=1e-5)  # the same 4 rows a step: 2 data ranks x 2
     assert report["found"] == "step-00000002" and report["restored_step"] == 2
     assert report["resumed"] == report["whole"]
     _, params, _ = checkpointing.load_model(tmp_path / "run" / "whole")
