@@ -29,7 +29,8 @@ from fastllm.kernels import _triton
 from fastllm.kernels._triton import tl
 from fastllm.kernels.registry import Choice, resolve
 
-__all__ = ["VocabShard", "fused_linear_cross_entropy", "linear_cross_entropy_reference", "token_weights"]
+__all__ = ["VocabShard", "fused_linear_cross_entropy", "linear_cross_entropy_reference", "cross_entropy_reference",
+           "token_weights"]
 
 _BLOCK = 4096
 # Elements of one chunk's logits (512 MiB in bf16; 2048 tokens at vocab 128k). Each chunk also
@@ -107,17 +108,27 @@ def _normalised(weight: Tensor, reduction: str) -> Tensor:
 def linear_cross_entropy_reference(hidden, weight, targets, *, ignore_index=-100, z_loss=0.0,
                                    label_smoothing=0.0, reduction="mean", shard=None, loss_mask=None):
     """Unfused: full logits in fp32; on a vocab shard the same stats go through all-reduces."""
-    logits = _triton.upcast(F.linear(hidden.reshape(-1, hidden.shape[-1]), weight))  # [tokens, V_local]
+    logits = F.linear(hidden.reshape(-1, hidden.shape[-1]), weight)  # [tokens, V_local]
+    return cross_entropy_reference(logits, targets, ignore_index=ignore_index, z_loss=z_loss,
+                                   label_smoothing=label_smoothing, reduction=reduction, shard=shard,
+                                   loss_mask=loss_mask)
+
+
+def cross_entropy_reference(logits, targets, *, ignore_index=-100, z_loss=0.0, label_smoothing=0.0,
+                            reduction="mean", shard=None, loss_mask=None):
+    """The loss of ``logits`` ``[..., V_local]`` in fp32; with ``shard`` the logits are this rank's
+    block of the vocabulary and the row statistics are all-reduced over its group."""
+    logits = _triton.upcast(logits.reshape(-1, logits.shape[-1]))  # [tokens, V_local]
     targets = targets.reshape(-1)
     local = targets - (shard.start if shard else 0)
-    in_shard = (local >= 0) & (local < weight.shape[0]) & (targets != ignore_index)
+    in_shard = (local >= 0) & (local < logits.shape[1]) & (targets != ignore_index)
     top = _all_reduce(logits.detach().amax(-1), shard, "max")
     sum_exp = _all_reduce((logits - top[:, None]).exp().sum(-1), shard, "sum", differentiable=True)
     lse = top + sum_exp.log()
-    picked = logits.gather(1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0] * in_shard
+    picked = logits.gather(1, local.clamp(0, logits.shape[1] - 1)[:, None])[:, 0] * in_shard
     picked = _all_reduce(picked, shard, "sum", differentiable=True)
     logit_sum = _all_reduce(logits.sum(-1), shard, "sum", differentiable=True)
-    vocab = shard.size if shard else weight.shape[0]
+    vocab = shard.size if shard else logits.shape[1]
     per_token = _per_token_loss(lse, picked, logit_sum, vocab, z_loss, label_smoothing)
     token_weight = _normalised(token_weights(targets, ignore_index, loss_mask, logits.dtype), reduction)
     return (per_token * token_weight).sum()

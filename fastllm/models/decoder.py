@@ -136,9 +136,7 @@ def logical_axes(config: ModelConfig) -> dict:
 
 # --- the model's pieces, each once: the parts below and `forward` both call them ------------------
 def _positions(tokens: Tensor, positions: Optional[Tensor], start: int = 0) -> Tensor:
-    if positions is not None:
-        return positions
-    return torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)
+    return nn.rotary.positions_of(tokens, start) if positions is None else positions
 
 
 def _embed(config: ModelConfig, embed: dict, tokens: Tensor, positions: Tensor,

@@ -19,7 +19,7 @@ from jaxtyping import Float, Int, Shaped
 from torch import Tensor
 
 from fastllm.kernels import Choice, VocabShard, fused_linear_cross_entropy, resolve
-from fastllm.kernels.cross_entropy import token_weights
+from fastllm.kernels.cross_entropy import cross_entropy_reference, token_weights
 
 __all__ = ["IGNORE_INDEX", "cross_entropy", "linear_cross_entropy"]
 
@@ -32,8 +32,14 @@ def cross_entropy(
     *,
     loss_mask: Optional[Shaped[Tensor, "*batch"]] = None,
     ignore_index: int = IGNORE_INDEX,
+    shard: Optional[VocabShard] = None,
 ) -> tuple[Float[Tensor, ""], Float[Tensor, ""]]:
-    """(mean loss over valid tokens, total weight of valid tokens)."""
+    """(mean loss over valid tokens, total weight of valid tokens). ``shard``: ``logits`` are this
+    rank's block of the vocabulary (the softmax statistics are summed over its group)."""
+    if shard is not None:
+        total = token_weights(targets, ignore_index, loss_mask).sum()
+        return cross_entropy_reference(logits, targets, ignore_index=ignore_index, shard=shard,
+                                       loss_mask=loss_mask).float(), total
     per_token = F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         targets.reshape(-1),

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 

@@ -15,6 +15,7 @@ function                          computes
 :func:`projections`               several :func:`dense` of one input (q, k, v; up and gate)
 :func:`lookup`                    rows of a table (token or position embeddings)
 :func:`linear_cross_entropy`      the LM head and its loss, without the ``[tokens, vocab]`` logits
+:func:`cross_entropy`             the loss of logits (their vocabulary may be split)
 :func:`local`                     any function of local shards (the primitive the others use)
 ================================  ===============================================================
 
@@ -29,10 +30,13 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastllm.kernels import Choice
+
+from fastllm.kernels import Choice, VocabShard
+from fastllm.nn.loss import cross_entropy as _cross_entropy
 from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
 
 __all__ = [
@@ -50,6 +54,7 @@ __all__ = [
     "dense_axes",
     "lookup",
     "linear_cross_entropy",
+    "cross_entropy",
 ]
 
 Axes = tuple[str, ...]
@@ -98,18 +103,15 @@ WHOLE = Shards()
 
 @runtime_checkable
 class Layout(Protocol):
-    """A parallel layout (``fastllm.sharding``): runs a local function on shards."""
+    """A parallel layout (``fastllm.sharding``): runs a local function on shards (see :func:`local`)."""
 
     def local(self, fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
-              reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = ()) -> list[Tensor]: ...
-
-    def linear_cross_entropy(self, hidden: Arg, head: Arg, targets: Tensor, loss_mask: Optional[Tensor],
-                             impl: Choice) -> tuple[Tensor, Tensor]: ...
+              reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = ()) -> list[Tensor]: ...
 
 
 def local(
     layout: Optional[Layout], fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
-    reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (),
+    reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (),
 ) -> list[Tensor]:
     """``fn(shards, *tensors)`` on every rank's blocks: the outputs named ``out_axes`` (a list).
 
@@ -118,13 +120,15 @@ def local(
     contraction): a split of it leaves each rank a partial sum, which the layout adds up. Name in
     ``reduced`` the dims ``fn`` reduces across ranks itself (through ``shards.group``), in ``whole``
     the dims it needs whole on every rank, and in ``inner`` the dims of tensors it makes inside (the
-    logits of a loss), so that no two of their dims share a mesh axis. ``fn`` returns a tensor per
-    entry of ``out_axes`` (a tuple when several).
+    logits of a loss), so that no two of their dims share a mesh axis. Results stay partial sums
+    over the split of the dims in ``keep`` (a loss over this data rank's rows: ``keep=("batch",)``,
+    summed over ranks by the train step with the gradients). ``fn`` returns a tensor per entry of
+    ``out_axes`` (a tuple when several).
     """
     if layout is None:
         out = fn(WHOLE, *(arg.value for arg in args))
         return list(out) if isinstance(out, tuple) else [out]
-    return layout.local(fn, args, out_axes, reduced=reduced, whole=whole, inner=inner)
+    return layout.local(fn, args, out_axes, reduced=reduced, whole=whole, inner=inner, keep=keep)
 
 
 def dense_axes(x_axes: Axes, w_axes: Axes) -> Axes:
@@ -211,6 +215,22 @@ def lookup(
                         inner=[(*ids_axes, name)])[0]
 
 
+def _vocab_shard(shards: Shards, name: str, rows: int) -> Optional[VocabShard]:
+    """This rank's block of the vocabulary (``rows`` of them) as the loss kernels take it."""
+    n = shards.count(name)
+    return None if n == 1 else VocabShard(shards.index(name) * rows, rows * n, shards.group(name))
+
+
+def _planned(h: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """On ``meta`` tensors (planning a layout) a loss has a shape and no value."""
+    return (h.new_zeros(()), h.new_zeros((), dtype=torch.float32)) if h.device.type == "meta" else None
+
+
+def _loss_args(hidden: Arg, targets: Tensor, loss_mask: Optional[Tensor]) -> list[Arg]:
+    tokens = hidden.axes[:-1]
+    return [hidden, data(targets, tokens)] + ([] if loss_mask is None else [data(loss_mask, tokens)])
+
+
 def linear_cross_entropy(
     layout: Optional[Layout],
     hidden: Tensor,
@@ -224,8 +244,36 @@ def linear_cross_entropy(
 ) -> tuple[Tensor, Tensor]:
     """(mean cross-entropy over the valid targets, their total weight) of ``hidden`` through the
     ``[vocab, embed]`` ``head``: :func:`fastllm.nn.loss.linear_cross_entropy`, fused where ``impl``
-    says. Under a layout each data rank's value is over its own rows."""
+    says. Under a layout each data rank's value is over its own rows, and with ``vocab`` split each
+    rank holds a block of the logits (never all of them): the softmax statistics are summed over the
+    block's group inside the loss."""
     if layout is None:
         return _linear_cross_entropy(hidden, head, targets, loss_mask=loss_mask, impl=impl)
-    return layout.linear_cross_entropy(activation(hidden, hidden_axes), param(head, head_axes), targets,
-                                       loss_mask, impl)
+    vocab = head_axes[0]
+
+    def loss(shards: Shards, h: Tensor, w: Tensor, targets: Tensor, *mask: Tensor):
+        return _planned(h) or _linear_cross_entropy(h, w, targets, loss_mask=mask[0] if mask else None,
+                                                    shard=_vocab_shard(shards, vocab, w.shape[0]), impl=impl)
+
+    args = _loss_args(activation(hidden, hidden_axes), targets, loss_mask)
+    args.insert(1, param(head, head_axes))
+    # inner: the logits [tokens, vocab]: vocab and the sequence never share a mesh axis
+    return tuple(layout.local(loss, args, [(), ()], reduced=(vocab,), inner=[(*hidden_axes[:-1], vocab)],
+                              keep=("batch",)))
+
+
+def cross_entropy(
+    layout: Optional[Layout], logits: Tensor, logits_axes: Axes, targets: Tensor, loss_mask: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """(mean cross-entropy over the valid targets, their total weight) of ``logits`` whose last dim
+    (``logits_axes[-1]``, the vocabulary) may be split: :func:`fastllm.nn.cross_entropy` on one device."""
+    if layout is None:
+        return _cross_entropy(logits, targets, loss_mask=loss_mask)
+    vocab = logits_axes[-1]
+
+    def loss(shards: Shards, logits: Tensor, targets: Tensor, *mask: Tensor):
+        return _planned(logits) or _cross_entropy(logits, targets, loss_mask=mask[0] if mask else None,
+                                                  shard=_vocab_shard(shards, vocab, logits.shape[-1]))
+
+    args = _loss_args(activation(logits, logits_axes), targets, loss_mask)
+    return tuple(layout.local(loss, args, [(), ()], reduced=(vocab,), keep=("batch",)))

@@ -29,7 +29,7 @@ from torch import Tensor
 from fastllm.kernels.rotary import rotate_half
 from fastllm.kernels.rotary import rotate_reference as apply
 
-__all__ = ["Rotary", "inverse_frequencies", "cos_sin", "apply", "rotate_half"]
+__all__ = ["Rotary", "inverse_frequencies", "cos_sin", "positions_of", "apply", "rotate_half"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,11 @@ def inverse_frequencies(rot: Rotary, device=None) -> Float[Tensor, "half"]:
     if rot.scaling != "none":
         raise ValueError(f"rotary scaling must be 'none', 'linear' or 'llama3', got {rot.scaling!r}")
     return inv_freq
+
+
+def positions_of(tokens: Int[Tensor, "batch seq"], start: int = 0) -> Int[Tensor, "batch seq"]:
+    """Each token's position when every row is one sequence starting at ``start``."""
+    return torch.arange(start, start + tokens.shape[1], device=tokens.device).expand(tokens.shape)
 
 
 def cos_sin(

@@ -33,14 +33,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import torch
 from torch import Tensor
 
-from fastllm.kernels import Choice, VocabShard
 from fastllm.nn import ops
-from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
 from fastllm.sharding.mesh import AXES, Mesh
-from fastllm.sharding.placement import Collective, Placement, relayout
+from fastllm.sharding.placement import Placement, relayout
 from fastllm.sharding.rules import Rules, assign
 
 __all__ = ["MeshLayout", "STREAM_DIMS"]
@@ -137,13 +134,13 @@ class MeshLayout:
             grad_partial = frozenset() if kind == "input" else used - there.axes  # broadcast blocks
             moves.append(None if here == there and not grad_partial else (here, there, grad_partial))
         inside = frozenset(a for name in reduced for a in dims.get(name, ()))
-        batch = frozenset(self.placement(("batch",)).dims[0])
+        kept = frozenset(a for name in keep for a in self.placement((name,)).dims[0])
         results = []
         for axes in out_axes:
             dims_axes = tuple(dims[name] for name in axes)
             computed = Placement(dims_axes, used - inside - frozenset(a for d in dims_axes for a in d))
-            own = Placement(computed.dims, computed.partial & batch) if keep == "batch" else self.placement(axes)
-            results.append((computed, own))
+            own = self.placement(axes)
+            results.append((computed, Placement(own.dims, computed.partial & kept)))
         return _OpPlan(tuple(moves), tuple(results), _Shards(self.mesh, dims))
 
     def _check_param(self, axes: tuple[str, ...], there: Placement, used: frozenset) -> None:
@@ -158,11 +155,10 @@ class MeshLayout:
 
     def local(self, fn: Callable[..., Any], args: Sequence[ops.Arg], out_axes: Sequence[tuple[str, ...]], *,
               reduced: tuple[str, ...] = (), whole: tuple[str, ...] = (), inner: Sequence[tuple[str, ...]] = (),
-              keep: str = "") -> list[Tensor]:
-        """:func:`fastllm.nn.ops.local` on this rank's blocks. ``keep="batch"``: results stay partial
-        sums over the batch's axes (a loss over this rank's rows, which the train step reduces)."""
+              keep: tuple[str, ...] = ()) -> list[Tensor]:
+        """:func:`fastllm.nn.ops.local` on this rank's blocks."""
         signature = (tuple((arg.axes, arg.kind) for arg in args), tuple(tuple(a) for a in out_axes))
-        options = (tuple(reduced), tuple(whole), tuple(tuple(a) for a in inner), keep)
+        options = (tuple(reduced), tuple(whole), tuple(tuple(a) for a in inner), tuple(keep))
         key = (signature, options)
         plan = self._plans.get(key)
         if plan is None:
@@ -179,31 +175,3 @@ class MeshLayout:
         out = list(out) if isinstance(out, tuple) else [out]
         return [relayout(y, computed, own, self.mesh, trace=self.trace, what=f"result {axes}")
                 for y, (computed, own), axes in zip(out, plan.results, out_axes)]
-
-    def linear_cross_entropy(self, hidden: ops.Arg, head: ops.Arg, targets: Tensor, loss_mask: Optional[Tensor],
-                             impl: Choice) -> tuple[Tensor, Tensor]:
-        """The loss over this data rank's rows. With ``vocab`` split each rank holds a block of the
-        logits (never all of them); the softmax statistics are summed over its group inside."""
-        vocab, tokens = head.axes[0], hidden.axes[:-1]
-
-        def loss(shards: ops.Shards, h: Tensor, w: Tensor, targets: Tensor, *mask: Tensor):
-            mask = mask[0] if mask else None
-            n = shards.count(vocab)
-            if h.device.type == "meta":  # planning: the statistics' all-reduces, no values
-                if self.trace is not None and n > 1:
-                    self._trace_statistics(h, vocab, shards)
-                return h.new_zeros(()), h.new_zeros((), dtype=torch.float32)
-            shard = None if n == 1 else VocabShard(shards.index(vocab) * w.shape[0], w.shape[0] * n, shards.group(vocab))
-            return _linear_cross_entropy(h, w, targets, loss_mask=mask, shard=shard, impl=impl)
-
-        args = [hidden, head, ops.data(targets, tokens)]
-        if loss_mask is not None:
-            args.append(ops.data(loss_mask, tokens))
-        # the logits [tokens, vocab] are the operation's inner tensor: vocab and seq never share an axis
-        return tuple(self.local(loss, args, [(), ()], reduced=(vocab,), inner=[(*tokens, vocab)], keep="batch"))
-
-    def _trace_statistics(self, h: Tensor, vocab: str, shards: _Shards) -> None:
-        rows = h.numel() // h.shape[-1]
-        for axis in shards.dims[vocab]:
-            self.trace.append(Collective("all_reduce", axis, rows * 4, "softmax max over the vocab blocks"))
-            self.trace.append(Collective("all_reduce", axis, 3 * rows * 4, "softmax sums over the vocab blocks"))

@@ -38,9 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from fastllm import tree
 from fastllm.sharding.mesh import Mesh
-from fastllm.sharding.spec import PartitionSpec
 from fastllm.sharding.zero import reduce_gradients
 
 __all__ = [
