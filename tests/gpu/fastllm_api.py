@@ -1,0 +1,57 @@
+"""Every call the GPU suite makes into fastllm's model and training APIs, in this one file.
+
+``fastllm.models`` and ``fastllm.train`` are being redesigned; when their signatures change, this is
+the file to update (the tests only use the functions below). As on main: ``models.preset``,
+``models.init``, ``models.loss(config, params, batch, block_fn=...)``,
+``train.step.block_fn_for(compile, backend)`` (the compiled decoder blocks of a step) and
+``train.step.make_train_step(config, optimizer, grad_accum=..., compile=...)`` with ``TrainState``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllm import models, optim, random, tree
+from fastllm.kernels import KernelConfig
+from fastllm.train.state import TrainState
+from fastllm.train.step import block_fn_for, make_train_step
+
+
+def tiny_model(name: str, device: torch.device, **overrides):
+    """(config, fp32 params on ``device``) of a tiny preset."""
+    config = models.preset(name, **overrides)
+    return config, models.init(config, random.key(0), device=device)
+
+
+def batch(config, gen: torch.Generator, device: torch.device, *, rows: int = 4, seq: int = 64,
+          packed: bool = False) -> dict:
+    """Tokens, targets with ignored positions, a loss mask and, ``packed``, 2-3 documents a row."""
+    tokens = torch.randint(0, config.vocab_size, (rows, seq + 1), generator=gen)
+    targets = tokens[:, 1:].clone()
+    targets[torch.rand(targets.shape, generator=gen) < 0.15] = -100
+    data = {"tokens": tokens[:, :-1].contiguous(), "targets": targets,
+            "loss_mask": torch.rand(rows, seq, generator=gen) > 0.1}
+    if packed:
+        starts = torch.randint(1, seq, (rows, 2), generator=gen)
+        data["segment_ids"] = (torch.arange(seq)[None, None, :] >= starts[..., None]).sum(1)
+    return {name: value.to(device) for name, value in data.items()}
+
+
+def loss_and_grads(config, params, data: dict, *, kernels: KernelConfig | None = None, compile: bool = False):
+    """(loss, {path: gradient}) through ``torch.autograd.grad`` (``torch.func.grad`` cannot trace the
+    compiled FlexAttention on CUDA, docs/kernels.md); ``compile``: the decoder blocks through inductor."""
+    config = config if kernels is None else config.replace(kernels=kernels)
+    leaves = tree.map(lambda p: p.detach().requires_grad_(), params)
+    loss, _ = models.loss(config, leaves, data, block_fn=block_fn_for(compile, "inductor"))
+    flat = tree.flatten(leaves)
+    grads = torch.autograd.grad(loss, list(flat.values()))
+    return loss.detach(), dict(zip(flat, grads))
+
+
+def train_step(config, params, data: dict, *, compile: bool):
+    """(params, loss) after one AdamW step (two micro-batches) of ``make_train_step``."""
+    optimizer = optim.adamw(1e-3, weight_decay=0.1, max_grad_norm=1.0)
+    step = make_train_step(config, optimizer, grad_accum=2, compile=compile)
+    fresh = tree.map(torch.clone, params)  # the step writes the new params into its input (fused AdamW)
+    state, metrics = step(TrainState(fresh, optimizer.init(fresh), 0, random.key(1)), data)
+    return tree.flatten(state.params), metrics["loss"]
