@@ -89,6 +89,7 @@ def test_grouped_matmul_runs_the_16_bit_dot_on_cuda(dtype, gen, device, monkeypa
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=device)
     flags = _recording_upcast(monkeypatch)
     compare(lambda x, w, impl: grouped_matmul(x, w, offsets, impl=impl), (x, w), dtype)
+    assert not GROUPED_MATMUL.upcast_tiles(x.device)  # the decision, and what the launches did with it:
     assert flags and not any(flags), f"UPCAST flags of the launches: {flags}"  # tiles fed to tl.dot as they are
 
 
