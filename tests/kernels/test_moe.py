@@ -91,7 +91,9 @@ def _experts_inputs(gen, tokens=13, embed=24, mlp=40, n_experts=5, k=2):
 def test_experts_match_reference(dtype, gen):
     """The whole chain (dispatch, three grouped matmuls, SwiGLU, combine) and every gradient."""
     inputs, experts = _experts_inputs(gen)
-    compare(lambda x, wts, wg, wu, wd, impl: moe_experts(x, wts, experts, wg, wu, wd, impl=impl), inputs, dtype)
+    # bf16: the chain rounds after each stage (gate, up, hidden, down), so a step may differ in between
+    compare(lambda x, wts, wg, wu, wd, impl: moe_experts(x, wts, experts, wg, wu, wd, impl=impl), inputs, dtype,
+            bf16_steps=2)
 
 
 def test_experts_reference_equals_the_nn_moe_layer(gen):

@@ -20,7 +20,9 @@ def _layer(x, s, b, impl):
 @pytest.mark.parametrize("shape", SHAPES)
 def test_rms_norm_matches_reference(shape, dtype, gen):
     x, scale = torch.randn(shape, generator=gen), 1 + 0.1 * torch.randn(shape[-1], generator=gen)
-    compare(_rms, (x, scale), dtype)
+    # bf16: the normalised row is rounded before the scale (as transformers does), and a last-bit
+    # difference in rstd may flip that rounding: two roundings that may land a step apart
+    compare(_rms, (x, scale), dtype, bf16_steps=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
