@@ -12,7 +12,8 @@ The bound, per tensor, with ``scale = max |exact|``::
 ``atol`` is relative to the tensor's scale so a gradient of a mean loss (entries ~1e-4) is held to
 the same relative precision as an output of magnitude 1. bf16 keeps 8 significant bits, so its
 rule is relative to the torch reference run in bf16 on the same inputs: the kernel's largest error
-may exceed the reference's by at most ``bf16_steps`` bf16 steps at the tensor's largest value.
+may exceed the reference's by at most ``bf16_steps`` bf16 steps at the tensor's largest value, and
+each element's error the reference's there by at most ``TOLERANCE[bf16]``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,14 @@ import torch
 # fp64: the kernels compute in fp64 when their inputs are fp64, so only the order of sums differs
 # (~1e-16 a term). fp32: one rounding is 6e-8 relative; every kernel case here stays within a
 # quarter of this bound (measured; the worst, the fused loss's dW, sums 4099 exps), while an RMSNorm
-# with eps 1e-4 for 1e-6 (5e-5 relative) fails it.
-TOLERANCE = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6)}
-# One bf16 step (2^-7 relative at the bottom of a binade) beyond the reference's own error: Triton's
-# interpreter truncates when it stores bf16 (a whole step off, not half; compiled kernels round to
-# nearest). A kernel that rounds in between as well (RMSNorm, the MoE chain) passes bf16_steps=2.
+# with eps 1e-4 for 1e-6 (5e-5 relative) fails it. bf16: see _check_bf16; its rtol is the one these
+# tests had (then kernel against bf16 reference, with an absolute 3e-2 that fails on longer sums).
+TOLERANCE = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+             torch.bfloat16: dict(rtol=3e-2)}
+# One bf16 step (2^-7 relative at the bottom of a binade) beyond the reference's largest error:
+# Triton's interpreter truncates when it stores bf16 (a whole step off, not half; compiled kernels
+# round to nearest). A kernel that rounds in between as well (RMSNorm, the MoE chain) passes
+# bf16_steps=2.
 BF16_STEP = 2.0**-7
 
 
@@ -60,17 +64,28 @@ def check(got: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype | None =
         scale = exact.abs().max().item() if exact.numel() else 0.0
         scale = scale if scale > 0 else 1.0
     dtype = dtype or got.dtype
-    if dtype == torch.bfloat16 and tolerance is None:
-        assert reference is not None, f"{what}: a bf16 check needs the bf16 reference"
-        kernel_error = (got.double() - exact).abs().max().item()
-        reference_error = (reference.to(got.device, torch.float64) - exact).abs().max().item()
-        allowance = bf16_steps * BF16_STEP * scale
-        assert kernel_error <= reference_error + allowance, (
-            f"{what}: bf16 error {kernel_error:.3g} > the bf16 reference's {reference_error:.3g} + {allowance:.3g}")
-        return
     tol = tolerance or TOLERANCE[dtype]
+    if dtype == torch.bfloat16:
+        assert reference is not None, f"{what}: a bf16 check needs the bf16 reference"
+        _check_bf16(got.double(), exact, reference.to(got.device, torch.float64), scale, tol, bf16_steps, what)
+        return
     torch.testing.assert_close(got.double() / scale, exact / scale, rtol=tol["rtol"], atol=tol["atol"],
                                msg=lambda m: f"{what} (scale {scale:.3g}): {m}")
+
+
+def _check_bf16(got, exact, reference, scale: float, tol: dict, steps: int, what: str) -> None:
+    """The largest error within ``steps`` bf16 steps (at the largest value) of the reference's, and
+    each element's error within ``rtol`` of its own value plus half that of the reference's error
+    there. Against the reference's error, not the reference: on long sums the bf16 reference is the
+    less accurate of the two, and a kernel must not fail for being closer to the exact value."""
+    kernel_error, reference_error = (got - exact).abs(), (reference - exact).abs()
+    allowance = steps * BF16_STEP * scale
+    assert kernel_error.max() <= reference_error.max() + allowance, (
+        f"{what}: bf16 error {kernel_error.max():.3g} > the bf16 reference's {reference_error.max():.3g} "
+        f"+ {allowance:.3g}")
+    excess = kernel_error - reference_error - (tol["rtol"] * exact.abs() + allowance / 2)
+    assert (excess <= 0).all(), (f"{what}: {int((excess > 0).sum())} elements' bf16 error exceeds the bf16 "
+                                 f"reference's there by more than {tol['rtol']} of the value + {allowance / 2:.3g}")
 
 
 def _leaf(x, dtype: torch.dtype, compute: torch.dtype, grad: bool):
@@ -135,5 +150,5 @@ def planted(right: Callable, wrong: Callable) -> Callable:
 def assert_caught(fn: Callable, inputs, dtype: torch.dtype, **options) -> None:
     """A planted bug: :func:`compare` must fail on it, in the values (a check that passes anything
     proves nothing; one that fails for another reason, a shape or a missing gradient, proves little)."""
-    with pytest.raises(AssertionError, match="not close|bf16 error"):
+    with pytest.raises(AssertionError, match="not close|bf16 error|exceeds the bf16"):
         compare(fn, inputs, dtype, **options)
