@@ -13,7 +13,8 @@ The bound, per tensor, with ``scale = max |exact|``::
 the same relative precision as an output of magnitude 1. bf16 keeps 8 significant bits, so its
 rule is relative to the torch reference run in bf16 on the same inputs: the kernel's largest error
 may exceed the reference's by at most ``bf16_steps`` bf16 steps at the tensor's largest value, and
-each element's error the reference's there by at most ``TOLERANCE[bf16]``.
+each element's error may exceed the reference's there by ``TOLERANCE[bf16]`` of its value plus half
+that allowance.
 """
 
 from __future__ import annotations
@@ -74,10 +75,10 @@ def check(got: torch.Tensor, exact: torch.Tensor, *, dtype: torch.dtype | None =
 
 
 def _check_bf16(got, exact, reference, scale: float, tol: dict, steps: int, what: str) -> None:
-    """The largest error within ``steps`` bf16 steps (at the largest value) of the reference's, and
-    each element's error within ``rtol`` of its own value plus half that of the reference's error
-    there. Against the reference's error, not the reference: on long sums the bf16 reference is the
-    less accurate of the two, and a kernel must not fail for being closer to the exact value."""
+    """The largest error at most the reference's plus ``steps`` bf16 steps at the largest value; each
+    element's error at most the reference's there plus ``rtol`` of the value plus half that
+    allowance. Against the reference's error, not the reference: on long sums the bf16 reference is
+    the less accurate of the two, and a kernel must not fail for being closer to the exact value."""
     kernel_error, reference_error = (got - exact).abs(), (reference - exact).abs()
     allowance = steps * BF16_STEP * scale
     assert kernel_error.max() <= reference_error.max() + allowance, (
