@@ -175,7 +175,9 @@ def _logits_grad(LOGITS, TARGET, LSE, SCALE, stride, n_vocab, z_loss, smooth_per
         mask = start + cols < n_vocab
         x = tl.load(base + start + cols, mask=mask, other=0.0).to(ACC)
         grad = tl.exp(x - lse) * softmax_scale - smooth_per_class
-        grad -= tl.where(start + cols == target, on_target, 0.0)
+        # not `grad -= tl.where(.., on_target, 0.0)`: that makes an fp32 tensor of the scalar, which
+        # rounds 1 - eps to fp32 in an fp64 run (1e-8 relative, seen by the fp64 reference test)
+        grad = tl.where(start + cols == target, grad - on_target, grad)
         tl.store(base + start + cols, (grad * scale).to(LOGITS.dtype.element_ty), mask=mask)
 
 

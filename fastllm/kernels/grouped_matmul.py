@@ -104,6 +104,13 @@ def _tiles(m: int, n: int, k: int, dtype: torch.dtype) -> tuple[int, int, int, i
     return block_m, block_n, block_k, 8 if block_m * block_n >= 128 * 128 else 4
 
 
+def upcast_tiles(device: torch.device) -> bool:
+    """Whether the kernels convert 16-bit tiles to the accumulator dtype before ``tl.dot``: only in
+    Triton's CPU interpreter, which multiplies 16-bit floats wrongly there. Compiled kernels (CUDA)
+    feed bf16/fp16 tiles to ``tl.dot`` as they are. One function, so a test can see or force the path."""
+    return device.type != "cuda"
+
+
 def _precision(dtype: torch.dtype):
     """Exact fp32 products for fp32 inputs (no silent TF32); the default for 16-bit inputs."""
     return "ieee" if dtype in (torch.float32, torch.float64) else None
@@ -124,7 +131,7 @@ def _forward(x: Tensor, w: Tensor, offsets: Tensor, stride_wn: int, stride_wk: i
                    w.stride(0), stride_wn, stride_wk, y.stride(0), row_tiles, BLOCK_M=block_m,
                    BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_G=_triton.row_block(groups), SWIZZLE=8,
                    PRECISION=_precision(x.dtype),
-                   ACC=_triton.accumulator(x.dtype), UPCAST=x.device.type != "cuda",
+                   ACC=_triton.accumulator(x.dtype), UPCAST=upcast_tiles(x.device),
                    num_warps=warps, num_stages=3)
     return y
 
@@ -137,7 +144,7 @@ def _weight_grad(dy: Tensor, x: Tensor, offsets: Tensor, groups: int) -> Tensor:
     _triton.launch(_grouped_mm_weight_grad, grid, x.device, dy, x, dw, offsets, n, k, dy.stride(0),
                    x.stride(0), dw.stride(0), dw.stride(1), BLOCK_M=min(block_m, 64), BLOCK_N=block_n,
                    BLOCK_K=block_k, PRECISION=_precision(x.dtype), ACC=_triton.accumulator(x.dtype),
-                   UPCAST=x.device.type != "cuda", num_warps=warps, num_stages=3)
+                   UPCAST=upcast_tiles(x.device), num_warps=warps, num_stages=3)
     return dw
 
 

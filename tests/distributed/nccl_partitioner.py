@@ -2,8 +2,9 @@
 
 Every layout trains like one process (partitioner_checks.py): each rank computes the single-process
 reference on its own GPU (the same kernels and rounding as its sharded run, float32 matmuls in full
-fp32, no TF32), then checks the sharded init bitwise and the gradients after step 1 and the losses
-of 5 steps within 1e-5 relative, for tiny-llama and tiny-qwen2, grad accumulation 1 and 2::
+fp32, no TF32), then checks the sharded init bitwise, the gradients after step 1, and after 5 steps
+the losses, grad norms, final params and optimizer moments within 1e-5 relative, for tiny-llama and
+tiny-qwen2, grad accumulation 1 and 2::
 
     torchrun --nproc-per-node 4 tests/distributed/nccl_partitioner.py   # every layout of LAYOUTS
     torchrun --nproc-per-node 2 tests/distributed/nccl_partitioner.py   # their 2-rank versions
@@ -44,17 +45,17 @@ def layouts_for(world: int) -> list:
     if world == 4:
         return partitioner_checks.LAYOUTS
     if world == 2:
-        halved = [(halve(name, sizes), stage, sp, options) for name, sizes, stage, sp, options in
+        halved = [(halve(name, sizes), stage, rules, options) for name, sizes, stage, rules, options in
                   partitioner_checks.LAYOUTS]
-        return [(*named, stage, sp, options) for named, stage, sp, options in halved if named is not None]
+        return [(*named, stage, rules, options) for named, stage, rules, options in halved if named is not None]
     raise SystemExit(f"nccl_partitioner.py runs on 2 or 4 ranks, got WORLD_SIZE={world}")
 
 
 def with_nccl_transport(layouts: list) -> list:
     """Each overlapped ZeRO-3 layout again with ``transport="nccl"`` (the default picks the copy
     engines on one host): both transports are checked against one process."""
-    again = [(f"{name}_nccl", sizes, stage, sp, {**options, "transport": "nccl"})
-             for name, sizes, stage, sp, options in layouts if stage == 3 and options.get("overlap", True)]
+    again = [(f"{name}_nccl", sizes, stage, rules, {**options, "transport": "nccl"})
+             for name, sizes, stage, rules, options in layouts if stage == 3 and options.get("overlap", True)]
     return layouts + again
 
 

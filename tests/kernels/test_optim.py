@@ -2,8 +2,10 @@ import pytest
 import torch
 
 from fastllm.kernels import adamw_step, global_norm
+from helpers import check
 
 SHAPES = [(3, 5), (70000,), (17,)]  # one tensor spans two chunks
+HYPER = dict(lr=1e-2, weight_decay=0.1, step=3)
 
 
 def _state(param_dtype, seed=1):
@@ -16,16 +18,47 @@ def _state(param_dtype, seed=1):
     return params, grads, exp_avgs, exp_avg_sqs, master
 
 
+def _kernel_step(param_dtype, impl="triton", **hyper):
+    """(params, master, exp_avgs, exp_avg_sqs) after one step from ``_state(param_dtype)``."""
+    params, grads, m, v, master = _state(param_dtype)
+    master = None if param_dtype == torch.float32 else master
+    adamw_step(params, grads, m, v, master, **{**HYPER, **hyper}, grad_scale=torch.tensor(0.5), impl=impl)
+    return params, params if master is None else master, m, v
+
+
+def _exact_step(param_dtype):
+    """The same step in float64 from the same state (the gradients as rounded to ``param_dtype``),
+    with the reference's maths and the fp32 hyperparameters it derives."""
+    _, grads, m, v, master = (list(map(torch.Tensor.double, part)) for part in _state(param_dtype))
+    adamw_step(master, grads, m, v, None, **HYPER, grad_scale=torch.tensor(0.5), impl="torch")
+    return master, m, v
+
+
+def _check_step(step, param_dtype):
+    params, master, m, v = step
+    for name, got, want in zip(("master", "exp_avg", "exp_avg_sq"), (master, m, v), _exact_step(param_dtype)):
+        for i, (g, w) in enumerate(zip(got, want)):
+            check(g, w, what=f"{name} {i}")
+    for p, w in zip(params, master):  # the model copy: the master rounded once, less than a step away
+        # (not torch.equal to w.to(bf16): Triton's interpreter truncates, compiled kernels round to nearest)
+        assert p.dtype == param_dtype
+        assert ((p.float() - w).abs() <= torch.finfo(param_dtype).eps * w.abs()).all()
+
+
 @pytest.mark.parametrize("param_dtype", [torch.float32, torch.bfloat16])
 def test_adamw_matches_reference(param_dtype):
-    states = {impl: _state(param_dtype) for impl in ("triton", "torch")}
-    for impl, (params, grads, m, v, master) in states.items():
-        adamw_step(params, grads, m, v, None if param_dtype == torch.float32 else master, lr=1e-2,
-                   weight_decay=0.1, step=3, grad_scale=torch.tensor(0.5), impl=impl)
-    tol = dict(rtol=1e-5, atol=1e-6)
-    for got, want in zip(states["triton"], states["torch"]):
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, **(tol if g.dtype == torch.float32 else {}))
+    _check_step(_kernel_step(param_dtype), param_dtype)
+
+
+def test_adamw_reference_matches_float64():
+    """The torch path is what "auto" runs on CPU: it too holds to the fp32 tolerance."""
+    _check_step(_kernel_step(torch.float32, impl="torch"), torch.float32)
+
+
+def test_planted_bias_correction_is_caught():
+    """Bias corrections of the step before (the counter read before its increment)."""
+    with pytest.raises(AssertionError, match="not close"):
+        _check_step(_kernel_step(torch.float32, step=HYPER["step"] - 1), torch.float32)
 
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
@@ -42,11 +75,12 @@ def test_adamw_takes_lr_and_step_as_device_tensors(impl):
 
 
 def test_adamw_equals_torch_optim():
-    p = torch.randn(10, requires_grad=True)
+    gen = torch.Generator().manual_seed(0)
+    p = torch.randn(10, generator=gen, requires_grad=True)
     q, m, v = p.detach().clone(), torch.zeros(10), torch.zeros(10)
     opt = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.1)
     for step in range(1, 4):
-        g = torch.randn(10)
+        g = torch.randn(10, generator=gen)
         p.grad = g.clone()
         opt.step()
         adamw_step([q], [g], [m], [v], lr=1e-2, weight_decay=0.1, step=step, impl="triton")
@@ -55,10 +89,21 @@ def test_adamw_equals_torch_optim():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_global_norm(dtype):
-    tensors = [torch.randn(s).to(dtype) for s in SHAPES]
-    want = torch.linalg.vector_norm(torch.cat([t.float().flatten() for t in tensors]))
-    torch.testing.assert_close(global_norm(tensors, impl="triton"), want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(global_norm(tensors, impl="torch"), want, rtol=1e-5, atol=0)
+    """Accumulated in fp32 whatever the inputs: the fp32 tolerance against the norm in float64."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    exact = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]))
+    check(global_norm(tensors, impl="triton"), exact, what="triton")
+    check(global_norm(tensors, impl="torch"), exact, what="torch")
+
+
+def test_planted_norm_of_one_tensor_short_is_caught():
+    """A norm that misses the last tensor (a table built one entry short)."""
+    gen = torch.Generator().manual_seed(2)
+    tensors = [torch.randn(s, generator=gen) for s in SHAPES]
+    exact = torch.linalg.vector_norm(torch.cat([t.double().flatten() for t in tensors]))
+    with pytest.raises(AssertionError, match="not close"):
+        check(global_norm(tensors[:-1], impl="triton"), exact)
 
 
 def test_mixed_dtypes_are_refused():

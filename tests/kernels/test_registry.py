@@ -1,7 +1,11 @@
+import importlib
+
 import pytest
 import torch
 
 from fastllm.kernels import KernelConfig, resolve, select
+
+REGISTRY = importlib.import_module("fastllm.kernels.registry")
 
 
 def test_auto_is_torch_on_cpu_and_fields_switch_per_op():
@@ -10,6 +14,14 @@ def test_auto_is_torch_on_cpu_and_fields_switch_per_op():
     assert select(config, "layer_norm", "cpu") == "torch"
     assert select(None, "cross_entropy", torch.device("cpu")) == "torch"
     assert select(KernelConfig.all("torch"), "rotary", "cuda") == "torch"
+
+
+def test_planted_auto_ignoring_the_device_is_caught(monkeypatch):
+    """``"auto"`` meaning Triton wherever it imports (the CUDA test dropped): CPU runs would interpret."""
+    resolve_for_any_device = lambda choice, device: "triton" if choice == "auto" else choice  # noqa: E731
+    monkeypatch.setattr(REGISTRY, "resolve", resolve_for_any_device)
+    with pytest.raises(AssertionError):
+        test_auto_is_torch_on_cpu_and_fields_switch_per_op()
 
 
 def test_bad_choices_name_the_field():

@@ -17,6 +17,7 @@ from fastllm import nn
 from fastllm.kernels import VocabShard, fused_linear_cross_entropy
 from fastllm.sharding import COMPUTE_RULES, MeshLayout
 from fastllm.sharding.mesh import Mesh
+from helpers import check
 
 
 def _inputs():
@@ -39,7 +40,11 @@ def _worker(rank, world, init_file, impl, queue):
     loss = fused_linear_cross_entropy(h, w, targets, z_loss=1e-2, label_smoothing=0.1, chunk_size=4,
                                       shard=shard, impl=impl)
     loss.backward()
-    queue.put((rank, loss.item(), h.grad.numpy(), w.grad.numpy(), *_layout_loss(rank, size, impl)))
+    # the planted bug: each shard believing it starts one row later (targets picked off by one)
+    late = fused_linear_cross_entropy(hidden, weight[rank * size:(rank + 1) * size], targets, z_loss=1e-2,
+                                      label_smoothing=0.1, chunk_size=4, impl=impl,
+                                      shard=VocabShard(start=rank * size + 1, size=weight.shape[0]))
+    queue.put((rank, loss.item(), h.grad.numpy(), w.grad.numpy(), late.item(), *_layout_loss(rank, size, impl)))
     dist.destroy_process_group()
 
 
@@ -61,8 +66,9 @@ def _loss_mask():
 
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 def test_two_vocab_shards_equal_one(impl):
+    """Each rank computes in fp32; the reference is the unsharded loss in float64."""
     hidden, weight, targets = _inputs()
-    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    h, w = hidden.double().requires_grad_(), weight.double().requires_grad_()
     want = fused_linear_cross_entropy(h, w, targets, z_loss=1e-2, label_smoothing=0.1, impl="torch")
     want.backward()
     ctx = mp.get_context("spawn")
@@ -75,15 +81,18 @@ def test_two_vocab_shards_equal_one(impl):
         results = sorted((queue.get(timeout=120) for _ in procs), key=lambda r: r[0])
         for p in procs:
             p.join(timeout=60)
-    for _, loss, _, _, *_ in results:
-        assert loss == pytest.approx(want.item(), rel=1e-5)
+    for rank, loss, _, _, late, *_ in results:
+        check(torch.tensor(loss), want, what=f"loss on rank {rank}")
+        with pytest.raises(AssertionError, match="not close"):  # the planted bug is caught
+            check(torch.tensor(late), want, what=f"loss of the late shard on rank {rank}")
     (_, _, dh0, dw0, *_), (_, _, dh1, dw1, *_) = results
-    torch.testing.assert_close(torch.from_numpy(dh0 + dh1), h.grad)  # dh: a partial sum per shard
-    torch.testing.assert_close(torch.cat([torch.from_numpy(dw0), torch.from_numpy(dw1)]), w.grad)
+    check(torch.from_numpy(dh0 + dh1), h.grad, what="dh")  # dh: a partial sum per shard
+    check(torch.cat([torch.from_numpy(dw0), torch.from_numpy(dw1)]), w.grad, what="dW")
 
-    h = hidden.clone().requires_grad_()
-    want, want_valid = nn.cross_entropy(h @ weight.T, targets, loss_mask=_loss_mask())
+    h = hidden.double().requires_grad_()
+    want, want_valid = nn.cross_entropy(h @ weight.double().T, targets, loss_mask=_loss_mask())
     want.backward()
-    for *_, loss, valid, dh in results:
-        assert loss == pytest.approx(want.item(), rel=1e-5) and valid == want_valid.item()
-        torch.testing.assert_close(torch.from_numpy(dh), h.grad)  # complete on every rank
+    for rank, *_, loss, valid, dh in results:
+        check(torch.tensor(loss), want, what=f"layout loss on rank {rank}")
+        assert valid == want_valid.item()
+        check(torch.from_numpy(dh), h.grad, what=f"layout dh on rank {rank}")  # complete on every rank

@@ -1,0 +1,61 @@
+"""Every call the GPU suite makes into fastllm's model and training APIs, in this one file.
+
+When the APIs of ``fastllm.models`` and ``fastllm.train`` change, this is the file to update (the
+tests only use the functions below): ``models.preset``, ``models.init``, ``models.model``, and the
+one train step, ``train.step.TrainStep(model, Partitioner(Mesh.local(device)), optimizer, ...)``,
+whose ``compile=True`` runs the decoder blocks through inductor.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastllm import models, optim, random, tree
+from fastllm.kernels import KernelConfig
+from fastllm.sharding import Mesh, Partitioner
+from fastllm.train.state import TrainState
+from fastllm.train.step import TrainStep
+
+
+def tiny_model(name: str, device: torch.device, **overrides):
+    """(config, fp32 params on ``device``) of a tiny preset."""
+    config = models.preset(name, **overrides)
+    return config, models.init(config, random.key(0), device=device)
+
+
+def batch(config, gen: torch.Generator, device: torch.device, *, rows: int = 4, seq: int = 64,
+          packed: bool = False) -> dict:
+    """Tokens, targets with ignored positions, a loss mask and, ``packed``, 2-3 documents a row."""
+    tokens = torch.randint(0, config.vocab_size, (rows, seq + 1), generator=gen)
+    targets = tokens[:, 1:].clone()
+    targets[torch.rand(targets.shape, generator=gen) < 0.15] = -100
+    data = {"tokens": tokens[:, :-1].contiguous(), "targets": targets,
+            "loss_mask": torch.rand(rows, seq, generator=gen) > 0.1}
+    if packed:
+        starts = torch.randint(1, seq, (rows, 2), generator=gen)
+        data["segment_ids"] = (torch.arange(seq)[None, None, :] >= starts[..., None]).sum(1)
+    return {name: value.to(device) for name, value in data.items()}
+
+
+def _step(config, device: torch.device, optimizer, **options) -> TrainStep:
+    return TrainStep(models.model(config), Partitioner(Mesh.local(device)), optimizer, **options)
+
+
+def loss_and_grads(config, params, data: dict, *, kernels: KernelConfig | None = None, compile: bool = False):
+    """(loss, {path: gradient}) of one backward of the train step (autograd on the fp32 params);
+    ``compile``: the decoder blocks through inductor."""
+    config = config if kernels is None else config.replace(kernels=kernels)
+    device = tree.leaves(params)[0].device
+    optimizer = optim.sgd(0.0)
+    step = _step(config, device, optimizer, compile=compile)
+    grads, loss, _ = step.gradients(TrainState(params, optimizer.init(params), 0, random.key(1)), data)
+    return loss.detach(), tree.flatten(grads)
+
+
+def train_step(config, params, data: dict, *, compile: bool):
+    """(params, loss) after one AdamW step (two micro-batches) of the train step."""
+    optimizer = optim.adamw(1e-3, weight_decay=0.1)
+    step = _step(config, tree.leaves(params)[0].device, optimizer, grad_accum=2, max_grad_norm=1.0, compile=compile)
+    fresh = tree.map(torch.clone, params)  # the step writes the new params into its input (fused AdamW)
+    state, metrics = step(TrainState(fresh, optimizer.init(fresh), 0, random.key(1)), data)
+    return tree.flatten(state.params), metrics["loss"]
