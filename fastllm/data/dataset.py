@@ -22,7 +22,7 @@ from fastllm.data.format import ShardError, open_shard, payload_sha256
 from fastllm.data.prepare import FORMAT_NAME, MANIFEST
 from fastllm.errors import UserError
 
-__all__ = ["TokenDataset", "open_dataset", "read_manifest", "split_documents"]
+__all__ = ["TokenDataset", "open_dataset", "read_manifest", "recorded_eos", "split_documents"]
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -54,6 +54,15 @@ def _check_schema(manifest: dict, file: Path) -> None:
     if not ok:
         raise ShardError(f"{file}: corrupt manifest (missing or mistyped fields; expected tokenizer.vocab_size, "
                          "tokenizer.eos_id, tokenizer.sha256, documents, tokens and shards[].file/tokens/documents)")
+
+
+def recorded_eos(path: str | os.PathLike) -> Optional[str]:
+    """The EOS token ``prepare`` appended to the documents of the dataset at ``path``; ``None`` when
+    its manifest cannot be read (the data moved on)."""
+    try:
+        return read_manifest(path)["tokenizer"].get("eos_token")
+    except (OSError, UserError):
+        return None
 
 
 class TokenDataset:

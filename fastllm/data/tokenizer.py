@@ -108,13 +108,11 @@ def special_tokens(tokenizer, eos_token: Optional[str] = None) -> dict[str, tupl
 
     ``tokenizer``: a ``tokenizers.Tokenizer``, a tokenizer.json or a tokenizer directory. Each token
     is the given ``eos_token``, else the one the directory's config names, else the first common
-    name of it in the vocabulary."""
-    path, configured = tokenizer, {}
+    name of it; only tokens in the vocabulary count."""
+    configured = {}
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer, configured = _load_backend(Path(tokenizer))
     vocab = tokenizer.get_vocab(with_added_tokens=True)
-    if eos_token is not None and eos_token not in vocab:
-        raise UserError(f"tokenizer {path}: the EOS token {eos_token!r} is not in its vocabulary")
     eos = _pick(vocab, [eos_token, configured.get("eos_token"), *_EOS_CANDIDATES])
     bos = _pick(vocab, [configured.get("bos_token"), *_BOS_CANDIDATES])
     return {key: (token, vocab[token]) for key, token in (("bos_token", bos), ("eos_token", eos)) if token}

@@ -107,15 +107,11 @@ def _hf_dtype(path: Path) -> torch.dtype:
 
 def _training_eos(saved: Optional[dict]) -> Optional[str]:
     """The EOS token the run's first dataset was prepared with, while its manifest is still there."""
-    from fastllm.data import read_manifest
+    from fastllm.data.dataset import recorded_eos
 
     datasets = ((saved or {}).get("data") or {}).get("datasets") or []
-    if not datasets or not isinstance(datasets[0], dict):
-        return None
-    try:
-        return read_manifest(datasets[0]["path"])["tokenizer"]["eos_token"]
-    except (OSError, UserError, KeyError, TypeError):
-        return None  # the data moved on; the tokenizer's own EOS is used instead
+    first = datasets[0] if datasets else None
+    return recorded_eos(first["path"]) if isinstance(first, dict) and isinstance(first.get("path"), str) else None
 
 
 def _tokenizer_in(*directories: Path) -> Optional[Path]:
