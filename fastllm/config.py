@@ -316,6 +316,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> tuple[types.
         if not callable(getattr(module, "config", None)):
             raise ConfigError(f"recipe {str(path)!r} must define a function config() returning the config")
         config = module.config()
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise ConfigError(f"recipe {str(path)!r}: config() returned a {type(config).__name__}, expected a config "
+                          "dataclass (e.g. fastllm.train.Config)")
     return module, apply_overrides(config, overrides)
 
 

@@ -74,9 +74,10 @@ def _canonical_names(reader: checkpoint.SafetensorsReader, family: Family) -> di
     return names
 
 
-def load(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+def load(path: str | os.PathLike, *, dtype: Optional[torch.dtype] = torch.float32,
          device: torch.device | str = "cpu") -> tuple[ModelConfig, dict]:
-    """(ModelConfig, params) from a Hugging Face checkpoint directory with safetensors weights."""
+    """(ModelConfig, params) from a Hugging Face checkpoint directory with safetensors weights;
+    ``dtype=None`` keeps the stored dtypes."""
     config = load_config(path)
     family = by_family(config.family)
     reader = checkpoint.SafetensorsReader(path)

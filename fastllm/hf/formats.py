@@ -96,15 +96,6 @@ def detect(path: str | os.PathLike) -> str:
     raise UserError(f"{path}: not a model directory; expected {_EXPECTED}")
 
 
-def _hf_dtype(path: Path) -> torch.dtype:
-    """The dtype the HF checkpoint's tensors are stored in (so a conversion does not silently upcast)."""
-    from fastllm.hf.checkpoint import SafetensorsReader
-
-    reader = SafetensorsReader(path)
-    stored = reader.get(reader.names()[0]).dtype if reader.names() else torch.float32
-    return stored if stored.is_floating_point else torch.float32
-
-
 def _training_eos(saved: Optional[dict]) -> Optional[str]:
     """The EOS token the run's first dataset was prepared with, while its manifest is still there."""
     from fastllm.data.dataset import recorded_eos
@@ -138,7 +129,7 @@ def _load(path: Path, kind: str, dtype: Optional[torch.dtype], device) -> Loaded
     if kind == "fastllm":
         config, params = serialize.load_model(path, device=device)
     else:
-        config, params = hf.load(path, dtype=dtype or _hf_dtype(path), device=device)
+        config, params = hf.load(path, dtype=dtype, device=device)
     return Loaded(config, params, kind, _tokenizer_in(path), path, None)
 
 
