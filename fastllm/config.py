@@ -324,19 +324,27 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> tuple[types.
 
 @contextlib.contextmanager
 def _recipe_errors(path: Path):
-    """A recipe that does not parse, imports what is not there, or builds an invalid config is bad
-    input: one message naming the recipe and its line. Other exceptions are bugs and propagate."""
+    """A recipe that does not parse, imports what is not there, builds an invalid config or raises
+    in its own code is bad input: one message naming the recipe and its line. An exception raised
+    deeper, in fastllm, of another type, is a bug and propagates with its traceback."""
     try:
         yield
     except ConfigError:
         raise
     except SyntaxError as error:
         raise ConfigError(f"recipe {str(path)!r}, line {error.lineno}: {error.msg}") from None
-    except (ValueError, TypeError, ImportError) as error:
-        lines = [frame.lineno for frame in traceback.extract_tb(error.__traceback__)
-                 if Path(frame.filename).resolve() == path.resolve()]
+    except Exception as error:  # noqa: BLE001 - sorted below into the recipe's fault and fastllm's
+        frames = traceback.extract_tb(error.__traceback__)
+        lines = [frame.lineno for frame in frames if _same_file(frame.filename, path)]
+        own = bool(frames) and _same_file(frames[-1].filename, path)
+        if not (own or isinstance(error, (ValueError, TypeError, ImportError))):
+            raise
         where = f", line {lines[-1]}" if lines else ""
         raise ConfigError(f"recipe {str(path)!r}{where}: {type(error).__name__}: {error}") from None
+
+
+def _same_file(name: str, path: Path) -> bool:
+    return Path(name).resolve() == path.resolve()
 
 
 def _type_name(tp: Any) -> str:

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from fastllm import checkpoint, tree
-from fastllm.errors import UserError, reading
+from fastllm.errors import UserError, read_json, reading
 from fastllm.models import serialize
 from fastllm.models.config import ModelConfig
 
@@ -127,6 +127,7 @@ def _load(path: Path, kind: str, dtype: Optional[torch.dtype], device) -> Loaded
     if kind in ("training", "sharded"):
         return _load_training(path, kind, device)
     if kind == "fastllm":
+        read_json(path / serialize.CONFIG_FILE, "fastllm model header")  # load_model expects an object there
         config, params = serialize.load_model(path, device=device)
     else:
         config, params = hf.load(path, dtype=dtype, device=device)
