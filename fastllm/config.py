@@ -312,7 +312,9 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> tuple[types.
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses defined in the recipe need their module registered
     with _recipe_errors(path):
-        spec.loader.exec_module(module)
+        # compiled here rather than by spec.loader.exec_module, which would write a __pycache__
+        # beside the recipe: fastllm writes nowhere but run.dir
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)  # noqa: S102 - the user's recipe
         if not callable(getattr(module, "config", None)):
             raise ConfigError(f"recipe {str(path)!r} must define a function config() returning the config")
         config = module.config()
