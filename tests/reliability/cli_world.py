@@ -180,17 +180,20 @@ def snapshot(paths: list[Path]) -> dict[str, str]:
 DRIVER = Path(__file__).with_name("cli_driver.py")
 
 
-def run_commands(world: World, argvs: list[list[str]], timeout: float = 20.0) -> list[dict]:
-    """Every argv through ``fastllm`` in one driver process started in the world's scratch directory."""
+def run_commands(world: World, argvs: list[list[str]], timeout: float = 20.0, cwd: Path | None = None) -> list[dict]:
+    """Every argv through ``fastllm`` in one driver process started in ``cwd`` (default: the world's
+    scratch directory)."""
     import os
     import subprocess
     import sys
 
     # as a user runs it: without the test suite's runtime type checks (which turn some bad values
     # into a jaxtyping error before fastllm's own check sees them)
+    # and with Python's bytecode caches on, so a stray __pycache__ write shows
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FASTLLM_TYPECHECK": "0"}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
     done = subprocess.run([sys.executable, str(DRIVER), "--timeout", str(timeout)], input=json.dumps(argvs),
-                          capture_output=True, text=True, cwd=world.scratch, env=env,
+                          capture_output=True, text=True, cwd=cwd or world.scratch, env=env,
                           timeout=timeout * len(argvs) + 60)
     assert done.returncode == 0, f"the driver failed:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
