@@ -68,11 +68,26 @@ def run_case(argv: list[str], timeout: float) -> dict:
                 "stderr": err.read().decode(errors="replace")[-4000:], "seconds": round(seconds, 3)}
 
 
+def _warm_up() -> None:
+    """Import what the commands import lazily, so that no case pays for it: the time limit is for
+    hangs, and a first import of transformers alone can take seconds on a busy machine."""
+    import transformers
+
+    import fastllm.cli  # noqa: F401
+    import fastllm.data  # noqa: F401
+    import fastllm.train.run  # noqa: F401
+    from fastllm.hf import FAMILIES
+
+    for name in ("GenerationConfig", "AutoTokenizer", *(family.config_class for family in FAMILIES)):
+        getattr(transformers, name)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--timeout", type=float, default=20.0, help="seconds per command line")
     options = parser.parse_args()
     cases = json.load(sys.stdin)
+    _warm_up()
     signal.signal(signal.SIGALRM, _alarm)
     results = [run_case(list(argv), options.timeout) for argv in cases]
     json.dump(results, sys.stdout)

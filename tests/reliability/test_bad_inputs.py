@@ -29,21 +29,23 @@ def _files(world: World) -> dict:
     }
     for name, data in files.items():
         (s / name).write_bytes(data)
-    for name in ("empty-dir", "hf-junk", "hf-array", "hf-bert", "hf-strings", "fastllm-junk", "step-00000009",
-                 "run-empty/checkpoints"):
+    for name in ("empty-dir", "hf-junk", "hf-array", "hf-bert", "hf-strings", "fastllm-junk", "fastllm-array",
+                 "step-00000009", "run-empty/checkpoints"):
         (s / name).mkdir(parents=True, exist_ok=True)
     (s / "hf-junk" / "config.json").write_bytes(b"\x00\xff not json")
     (s / "hf-array" / "config.json").write_text("[1, 2]")
     (s / "hf-bert" / "config.json").write_text('{"model_type": "bert"}')
     (s / "hf-strings" / "config.json").write_text('{"model_type": "llama", "hidden_size": "big"}')
     (s / "fastllm-junk" / "fastllm.json").write_text('{"format": "fastllm-model", "version": 1, "config": 3}')
+    (s / "fastllm-array" / "fastllm.json").write_text('["found by the fuzz test"]')
     (s / "step-00000009" / "metadata.json").write_text("{}")
     truncated = s / "truncated-hf"
     truncated.mkdir(exist_ok=True)
     (truncated / "config.json").write_bytes((world.hf_dir / "config.json").read_bytes())
     (truncated / "model.safetensors").write_bytes((world.hf_dir / "model.safetensors").read_bytes()[:300])
     return {name: str(s / name) for name in [*files, "empty-dir", "hf-junk", "hf-array", "hf-bert", "hf-strings",
-                                               "fastllm-junk", "step-00000009", "run-empty", "truncated-hf"]}
+                                               "fastllm-junk", "fastllm-array", "step-00000009", "run-empty",
+                                               "truncated-hf"]}
 
 
 def _rows(w: World, f: dict) -> list[tuple[str, list[str], str]]:
@@ -127,6 +129,8 @@ def _rows(w: World, f: dict) -> list[tuple[str, list[str], str]]:
          "model.safetensors: cannot read safetensors"),
         ("convert fastllm.json wrong schema", ["convert", f["fastllm-junk"], str(w.scratch / "o1")],
          "config: expected a mapping, got int"),
+        ("generate fastllm.json array", ["generate", f["fastllm-array"], *GEN],
+         "fastllm.json: not a fastllm model header (expected a JSON object, got list)"),
         ("convert incomplete checkpoint", ["convert", f["step-00000009"], str(w.scratch / "o1")],
          "is incomplete: no COMPLETE marker"),
         ("convert run without checkpoint", ["convert", f["run-empty"], str(w.scratch / "o1")],

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from cli_world import World, run_commands, snapshot
 from fuzz_cases import MARKERS, Case, any_case
 
-BATCH, BATCHES = 55, 6  # 330 command lines in 6 processes
+BATCH, BATCHES = 110, 3  # 330 command lines in 3 processes (each start costs about 2 s)
 MAX_MESSAGE = 1000
 
 
