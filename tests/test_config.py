@@ -175,6 +175,7 @@ def test_bad_recipes_are_config_errors_naming_the_line(tmp_path, source, message
 
 def test_a_bug_below_the_recipe_keeps_its_traceback(tmp_path):
     """An exception of another type raised inside fastllm (not the recipe's own code) is a bug."""
-    (tmp_path / "r.py").write_text("from fastllm import config as c\n\ndef config():\n    return c.merge_partial(3, 4, ['x'])\n")
+    (tmp_path / "r.py").write_text("from fastllm import config as c\n\n"
+                                   "def config():\n    return c.merge_partial(3, 4, ['x'])\n")
     with pytest.raises(AttributeError):
         cfg.load_recipe(tmp_path / "r.py")

@@ -79,7 +79,7 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
     checkpoint.prune(checkpoint_dir(run_dir), keep, remove_partial=True)
 
 
-def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dict[str, Any]]:
+def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, Optional[dict[str, Any]]]:
     """(ModelConfig, params, saved config dict or None) of a training checkpoint, without optimizer state.
 
     ``path`` is a checkpoint directory or a run directory (its newest checkpoint is used); a sharded

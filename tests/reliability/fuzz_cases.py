@@ -89,7 +89,8 @@ def _kind(tp) -> str:
 
 LEAVES = _leaves(Config)
 _TYPED = [(key, tp) for key, tp in LEAVES if _kind(tp) != "other"]
-_SECTIONS = sorted({key.rsplit(".", 1)[0] for key, _ in LEAVES if "." in key} | {key.split(".")[0] for key, _ in LEAVES})
+_SECTIONS = sorted({key.rsplit(".", 1)[0] for key, _ in LEAVES if "." in key}
+                   | {key.split(".")[0] for key, _ in LEAVES})
 
 
 @st.composite
@@ -141,8 +142,8 @@ def _is_key_path(key: str) -> bool:
 
 
 unknown_key = st.builds(
-    lambda section, leaf, value: f"{section + '.' if section else ''}{leaf}=1",
-    st.sampled_from(["", *_SECTIONS]), st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True), _printable,
+    lambda section, leaf: f"{section + '.' if section else ''}{leaf}=1",
+    st.sampled_from(["", *_SECTIONS]), st.from_regex(r"[a-z_][a-z0-9_]{0,10}", fullmatch=True),
 ).filter(lambda text: not _is_key_path(text.split("=")[0]))
 
 malformed = st.one_of(st.sampled_from(["train.steps", "=3", " =1", "optim", "optim=3", "train=1", "model.rope=2"]),
@@ -168,6 +169,7 @@ def override_case(draw) -> Case:
 _VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner,
                                                                                    max_size=3), max_leaves=5)
+junk_file = st.one_of(binary_junk, _VALUES.map(lambda v: json.dumps(v).encode()))  # binary, or JSON of any shape
 
 
 @st.composite
@@ -257,7 +259,8 @@ def prepare_case(draw) -> Case:
             else draw(_bad_int_flag())
         flags = (["--quiet"] if flag == "--workers" else flags) + [f"{flag}={value}"]
     elif bad == "eos":
-        flags += [f"--eos-token={draw(_printable.filter(lambda s: s and not s.startswith('w') and s not in ('[UNK]', '[EOS]')))}"]
+        not_in_vocab = _printable.filter(lambda s: s and not s.startswith("w") and s not in ("[UNK]", "[EOS]"))
+        flags += [f"--eos-token={draw(not_in_vocab)}"]
     elif bad == "existing":  # a bad input onto the world's dataset: it must survive, --overwrite or not
         name, data, _ = draw(bad_jsonl())
         files.append((name, data))
@@ -283,7 +286,7 @@ def bad_model_dir(draw) -> tuple[str, tuple, tuple]:
     kind = draw(st.sampled_from(["cut", "junk-file", "missing-file", "junk-dir", "nothing"]))
     if kind == "junk-dir":
         name = draw(st.sampled_from(["config.json", "fastllm.json", "metadata.json", "sharded.json"]))
-        return "@D@/m", (), ((f"m/{name}", draw(st.one_of(binary_junk, _VALUES.map(lambda v: json.dumps(v).encode())))),)
+        return "@D@/m", (), ((f"m/{name}", draw(junk_file)),)
     if kind == "nothing":
         return draw(st.sampled_from(["@D@/nope", "@CORPUS@", "@D@"])), (), ()
     source = draw(st.sampled_from(sorted(_MODEL_FILES)))
@@ -359,7 +362,7 @@ def train_data_case(draw) -> Case:
     elif kind == "cut-shard":
         files = (("ds/shard-00000.fltok", ("cut", draw(st.integers(0, 100_000)))),)
     elif kind == "manifest-json":
-        files = (("ds/manifest.json", draw(st.one_of(binary_junk, _VALUES.map(lambda v: json.dumps(v).encode())))),)
+        files = (("ds/manifest.json", draw(junk_file)),)
     elif kind == "manifest-cut":
         files = (("ds/manifest.json", ("cut", draw(st.integers(0, 100_000)))),)
     else:  # the manifest edited: a shard's largest id, or the tokenizer's size, beyond the model's 64

@@ -6,8 +6,6 @@ All rows run through the real ``fastllm`` entry point in one driver process (see
 
 from __future__ import annotations
 
-import pytest
-
 from cli_world import VOCAB, World, run_commands, snapshot
 
 GEN = ["--prompt", "w1 w2", "--max-new-tokens", "3"]
@@ -116,7 +114,8 @@ def _rows(w: World, f: dict) -> list[tuple[str, list[str], str]]:
         # --- neighbours: convert and generate sources ---
         ("convert missing source", ["convert", str(w.scratch / "nope"), str(w.scratch / "o1")], "nope: does not exist"),
         ("convert a file", ["convert", str(w.corpus), str(w.scratch / "o1")], "corpus.jsonl: is a file"),
-        ("convert an empty dir", ["convert", f["empty-dir"], str(w.scratch / "o1")], "empty-dir: not a model directory"),
+        ("convert an empty dir", ["convert", f["empty-dir"], str(w.scratch / "o1")],
+         "empty-dir: not a model directory"),
         ("convert binary config.json", ["convert", f["hf-junk"], str(w.scratch / "o1")],
          "config.json: not a Hugging Face config (invalid JSON"),
         ("convert config.json array", ["convert", f["hf-array"], str(w.scratch / "o1")],
@@ -151,7 +150,8 @@ def _rows(w: World, f: dict) -> list[tuple[str, list[str], str]]:
         ("train missing recipe", ["train", str(w.scratch / "nope.py")], "does not exist"),
         ("train recipe syntax", ["train", f["recipe-syntax.py"]], "recipe-syntax.py', line 1: "),
         ("train recipe without config()", ["train", f["recipe-none.py"]], "must define a function config()"),
-        ("train recipe invalid config", ["train", f["recipe-raises.py"]], "line 4: ValueError: train.steps: must be > 0"),
+        ("train recipe invalid config", ["train", f["recipe-raises.py"]],
+         "line 4: ValueError: train.steps: must be > 0"),
         ("train recipe wrong type", ["train", f["recipe-wrong-type.py"]], "config() returned a dict"),
         ("train unknown key", train("--print-config", "train.stepz=3"), "unknown config key 'train.stepz'"),
         ("train malformed override", train("--print-config", "train.steps"), "must look like key.sub=value"),
