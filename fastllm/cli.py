@@ -1,22 +1,80 @@
 """The ``fastllm`` command: ``train``, ``generate``, ``prepare`` and ``convert``.
 
 Every subcommand is a thin front for a Python call (:func:`fastllm.train.run.train`,
-:func:`fastllm.generate.generate`, :func:`fastllm.data.prepare`, :func:`fastllm.hf.convert`);
+:func:`fastllm.generate.generate_text`, :func:`fastllm.data.prepare`, :func:`fastllm.hf.convert`);
 heavy modules are imported only when their subcommand runs.
+
+Bad input of any subcommand (a :class:`fastllm.errors.UserError`, an ``OSError``, a flag argparse
+refuses) ends as one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import sys
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Optional
 
-__all__ = ["main", "build_parser"]
+from fastllm.errors import EXPECTED, UserError, one_line
+
+__all__ = ["main", "build_parser", "ArgumentParser", "report_errors"]
 
 _DELEGATED = (("fastllm.data.cli", "prepare"), ("fastllm.hf.cli", "convert"))
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (its own prints the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def report_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
+    """``run(args)``, with expected errors printed as one line and turned into exit status 2."""
+    try:
+        return int(run(args) or 0)
+    except EXPECTED as error:
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        return 2
+
+
+def _checked(convert: Callable[[str], object], test: Callable[[object], bool], expected: str):
+    """An argparse ``type`` that parses with ``convert`` and accepts what passes ``test``."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not test(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    parse.__name__ = expected  # argparse names the type in some messages
+    return parse
+
+
+positive_int = _checked(int, lambda v: v >= 1, "an integer >= 1")
+non_negative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_temperature = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0: greedy)")
+_top_p = _checked(float, lambda v: 0 < v <= 1, "a probability in (0, 1]")
+_prompt = _checked(str, lambda v: v.strip() != "", "a non-empty prompt")
+
+
+def _device(text: str) -> str:
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return text
 
 
 def _add_train(subparsers) -> None:
@@ -31,22 +89,23 @@ def _add_train(subparsers) -> None:
 
 def _add_generate(subparsers) -> None:
     parser = subparsers.add_parser(
-        "generate", help="sample text from a checkpoint", description="Continue PROMPT with a model from a "
-        "training checkpoint, a run directory (its newest checkpoint) or a Hugging Face directory.")
-    parser.add_argument("checkpoint", help="checkpoint, run or Hugging Face model directory")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: found beside the checkpoint)")
-    parser.add_argument("--device", default="cpu")
+        "generate", help="sample text from a checkpoint", description="Continue PROMPT with a model from a run "
+        "directory (its newest checkpoint), a training checkpoint, a fastllm model directory or a Hugging Face "
+        "directory.")
+    parser.add_argument("checkpoint", help="run, checkpoint, fastllm or Hugging Face model directory")
+    parser.add_argument("--prompt", required=True, type=_prompt)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
+    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
+    parser.add_argument("--top-k", type=positive_int, default=None)
+    parser.add_argument("--top-p", type=_top_p, default=None)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one saved with the model)")
+    parser.add_argument("--device", type=_device, default="cpu")
     parser.set_defaults(_run=_run_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastllm", description="Declarative LLM training on PyTorch.")
+    parser = ArgumentParser(prog="fastllm", description="Declarative LLM training on PyTorch.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(subparsers)
     _add_generate(subparsers)
@@ -55,26 +114,26 @@ def build_parser() -> argparse.ArgumentParser:
             module = importlib.import_module(module_name)
         except ImportError as error:  # keep the other commands usable
             sub = subparsers.add_parser(command, help=f"(unavailable: {error})")
-            sub.set_defaults(_run=lambda args, e=error: _fail(f"fastllm {command} is unavailable: {e}"))
+            sub.set_defaults(_run=lambda args, e=error, c=command: _unavailable(c, e))
             continue
         module.add_parser(subparsers).set_defaults(_run=module.run)
     return parser
 
 
-def _fail(message: str) -> int:
-    print(f"fastllm: error: {message}", file=sys.stderr)
-    return 2
+def _unavailable(command: str, error: ImportError) -> int:
+    raise UserError(f"fastllm {command} is unavailable: {error}")
 
 
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from fastllm.config import ConfigError, load_recipe, to_dict
+    from fastllm.config import load_recipe, to_dict
+    from fastllm.train.config import Config
 
-    try:
-        recipe, config = load_recipe(args.recipe, args.overrides)
-    except ConfigError as error:
-        return _fail(str(error))
+    recipe, config = load_recipe(args.recipe, args.overrides)
+    if not isinstance(config, Config):
+        raise UserError(f"recipe {args.recipe}: config() returned a {type(config).__name__}, expected a "
+                        "fastllm.train.Config")
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0
@@ -84,36 +143,32 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _find_tokenizer(checkpoint: Path, explicit: Optional[str]) -> Path:
-    if explicit:
-        return Path(explicit)
-    for directory in (checkpoint, checkpoint.parent, checkpoint.parent.parent):
-        if (directory / "tokenizer.json").is_file():
-            return directory / "tokenizer.json"
-    raise FileNotFoundError(f"no tokenizer.json beside {checkpoint}; pass --tokenizer")
+def _tokenizer(loaded, explicit: Optional[str], checkpoint: str):
+    """``--tokenizer`` if given, else the one saved with the model; refuses another vocabulary."""
+    from fastllm.data.tokenizer import read_tokenizer
 
-
-def _load_any(path: Path, device: str):
-    from fastllm.train import checkpointing
-
-    if checkpointing.is_training_checkpoint(path):
-        config, params, _ = checkpointing.load_model(path, device=device)
-        return config, params
-    from fastllm import hf
-
-    return hf.load(path, device=device)
+    saved = loaded.tokenizer
+    if explicit is None:
+        if saved is None:
+            raise UserError(f"{checkpoint}: no tokenizer.json saved with the model; pass --tokenizer")
+        return read_tokenizer(saved)
+    tokenizer = read_tokenizer(explicit)
+    if saved is not None and read_tokenizer(saved).get_vocab(True) != tokenizer.get_vocab(True):
+        raise UserError(f"--tokenizer {explicit}: its vocabulary differs from {saved}, the tokenizer the model "
+                        "was saved with (ids would decode to the wrong text)")
+    return tokenizer
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from fastllm.train.run import sample_text
+    import torch
 
-    path = Path(args.checkpoint)
-    if not path.exists():
-        return _fail(f"checkpoint {str(path)!r} does not exist")
-    config, params = _load_any(path, args.device)
-    text = sample_text(config, params, _find_tokenizer(path, args.tokenizer), args.prompt,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                       top_p=args.top_p, seed=args.seed)
+    from fastllm import hf
+    from fastllm.generate import generate_text
+
+    loaded = hf.load_any(args.checkpoint, dtype=torch.float32, device=args.device)
+    tokenizer = _tokenizer(loaded, args.tokenizer, args.checkpoint)
+    text = generate_text(loaded.config, loaded.params, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(text)
     return 0
 
@@ -126,7 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args.overrides = list(args.overrides) + rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    return int(args._run(args) or 0)
+    return report_errors(args._run, args, f"fastllm {args.command}")
 
 
 if __name__ == "__main__":

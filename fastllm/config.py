@@ -12,17 +12,22 @@ A *recipe* is a plain Python file defining ``config()`` that returns the top-lev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.util
 import json
+import math
 import sys
+import traceback
 import types
 import typing
 from pathlib import Path
 import collections.abc
 from collections.abc import Iterable
 from typing import Any, Literal, Union
+
+from fastllm.errors import UserError
 
 __all__ = [
     "ConfigError",
@@ -47,7 +52,7 @@ _FALSE_WORDS = ("false", "no", "off", "0")
 _SEQUENCES = (tuple, list, collections.abc.Sequence)
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A bad config key or value; the message names the dotted key."""
 
 
@@ -83,6 +88,13 @@ def _split_items(text: str) -> list[str]:
     return [item.strip() for item in body.split(",") if item.strip()]
 
 
+def _require_finite(number: float, text: Any) -> None:
+    """No config float may be inf or nan: a comparison such as ``eps > 0`` lets inf through and
+    every comparison is false for nan, so neither would be caught field by field."""
+    if not math.isfinite(number):
+        raise ValueError(f"expected a finite number, got {text!r}")
+
+
 def _parse_scalar(text: str, tp: Any) -> Any:
     if tp is bool:
         word = text.strip().lower()
@@ -104,9 +116,11 @@ def _parse_scalar(text: str, tp: Any) -> Any:
             return int(number)
     if tp is float:
         try:
-            return float(text.replace("_", ""))
+            number = float(text.replace("_", ""))
         except ValueError:
             raise ValueError(f"expected a number, got {text!r}") from None
+        _require_finite(number, text)
+        return number
     if tp is str:
         return text
     if tp is Any:
@@ -270,6 +284,11 @@ def _from_json(value: Any, tp: Any, key: str) -> Any:
         return None
     if dataclasses.is_dataclass(inner):
         return from_dict(inner, value, _prefix=f"{key}.")
+    if inner is float and isinstance(value, float):
+        try:
+            _require_finite(value, value)
+        except ValueError as error:
+            raise ConfigError(f"{key}: {error}") from None
     if typing.get_origin(inner) in _SEQUENCES and isinstance(value, list):
         args = typing.get_args(inner) or (Any, Ellipsis)
         item_types = list(args) if typing.get_origin(inner) is tuple and args[1:] != (Ellipsis,) else [args[0]] * len(value)
@@ -306,10 +325,42 @@ def load_recipe(path: str | Path, overrides: Iterable[str] = ()) -> tuple[types.
         raise ConfigError(f"recipe {str(path)!r} is not a Python file")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses defined in the recipe need their module registered
-    spec.loader.exec_module(module)
-    if not callable(getattr(module, "config", None)):
-        raise ConfigError(f"recipe {str(path)!r} must define a function config() returning the config")
-    return module, apply_overrides(module.config(), overrides)
+    with _recipe_errors(path):
+        # compiled here rather than by spec.loader.exec_module, which would write a __pycache__
+        # beside the recipe: fastllm writes nowhere but run.dir
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)  # noqa: S102 - the user's recipe
+        if not callable(getattr(module, "config", None)):
+            raise ConfigError(f"recipe {str(path)!r} must define a function config() returning the config")
+        config = module.config()
+    if not dataclasses.is_dataclass(config) or isinstance(config, type):
+        raise ConfigError(f"recipe {str(path)!r}: config() returned a {type(config).__name__}, expected a config "
+                          "dataclass (e.g. fastllm.train.Config)")
+    return module, apply_overrides(config, overrides)
+
+
+@contextlib.contextmanager
+def _recipe_errors(path: Path):
+    """A recipe that does not parse, imports what is not there, builds an invalid config or raises
+    in its own code is bad input: one message naming the recipe and its line. An exception raised
+    deeper, in fastllm, of another type, is a bug and propagates with its traceback."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except SyntaxError as error:
+        raise ConfigError(f"recipe {str(path)!r}, line {error.lineno}: {error.msg}") from None
+    except Exception as error:  # noqa: BLE001 - sorted below into the recipe's fault and fastllm's
+        frames = traceback.extract_tb(error.__traceback__)
+        lines = [frame.lineno for frame in frames if _same_file(frame.filename, path)]
+        own = bool(frames) and _same_file(frames[-1].filename, path)
+        if not (own or isinstance(error, (ValueError, TypeError, ImportError))):
+            raise
+        where = f", line {lines[-1]}" if lines else ""
+        raise ConfigError(f"recipe {str(path)!r}{where}: {type(error).__name__}: {error}") from None
+
+
+def _same_file(name: str, path: Path) -> bool:
+    return Path(name).resolve() == path.resolve()
 
 
 def _type_name(tp: Any) -> str:

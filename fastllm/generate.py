@@ -13,6 +13,8 @@ the ``top_k`` most likely tokens and to the smallest set whose probability reach
 
 from __future__ import annotations
 
+import math
+import os
 from typing import Optional
 
 import torch
@@ -20,10 +22,11 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from fastllm import models, random
+from fastllm.errors import UserError
 from fastllm.models.config import ModelConfig
 from fastllm.models.decoder import init_cache
 
-__all__ = ["sample_next", "generate"]
+__all__ = ["sample_next", "generate", "generate_text"]
 
 
 def sample_next(
@@ -35,6 +38,7 @@ def sample_next(
     top_p: Optional[float] = None,
 ) -> Int[Tensor, "batch"]:
     """One token per row: argmax at temperature 0, else a draw from the filtered distribution."""
+    _check_sampling(temperature, top_k, top_p)
     if temperature == 0.0:
         return logits.argmax(dim=-1)
     if key is None:
@@ -53,6 +57,16 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=random.generator(key)).squeeze(-1).to(logits.device)
 
 
+def _check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """Refuse settings that would crash deep in torch (top_k=0) or sample nonsense (temperature < 0)."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1 (or None), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p must be in (0, 1] (or None), got {top_p}")
+
+
 @torch.no_grad()
 def generate(
     config: ModelConfig,
@@ -69,9 +83,13 @@ def generate(
 ) -> Int[Tensor, "batch total"]:
     """``prompt`` followed by up to ``max_new_tokens`` sampled tokens (stops early when every row
     has produced ``eos_id``). ``use_cache=False`` re-runs the whole sequence each step (reference)."""
+    _check_sampling(temperature, top_k, top_p)
+    if max_new_tokens < 0 or prompt.shape[1] < 1:
+        raise UserError(f"need a prompt of at least one token and max_new_tokens >= 0, got {prompt.shape[1]} "
+                        f"and {max_new_tokens}")
     total = prompt.shape[1] + max_new_tokens
     if total > config.max_seq_len:
-        raise ValueError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
+        raise UserError(f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's max_seq_len={config.max_seq_len}")
     dtype = params["embed"]["tokens"].dtype
     cache = init_cache(config, prompt.shape[0], dtype=dtype, device=prompt.device) if use_cache else None
@@ -90,3 +108,32 @@ def generate(
         if eos_id is not None and bool(done.all()):
             break
     return tokens
+
+
+def generate_text(config: ModelConfig, params: dict, tokenizer, prompt: str, *, max_new_tokens: int,
+                  temperature: float = 0.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
+                  seed: int = 0) -> str:
+    """``prompt`` and its sampled continuation, through a ``tokenizers.Tokenizer`` (or tokenizer.json).
+
+    A prompt longer than ``max_seq_len - max_new_tokens`` tokens keeps its end (the latest context).
+    Refuses a tokenizer whose ids do not fit the model, a prompt that encodes to no tokens and a
+    ``max_new_tokens`` that leaves no room for the prompt.
+    """
+    from fastllm.data.tokenizer import read_tokenizer, vocab_size
+
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = read_tokenizer(tokenizer)
+    if vocab_size(tokenizer) > config.vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size(tokenizer)} ids but the model's vocab_size is "
+                        f"{config.vocab_size}: it is another model's tokenizer")
+    if not 1 <= max_new_tokens < config.max_seq_len:
+        raise UserError(f"max_new_tokens must be in [1, {config.max_seq_len - 1}] (the model's max_seq_len is "
+                        f"{config.max_seq_len}), got {max_new_tokens}")
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids[-(config.max_seq_len - max_new_tokens):]
+    if not ids:
+        raise UserError(f"the prompt {prompt!r} encodes to no tokens")
+    device = params["embed"]["tokens"].device
+    out = generate(config, params, torch.tensor([ids], dtype=torch.long, device=device),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                   key=random.key(seed))
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=False)

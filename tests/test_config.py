@@ -147,3 +147,35 @@ def test_overrides_are_validated_together_not_one_by_one():
     assert cfg.apply_overrides(Pair(), ["low=20", "high=30"]) == Pair(20, 30)
     with pytest.raises(cfg.ConfigError, match=r"after overrides \[low=20 high=15\]: low: 20 exceeds high=15"):
         cfg.apply_overrides(Pair(), ["low=20", "high=15"])
+
+
+@pytest.mark.parametrize("text", ["inf", "-inf", "nan", "NaN", "1e999"])
+def test_floats_must_be_finite(text):
+    """A comparison such as ``theta > 0`` lets inf through; nan fails none: the parser refuses both."""
+    with pytest.raises(cfg.ConfigError, match=f"expected a finite number, got '{text}'"):
+        cfg.apply_overrides(Outer(), [f"inner.theta={text}"])
+    with pytest.raises(cfg.ConfigError, match="expected a finite number"):
+        cfg.apply_overrides(Outer(), [f"betas=0.9,{text}"])
+    with pytest.raises(cfg.ConfigError, match="lr: expected a finite number"):
+        cfg.from_dict(Outer, {"lr": float(text)})
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def config(:\n", r"recipe '.*r.py', line 1: "),
+    ("import no_such_module_xyz\n", r"line 1: ModuleNotFoundError: No module named 'no_such_module_xyz'"),
+    ("def config():\n    return dict(lr=undefined)\n", r"line 2: NameError: name 'undefined'"),
+    ("def config():\n    return 3\n", "config\\(\\) returned a int, expected a config dataclass"),
+    ("x = 1\n", r"must define a function config\(\)"),
+])
+def test_bad_recipes_are_config_errors_naming_the_line(tmp_path, source, message):
+    (tmp_path / "r.py").write_text(source)
+    with pytest.raises(cfg.ConfigError, match=message):
+        cfg.load_recipe(tmp_path / "r.py")
+
+
+def test_a_bug_below_the_recipe_keeps_its_traceback(tmp_path):
+    """An exception of another type raised inside fastllm (not the recipe's own code) is a bug."""
+    (tmp_path / "r.py").write_text("from fastllm import config as c\n\n"
+                                   "def config():\n    return c.merge_partial(3, 4, ['x'])\n")
+    with pytest.raises(AttributeError):
+        cfg.load_recipe(tmp_path / "r.py")

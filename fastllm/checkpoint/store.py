@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastllm import tree
+from fastllm.errors import UserError
 from fastllm.tree import PyTree
 
 __all__ = ["CheckpointError", "save", "load", "verify", "is_complete", "FORMAT"]
@@ -31,8 +32,10 @@ _CHUNK = 8 << 20
 PathLike = Union[str, os.PathLike]
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint directory that is incomplete, corrupt or does not match what was asked for."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint directory that is incomplete, corrupt or does not match what was asked for.
+
+    Also a RuntimeError, as it was before it became a :class:`UserError`."""
 
 
 def _fsync_file(path: Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from fastllm import random
 from fastllm.data.packing import numpy_generator
+from fastllm.errors import UserError
 
 __all__ = ["Blend"]
 
@@ -32,7 +33,7 @@ class Blend:
     def __init__(self, weights: Sequence[float | int] | np.ndarray, key: random.Key, block_size: int = 4096):
         weights = np.asarray(weights, dtype=np.float64)
         if len(weights) == 0 or np.any(~np.isfinite(weights)) or np.any(weights <= 0):
-            raise ValueError(f"blend weights must be positive and finite, got {weights.tolist()}")
+            raise UserError(f"blend weights must be positive and finite, got {weights.tolist()}")
         self.weights = weights / weights.sum()
         self.block_size = max(block_size, math.ceil(2.0 / self.weights.min()))
         cumulative = np.concatenate([[0.0], np.cumsum(self.weights)])

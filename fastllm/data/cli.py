@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from fastllm.cli import ArgumentParser, positive_int, report_errors
 from fastllm.data.prepare import prepare
 
 __all__ = ["add_parser", "run", "main"]
@@ -27,11 +28,11 @@ def _configure(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--response-field", default=None, help="SFT: field of the response")
     parser.add_argument("--text-mode", choices=("file", "line"), default="file",
                         help="plain text files: one document per file or per line")
-    parser.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
+    parser.add_argument("--workers", type=positive_int, default=None, help="tokenizer processes (default: all cores)")
     parser.add_argument("--eos-token", default=None, help="EOS token appended to each document")
     parser.add_argument("--add-special-tokens", action="store_true",
                         help="let the tokenizer add its own special tokens (e.g. BOS)")
-    parser.add_argument("--shard-tokens", type=int, default=1 << 28, help="tokens per shard (about)")
+    parser.add_argument("--shard-tokens", type=positive_int, default=1 << 28, help="tokens per shard (about)")
     parser.add_argument("--overwrite", action="store_true", help="replace a dataset prepared from other inputs")
     parser.add_argument("--quiet", action="store_true", help="no progress line")
     return parser
@@ -60,12 +61,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = _configure(argparse.ArgumentParser(prog="fastllm prepare", description=__doc__.splitlines()[0]))
-    try:
-        return run(parser.parse_args(argv))
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, TypeError, ImportError) as error:
-        print(f"fastllm prepare: error: {error}", file=sys.stderr)
-        return 2
+    parser = _configure(ArgumentParser(prog="fastllm prepare", description=__doc__.splitlines()[0]))
+    return report_errors(run, parser.parse_args(argv), "fastllm prepare")
 
 
 if __name__ == "__main__":

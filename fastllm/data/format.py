@@ -26,6 +26,8 @@ from typing import Optional
 
 import numpy as np
 
+from fastllm.errors import UserError
+
 __all__ = ["MAGIC", "VERSION", "HEADER_BYTES", "ShardError", "Shard", "ShardWriter", "open_shard",
            "token_dtype", "payload_sha256"]
 
@@ -37,7 +39,7 @@ _FLAG_LOSS_MASK = 1
 _DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 
 
-class ShardError(ValueError):
+class ShardError(UserError):
     """A shard file that is truncated, corrupt, or not a fastllm token shard."""
 
 
@@ -119,6 +121,7 @@ class ShardWriter:
         self._mask = tempfile.TemporaryFile(dir=os.path.dirname(self.path) or ".") if with_loss_mask else None
         self._digest = hashlib.sha256()
         self._offsets = [0]
+        self.max_id = -1  # the largest token id written (the manifest records it per shard)
 
     @property
     def n_tokens(self) -> int:
@@ -134,6 +137,7 @@ class ShardWriter:
             raise ValueError(f"{self.path}: a document must hold at least one token")
         if (loss_mask is None) != (self._mask is None):
             raise ValueError(f"{self.path}: loss_mask given to a writer opened with_loss_mask={self._mask is not None}")
+        self.max_id = max(self.max_id, int(np.max(tokens)))
         data = np.ascontiguousarray(tokens, dtype=self.dtype).tobytes()
         self._file.write(data)
         self._digest.update(data)

@@ -27,6 +27,7 @@ from fastllm.data.blending import Blend
 from fastllm.data.config import DataConfig
 from fastllm.data.dataset import open_dataset, split_documents
 from fastllm.data.packing import PackedSequences
+from fastllm.errors import UserError
 
 __all__ = ["Loader", "make_loader", "build_split"]
 
@@ -38,14 +39,14 @@ def build_split(config: DataConfig, split: str = "train") -> tuple[list[PackedSe
     if split not in ("train", "validation"):
         raise ValueError(f"split must be 'train' or 'validation', got {split!r}")
     if split == "validation" and not config.validation and config.validation_fraction == 0:
-        raise ValueError("split='validation' needs data.validation datasets or data.validation_fraction > 0")
+        raise UserError("split='validation' needs data.validation datasets or data.validation_fraction > 0")
     specs = config.validation if (split == "validation" and config.validation) else config.datasets
     if not specs:
-        raise ValueError("data.datasets: no datasets configured")
+        raise UserError("data.datasets: no datasets configured")
     datasets = [open_dataset(s.path, verify=config.verify, vocab_size=config.vocab_size) for s in specs]
     for spec, dataset in zip(specs[1:], datasets[1:]):
         if dataset.tokenizer_sha256 != datasets[0].tokenizer_sha256:
-            raise ValueError(f"{spec.path} was tokenized with tokenizer {dataset.tokenizer_sha256[:12]} but "
+            raise UserError(f"{spec.path} was tokenized with tokenizer {dataset.tokenizer_sha256[:12]} but "
                              f"{specs[0].path} with {datasets[0].tokenizer_sha256[:12]}; blend only datasets "
                              "prepared with the same tokenizer")
     root = random.fold_in(random.key(config.seed), split)
@@ -151,10 +152,10 @@ class Loader:
         for name in ("seed", "global_batch_size", "seq_len"):
             mine = self.state_dict()[name]
             if int(state[name]) != mine:
-                raise ValueError(f"loader state has {name}={state[name]} but this loader has {mine}; "
+                raise UserError(f"loader state has {name}={state[name]} but this loader has {mine}; "
                                  "resuming would change the data order")
         if int(state["micro_step"]) != 0 and int(state["dp_size"]) != self.dp_size:
-            raise ValueError("the data-parallel size can only change at a step boundary (micro_step 0)")
+            raise UserError("the data-parallel size can only change at a step boundary (micro_step 0)")
         self.close()
         self.step, self.micro_step = int(state["step"]), int(state["micro_step"])
 
@@ -165,15 +166,15 @@ def make_loader(config: DataConfig, *, micro_batch_size: int, global_batch_size:
     """This rank's loader. Give ``global_batch_size`` (rows per optimizer step, all ranks) or
     ``grad_accumulation`` (micro-batches per step per rank), or neither for one micro-batch a step."""
     if micro_batch_size < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
-        raise ValueError(f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got {micro_batch_size}, "
+        raise UserError(f"need micro_batch_size >= 1 and 0 <= dp_rank < dp_size, got {micro_batch_size}, "
                          f"{dp_rank}, {dp_size}")
     if global_batch_size is not None and grad_accumulation is not None:
         if global_batch_size != micro_batch_size * dp_size * grad_accumulation:
-            raise ValueError(f"global_batch_size {global_batch_size} != micro_batch_size {micro_batch_size} * "
+            raise UserError(f"global_batch_size {global_batch_size} != micro_batch_size {micro_batch_size} * "
                              f"dp_size {dp_size} * grad_accumulation {grad_accumulation}")
     if global_batch_size is not None:
         if global_batch_size % (micro_batch_size * dp_size):
-            raise ValueError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
+            raise UserError(f"global_batch_size {global_batch_size} is not a multiple of micro_batch_size "
                              f"{micro_batch_size} * dp_size {dp_size}")
         grad_accumulation = global_batch_size // (micro_batch_size * dp_size)
     grad_accumulation = grad_accumulation or 1

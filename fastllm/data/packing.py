@@ -23,6 +23,8 @@ import numpy as np
 
 from fastllm import random
 from fastllm.data.dataset import TokenDataset
+from fastllm.data.format import ShardError
+from fastllm.errors import UserError
 
 __all__ = ["IGNORE_INDEX", "PackedSequences", "numpy_generator"]
 
@@ -49,7 +51,7 @@ class PackedSequences:
         total = int(self.lengths.sum())
         self.rows_per_epoch = (total - 1) // seq_len if total else 0
         if self.rows_per_epoch < 1:
-            raise ValueError(f"{dataset.path}: this split holds {total} tokens in {len(self.doc_ids)} documents, "
+            raise UserError(f"{dataset.path}: this split holds {total} tokens in {len(self.doc_ids)} documents, "
                              f"fewer than one row of seq_len + 1 = {seq_len + 1} tokens")
         self._epochs: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -87,6 +89,10 @@ class PackedSequences:
         tokens, masks = self._pieces(index)
         sizes = [len(t) for t in tokens]
         stream = np.concatenate(tokens).astype(np.int64)  # [L + 1]
+        limit = self.dataset.id_limit
+        if limit is not None and int(stream.max()) >= limit:  # a shard changed since it was opened and checked
+            raise ShardError(f"{self.dataset.path}: row {index} holds token id {int(stream.max())}, but the "
+                             f"model's vocab_size is {limit}; the data changed after prepare (corrupt shard?)")
         segments = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
         positions = np.arange(len(stream), dtype=np.int64) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
         targets = stream[1:].copy()

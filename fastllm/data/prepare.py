@@ -6,8 +6,11 @@ With ``prompt_field``/``response_field`` each document is ``prompt + response + 
 mask excludes the prompt tokens (supervised fine-tuning).
 
 Re-running with the same inputs, tokenizer and options finds the manifest's fingerprint unchanged
-and does nothing. The manifest is written last and atomically, after every shard was renamed into
-place, so a directory without ``manifest.json`` is an unfinished run and is never read as data.
+and does nothing. Shards are written into a staging directory (``output/.prepare-*``) and moved
+into place only after every input was read; the manifest is written last and atomically, so a
+directory without ``manifest.json`` is an unfinished run and is never read as data, and bad input
+found halfway leaves the dataset that was there untouched. The manifest records each shard's
+largest token id, so training refuses ids its model's vocabulary cannot hold without reading the data.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import hashlib
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections import deque
 from pathlib import Path
 from collections.abc import Iterator, Sequence
@@ -27,6 +32,7 @@ from fastllm.data.format import ShardWriter, open_shard, token_dtype
 from fastllm.data.progress import Progress
 from fastllm.data.sources import Source, file_sha256, read_records, resolve_inputs
 from fastllm.data.tokenizer import TokenizerInfo, load_tokenizer
+from fastllm.errors import UserError, read_json
 
 __all__ = ["prepare", "MANIFEST", "FORMAT_NAME"]
 
@@ -112,7 +118,7 @@ def _fingerprint(sources: list[Source], info: TokenizerInfo, options: dict) -> t
 def _is_complete(output: Path, manifest: dict) -> bool:
     try:
         shards = [open_shard(output / s["file"]) for s in manifest["shards"]]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return False
     return all(s.n_tokens == m["tokens"] for s, m in zip(shards, manifest["shards"]))
 
@@ -128,8 +134,8 @@ def _write_shards(output: Path, encoded, dtype, with_mask: bool, shard_tokens: i
     shards, writer, docs, tokens, skipped = [], None, 0, 0, 0
 
     def publish():
-        shards.append({"file": Path(writer.path).name, "tokens": writer.n_tokens,
-                       "documents": writer.n_docs, "sha256": writer.close()})
+        shards.append({"file": Path(writer.path).name, "tokens": writer.n_tokens, "documents": writer.n_docs,
+                       "max_id": writer.max_id, "sha256": writer.close()})
 
     try:
         for batch_tokens, lengths, mask, batch_skipped in encoded:
@@ -155,6 +161,38 @@ def _write_shards(output: Path, encoded, dtype, with_mask: bool, shard_tokens: i
     return shards, docs, tokens, skipped
 
 
+def _check_options(prompt_field, response_field, text_mode: str, shard_tokens: int, batch_docs: int,
+                   workers: Optional[int]) -> None:
+    if (prompt_field is None) != (response_field is None):
+        raise UserError("prompt_field and response_field go together (supervised fine-tuning data)")
+    if text_mode not in ("file", "line"):
+        raise UserError(f"text_mode must be 'file' or 'line', got {text_mode!r}")
+    if shard_tokens < 1 or batch_docs < 1 or (workers is not None and workers < 1):
+        raise UserError(f"shard_tokens, batch_docs and workers must be >= 1, got {shard_tokens}, {batch_docs}, "
+                        f"{workers}")
+
+
+def _existing(output: Path) -> Optional[dict]:
+    """The manifest already in ``output`` ({} when unreadable: a dataset of unknown origin), or None."""
+    if not (output / MANIFEST).is_file():
+        return None
+    try:
+        return read_json(output / MANIFEST, "manifest")
+    except UserError:
+        return {}
+
+
+def _publish(staging: Path, output: Path, shards: list[dict], manifest: dict) -> None:
+    """Replace what ``output`` held by the staged shards: old manifest out first, new one in last, so
+    a crash in between leaves shards without a manifest (read as unfinished), never a mix."""
+    _clear(output)
+    for shard in shards:
+        os.replace(staging / shard["file"], output / shard["file"])
+    temporary = output / (MANIFEST + ".partial")
+    temporary.write_text(json.dumps(manifest, indent=1))
+    os.replace(temporary, output / MANIFEST)
+
+
 def prepare(
     inputs: Sequence[str | os.PathLike] | str | os.PathLike,
     tokenizer: str | os.PathLike,
@@ -173,11 +211,11 @@ def prepare(
     progress: bool = True,
 ) -> dict:
     """Tokenize ``inputs`` with ``tokenizer`` into ``output``; returns the manifest (also written
-    to ``output/manifest.json``). See the module docstring for the format and guarantees."""
-    if (prompt_field is None) != (response_field is None):
-        raise ValueError("prompt_field and response_field go together (supervised fine-tuning data)")
-    if shard_tokens < 1 or batch_docs < 1:
-        raise ValueError(f"shard_tokens and batch_docs must be >= 1, got {shard_tokens}, {batch_docs}")
+    to ``output/manifest.json``). See the module docstring for the format and guarantees.
+
+    Shards are written into a staging directory inside ``output`` and moved into place only once
+    every input was read, so bad input (or an interruption) leaves a dataset already there intact."""
+    _check_options(prompt_field, response_field, text_mode, shard_tokens, batch_docs, workers)
     fields = [prompt_field, response_field] if prompt_field else [text_field]
     sources = resolve_inputs(inputs)
     backend, info = load_tokenizer(tokenizer, eos_token)
@@ -186,40 +224,49 @@ def prepare(
     described, fingerprint = _fingerprint(sources, info, options)
 
     output = Path(output)
+    existing = _existing(output)
+    if existing and existing.get("fingerprint") == fingerprint and _is_complete(output, existing):
+        return existing  # same inputs, tokenizer and options: nothing to do
+    if existing is not None and existing.get("fingerprint") != fingerprint and not overwrite:
+        raise FileExistsError(f"{output} holds a dataset prepared from other inputs, tokenizer or options; "
+                              "pass overwrite=True (--overwrite) or choose another output directory")
+    created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    manifest_path = output / MANIFEST
-    if manifest_path.is_file():
-        existing = json.loads(manifest_path.read_text())
-        if existing.get("fingerprint") == fingerprint and _is_complete(output, existing):
-            return existing  # same inputs, tokenizer and options: nothing to do
-        if existing.get("fingerprint") != fingerprint and not overwrite:
-            raise FileExistsError(f"{output} holds a dataset prepared from other inputs, tokenizer or options; "
-                                  "pass overwrite=True (--overwrite) or choose another output directory")
-    _clear(output)
+    staging = Path(tempfile.mkdtemp(prefix=".prepare-", dir=output))
+    try:
+        shards, docs, tokens, skipped = _tokenize(sources, fields, text_mode, (backend, info), workers,
+                                                  add_special_tokens, (batch_docs, shard_tokens), staging, progress)
+        if docs == 0:
+            raise UserError(f"no documents in {[s.path for s in sources]}: every input is empty "
+                            f"(fields {fields}, {skipped} empty texts skipped)")
+        manifest = {
+            "format": FORMAT_NAME, "version": 1, "fingerprint": fingerprint, "sources": described,
+            "tokenizer": {"path": info.path, "sha256": info.sha256, "vocab_size": info.vocab_size,
+                          "eos_id": info.eos_id, "eos_token": info.eos_token},
+            "options": options, "dtype": str(token_dtype(info.vocab_size).name),
+            "has_loss_mask": prompt_field is not None, "documents": docs, "tokens": tokens,
+            "skipped_empty": skipped, "shards": shards,
+        }
+        _publish(staging, output, shards, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output.iterdir()):
+            output.rmdir()  # bad input leaves no trace
+    return manifest
 
+
+def _tokenize(sources, fields, text_mode, tokenizer, workers, add_special_tokens, sizes, staging,
+              progress) -> tuple[list[dict], int, int, int]:
+    """(shards, documents, tokens, skipped empty texts), the shards written into ``staging``;
+    ``tokenizer`` is (backend, info), ``sizes`` (documents per batch, tokens per shard)."""
+    (backend, info), (batch_docs, shard_tokens) = tokenizer, sizes
     workers = workers if workers is not None else len(os.sched_getaffinity(0))
     position = {"files_done": 0, "files_total": len(sources)}
     bar = Progress("prepare", enabled=progress)
-    encoded = _encoded(backend, info, _batches(sources, fields, text_mode, batch_docs, position), workers,
-                       add_special_tokens)
+    batches = _batches(sources, fields, text_mode, batch_docs, position)
+    encoded = _encoded(backend, info, batches, workers, add_special_tokens)
     try:
-        shards, docs, tokens, skipped = _write_shards(
-            output, encoded, token_dtype(info.vocab_size), prompt_field is not None, shard_tokens, bar, position)
+        return _write_shards(staging, encoded, token_dtype(info.vocab_size), len(fields) == 2, shard_tokens, bar,
+                             position)
     finally:
         bar.close()
-    if docs == 0:
-        _clear(output)
-        raise ValueError(f"no documents in {[s.path for s in sources]}: every input is empty "
-                         f"(fields {fields}, {skipped} empty texts skipped)")
-
-    manifest = {
-        "format": FORMAT_NAME, "version": 1, "fingerprint": fingerprint, "sources": described,
-        "tokenizer": {"path": info.path, "sha256": info.sha256, "vocab_size": info.vocab_size,
-                      "eos_id": info.eos_id, "eos_token": info.eos_token},
-        "options": options, "dtype": str(token_dtype(info.vocab_size).name), "has_loss_mask": prompt_field is not None,
-        "documents": docs, "tokens": tokens, "skipped_empty": skipped, "shards": shards,
-    }
-    temporary = output / (MANIFEST + ".partial")
-    temporary.write_text(json.dumps(manifest, indent=1))
-    os.replace(temporary, manifest_path)
-    return manifest

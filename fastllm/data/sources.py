@@ -7,15 +7,18 @@ Parquet and Arrow need ``pyarrow``, imported only when such an input is read.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
-import io
 import json
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Iterator, Sequence
 from typing import Literal
+
+from fastllm.errors import UserError, one_line, read_json
 
 __all__ = ["Source", "resolve_inputs", "read_records", "file_sha256"]
 
@@ -44,8 +47,12 @@ def _kind_of(path: Path) -> SourceKind | None:
 
 
 def _arrow_dataset(directory: Path) -> Source:
-    state = json.loads((directory / "state.json").read_text())
-    names = [entry["filename"] for entry in state.get("_data_files", [])]
+    state = read_json(directory / "state.json", "datasets state file")
+    entries = state.get("_data_files") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("filename"), str)
+                                                for e in entries):
+        raise UserError(f"{directory / 'state.json'}: '_data_files' must be a list of {{\"filename\": ...}}")
+    names = [entry["filename"] for entry in entries]
     names = names or sorted(p.name for p in directory.glob("*.arrow"))
     files = tuple(str(directory / name) for name in names)
     missing = [f for f in files if not os.path.isfile(f)]
@@ -57,7 +64,7 @@ def _arrow_dataset(directory: Path) -> Source:
 def _resolve_directory(directory: Path) -> list[Source]:
     if (directory / "dataset_dict.json").is_file():
         splits = sorted(p.name for p in directory.iterdir() if p.is_dir())
-        raise ValueError(f"{directory} is a datasets DatasetDict; pass one split directory, e.g. "
+        raise UserError(f"{directory} is a datasets DatasetDict; pass one split directory, e.g. "
                          f"{directory / (splits[0] if splits else 'train')}")
     if (directory / "state.json").is_file():
         return [_arrow_dataset(directory)]
@@ -84,13 +91,13 @@ def resolve_inputs(inputs: Sequence[str | os.PathLike]) -> list[Source]:
         elif path.is_file():
             kind = _kind_of(path)
             if kind is None:
-                raise ValueError(f"{path}: unsupported input type; expected one of {sorted(_SUFFIXES)}, "
+                raise UserError(f"{path}: unsupported input type; expected one of {sorted(_SUFFIXES)}, "
                                  "or a directory")
             sources.append(Source(str(path), kind, (str(path),)))
         else:
             raise FileNotFoundError(f"input not found: {path}")
     if not sources:
-        raise ValueError(f"no input files found in {[str(i) for i in inputs]} "
+        raise UserError(f"no input files found in {[str(i) for i in inputs]} "
                          f"(looked for {sorted(_SUFFIXES)} files and datasets directories)")
     return sources
 
@@ -99,26 +106,35 @@ def _field_values(record: dict, fields: Sequence[str], where: str) -> tuple[str,
     values = []
     for field in fields:
         if field not in record:
-            raise KeyError(f"{where}: no field {field!r} (fields present: {sorted(record)})")
+            raise UserError(f"{where}: no field {field!r} (fields present: {sorted(record)})")
         value = record[field]
         if not isinstance(value, str):
-            raise TypeError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
+            raise UserError(f"{where}: field {field!r} must be a string, got {type(value).__name__}")
         values.append(value)
     return tuple(values)
 
 
+def _decoded(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{where}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                        "inputs must be UTF-8") from None
+
+
 def _read_jsonl(file: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
     opener = gzip.open if file.endswith(".gz") else open
-    with opener(file, "rt", encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with opener(file, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = _decoded(raw, f"{file}:{number}")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{file}:{number}: invalid JSON ({error.msg})") from None
+                raise UserError(f"{file}:{number}: invalid JSON ({error.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{file}:{number}: expected a JSON object per line")
+                raise UserError(f"{file}:{number}: expected a JSON object per line")
             yield _field_values(record, fields, f"{file}:{number}")
 
 
@@ -128,15 +144,15 @@ def _pyarrow():
         import pyarrow.ipc  # noqa: F401
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ImportError("reading Parquet or datasets directories needs the `pyarrow` package: "
-                          "pip install pyarrow") from None
+        raise UserError("reading Parquet or datasets directories needs the `pyarrow` package: "
+                        "pip install pyarrow") from None
     return pyarrow
 
 
 def _check_columns(fields: Sequence[str], names: Sequence[str], file: str) -> None:
     missing = [f for f in fields if f not in names]
     if missing:
-        raise KeyError(f"{file}: no column {missing[0]!r} (columns present: {list(names)})")
+        raise UserError(f"{file}: no column {missing[0]!r} (columns present: {list(names)})")
 
 
 def _read_batches(batches, fields: Sequence[str], file: str) -> Iterator[tuple[str, ...]]:
@@ -168,28 +184,46 @@ def _read_arrow(file: str, fields: Sequence[str]) -> Iterator[tuple[str, ...]]:
 
 def _read_text(file: str, fields: Sequence[str], text_mode: str) -> Iterator[tuple[str, ...]]:
     if len(fields) != 1:
-        raise ValueError(f"{file}: plain text files hold one text per document, not fields {list(fields)}")
-    with io.open(file, encoding="utf-8") as f:
+        raise UserError(f"{file}: plain text files hold one text per document, not fields {list(fields)}")
+    with open(file, "rb") as f:
         if text_mode == "file":
-            yield (f.read(),)
+            yield (_decoded(f.read(), file),)
         else:
-            yield from ((line.rstrip("\n"),) for line in f)
+            yield from ((_decoded(raw, f"{file}:{number}").rstrip("\n"),) for number, raw in enumerate(f, 1))
 
 
 def read_records(source: Source, fields: Sequence[str], text_mode: str = "file") -> Iterator[tuple[str, ...]]:
     """Records of ``fields`` from every file of ``source``; ``text_mode`` ("file" or "line") says
     whether a plain text file is one document or one document per line."""
     if text_mode not in ("file", "line"):
-        raise ValueError(f"text_mode must be 'file' or 'line', got {text_mode!r}")
+        raise UserError(f"text_mode must be 'file' or 'line', got {text_mode!r}")
     for file in source.files:
-        if source.kind == "jsonl":
-            yield from _read_jsonl(file, fields)
-        elif source.kind == "parquet":
-            yield from _read_parquet(file, fields)
-        elif source.kind == "arrow":
-            yield from _read_arrow(file, fields)
-        else:
-            yield from _read_text(file, fields, text_mode)
+        with _container_errors(file, source.kind):
+            if source.kind == "jsonl":
+                yield from _read_jsonl(file, fields)
+            elif source.kind == "parquet":
+                yield from _read_parquet(file, fields)
+            elif source.kind == "arrow":
+                yield from _read_arrow(file, fields)
+            else:
+                yield from _read_text(file, fields, text_mode)
+
+
+@contextlib.contextmanager
+def _container_errors(file: str, kind: str) -> Iterator[None]:
+    """A truncated or foreign gzip, Parquet or Arrow file is reported by its library without the
+    file's name (an EOFError, a zlib or Arrow error); name it here."""
+    arrow_error = _arrow_error_type() if kind in ("parquet", "arrow") else ()
+    try:
+        yield
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise UserError(f"{file}: truncated or corrupt gzip file ({error})") from None
+    except arrow_error as error:
+        raise UserError(f"{file}: not a readable {kind} file ({one_line(error)})") from None
+
+
+def _arrow_error_type() -> tuple[type, ...]:
+    return (_pyarrow().ArrowException,)
 
 
 def file_sha256(file: str) -> str:

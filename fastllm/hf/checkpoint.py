@@ -12,10 +12,14 @@ import os
 import shutil
 from pathlib import Path
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from fastllm.data.tokenizer import read_tokenizer
+from fastllm.errors import UserError, read_json, reading
 
 __all__ = [
     "SafetensorsReader",
@@ -40,12 +44,9 @@ def read_config(path: str | os.PathLike) -> dict:
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{path}: no config.json; not a Hugging Face checkpoint directory")
-    with open(config_path) as f:
-        raw = json.load(f)
-    if not isinstance(raw, dict):
-        raise ValueError(f"{config_path}: expected a JSON object")
+    raw = read_json(config_path, "Hugging Face config")
     if raw.get("auto_map"):
-        raise ValueError(f"{config_path}: 'auto_map' = {raw['auto_map']!r} asks for custom (remote) code; "
+        raise UserError(f"{config_path}: 'auto_map' = {raw['auto_map']!r} asks for custom (remote) code; "
                          "fastllm never runs checkpoint code, only the built-in architectures are supported")
     return raw
 
@@ -60,20 +61,19 @@ class SafetensorsReader:
     @staticmethod
     def _locate(path: Path) -> dict[str, str]:
         if (path / INDEX_FILE).is_file():
-            with open(path / INDEX_FILE) as f:
-                weight_map = json.load(f).get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{path / INDEX_FILE}: no 'weight_map' object")
+            weight_map = read_json(path / INDEX_FILE, "safetensors index").get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise UserError(f"{path / INDEX_FILE}: no 'weight_map' object of tensor name -> file name")
             for shard in set(weight_map.values()):
                 if not (path / shard).is_file():
                     raise FileNotFoundError(f"{path / INDEX_FILE} names the shard {shard!r}, which is missing")
             return dict(weight_map)
         if (path / SINGLE_FILE).is_file():
-            with safe_open(path / SINGLE_FILE, framework="pt") as f:
+            with reading(path / SINGLE_FILE, "safetensors"), safe_open(path / SINGLE_FILE, framework="pt") as f:
                 return {name: SINGLE_FILE for name in f.keys()}
         pickles = [name for name in _PICKLE_FILES if (path / name).exists()]
         if pickles:
-            raise ValueError(f"{path}: only {', '.join(pickles)} found; fastllm requires safetensors "
+            raise UserError(f"{path}: only {', '.join(pickles)} found; fastllm requires safetensors "
                              f"({SINGLE_FILE} or {INDEX_FILE}) and never loads pickled weights. "
                              "Re-save with save_pretrained(..., safe_serialization=True).")
         raise FileNotFoundError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
@@ -82,7 +82,8 @@ class SafetensorsReader:
         return list(self._file_of)
 
     def get(self, name: str) -> torch.Tensor:
-        with safe_open(self.path / self._file_of[name], framework="pt") as f:
+        file = self.path / self._file_of[name]
+        with reading(file, "safetensors"), safe_open(file, framework="pt") as f:
             return f.get_tensor(name)
 
     def __contains__(self, name: str) -> bool:
@@ -106,7 +107,7 @@ def _shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> Iterator[
 def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, max_shard_bytes: int) -> None:
     """model.safetensors, or model-0000k-of-0000n.safetensors shards plus the index transformers reads."""
     if max_shard_bytes <= 0:
-        raise ValueError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
+        raise UserError(f"max_shard_bytes must be > 0, got {max_shard_bytes}")
     path = Path(path)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     shards = list(_shards(tensors, max_shard_bytes))
@@ -125,9 +126,12 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         json.dump(index, f, indent=2)
 
 
-def write_tokenizer(tokenizer, path: str | os.PathLike) -> None:
+def write_tokenizer(tokenizer, path: str | os.PathLike, specials: Optional[dict[str, str]] = None) -> None:
     """tokenizer.json (+ tokenizer_config.json) from a ``tokenizers.Tokenizer``, a tokenizer.json path
-    or a directory holding one, in the layout ``transformers.AutoTokenizer.from_pretrained`` reads."""
+    or a directory holding one, in the layout ``transformers.AutoTokenizer.from_pretrained`` reads.
+
+    ``specials`` (``{"bos_token": "<s>", "eos_token": "</s>"}``) fills in the tokenizer config's
+    entries a copied config does not already set, so transformers knows where a sequence ends."""
     from tokenizers import Tokenizer
 
     path = Path(path)
@@ -141,14 +145,18 @@ def write_tokenizer(tokenizer, path: str | os.PathLike) -> None:
             if (source / name).is_file():
                 shutil.copyfile(source / name, path / name)
     elif isinstance(tokenizer, (str, os.PathLike)) and Path(tokenizer).is_file():
-        Tokenizer.from_file(str(tokenizer))  # fail here, not in the user's later from_pretrained
+        read_tokenizer(tokenizer)  # fail here, not in the user's later from_pretrained
         shutil.copyfile(tokenizer, path / "tokenizer.json")
     else:
         raise TypeError(f"tokenizer must be a tokenizers.Tokenizer, a tokenizer.json path or a directory, "
                         f"got {tokenizer!r}")
-    if not (path / "tokenizer_config.json").is_file():
-        with open(path / "tokenizer_config.json", "w") as f:
-            json.dump({"tokenizer_class": "PreTrainedTokenizerFast"}, f, indent=2)
+    _write_tokenizer_config(path / "tokenizer_config.json", specials or {})
+
+
+def _write_tokenizer_config(file: Path, specials: dict[str, str]) -> None:
+    config = read_json(file, "tokenizer config") if file.is_file() else {"tokenizer_class": "PreTrainedTokenizerFast"}
+    config = {**specials, **config}  # what a copied config says wins
+    file.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def copy_aux_files(src: str | os.PathLike, dst: str | os.PathLike) -> None:

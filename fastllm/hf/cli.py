@@ -10,6 +10,8 @@ import argparse
 
 import torch
 
+from fastllm.cli import positive_int
+
 __all__ = ["add_parser", "run", "DTYPES"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -18,15 +20,17 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def add_parser(subparsers) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "convert", help="convert a checkpoint between Hugging Face and fastllm formats",
-        description="Convert a model directory between Hugging Face (config.json + safetensors) and "
-                    "fastllm (fastllm.json + model.safetensors). The source format is detected from its files.")
-    parser.add_argument("src", help="source checkpoint directory")
-    parser.add_argument("dst", help="destination directory (must not exist or be empty)")
+        description="Convert a model to Hugging Face (config.json + safetensors) or fastllm (fastllm.json + "
+                    "model.safetensors) format. The source may be a training run directory (its newest "
+                    "checkpoint), a training checkpoint, a fastllm or a Hugging Face directory; its format is "
+                    "detected from its files.")
+    parser.add_argument("src", help="run, checkpoint, fastllm or Hugging Face directory")
+    parser.add_argument("dst", help="destination directory (must not exist, or be empty)")
     parser.add_argument("--to", choices=("hf", "fastllm"), default=None,
-                        help="target format (default: the other one)")
+                        help="target format (default: fastllm for a Hugging Face source, else hf)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                         help="cast the weights (default: keep the stored dtype)")
-    parser.add_argument("--max-shard-bytes", type=int, default=None,
+    parser.add_argument("--max-shard-bytes", type=positive_int, default=None,
                         help="split Hugging Face safetensors into shards of at most this size")
     parser.set_defaults(run=run)
     return parser

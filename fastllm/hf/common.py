@@ -7,6 +7,7 @@ value, so a checkpoint never loads with silently different maths.
 
 from __future__ import annotations
 
+from fastllm.errors import UserError
 from fastllm.hf.rules import Rule, rename
 from fastllm.models.config import ModelConfig, RopeConfig
 from fastllm.models.decoder import layer_window
@@ -26,7 +27,7 @@ __all__ = [
 ]
 
 
-class UnsupportedConfig(ValueError):
+class UnsupportedConfig(UserError):
     """A Hugging Face config (or a ModelConfig to export) uses a feature fastllm does not implement."""
 
 

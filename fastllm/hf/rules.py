@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastllm.errors import UserError
+
 __all__ = ["Rule", "rename", "heads_in", "heads_out", "transposed", "load_tensors", "save_tensors"]
 
 Fn = Callable[..., Sequence[torch.Tensor]]
@@ -81,7 +83,7 @@ def save_tensors(rules: list[Rule], flat: dict[str, torch.Tensor], source: str) 
 def _require_match(what: str, missing: list[str], unexpected: list[str]) -> None:
     """One error naming every missing and every unexpected name."""
     if missing or unexpected:
-        raise ValueError(f"{what}: missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
+        raise UserError(f"{what}: missing {missing or 'nothing'}; unexpected {unexpected or 'nothing'}")
 
 
 def _run(fn: Fn, inputs: list[torch.Tensor], names: tuple[str, ...], targets: tuple[str, ...],
@@ -91,4 +93,4 @@ def _run(fn: Fn, inputs: list[torch.Tensor], names: tuple[str, ...], targets: tu
         return fn(*inputs)
     except RuntimeError as error:
         shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, inputs))
-        raise ValueError(f"{source}: cannot convert {shapes} into {list(targets)}: {error}") from None
+        raise UserError(f"{source}: cannot convert {shapes} into {list(targets)}: {error}") from None

@@ -88,8 +88,8 @@ def prune(run_dir: str | os.PathLike, keep: int) -> None:
     checkpoint.prune(checkpoint_dir(run_dir), keep, remove_partial=True)
 
 
-def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dict[str, Any]]:
-    """(ModelConfig, params, saved config dict) of a training checkpoint, without optimizer state.
+def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, Optional[dict[str, Any]]]:
+    """(ModelConfig, params, saved config dict or None) of a training checkpoint, without optimizer state.
 
     ``path`` is a checkpoint directory or a run directory (its newest checkpoint is used); a sharded
     checkpoint is assembled into whole tensors in this process.
@@ -105,10 +105,14 @@ def load_model(path: str | os.PathLike, *, device="cpu") -> tuple[Any, dict, dic
         meta, trees = sharded.load_full(path, names=["params"], device=device)
     else:
         trees, meta = checkpoint.load(path, names=["params"], device=device)
-    if "config" not in meta:
-        raise CheckpointError(f"checkpoint {path} holds no training config; is it a training checkpoint?")
-    config = from_dict(Config, meta["config"])
-    return config.model_config, trees["params"], meta["config"]
+    if "config" in meta:
+        return from_dict(Config, meta["config"]).model_config, trees["params"], meta["config"]
+    if "model_config" in meta:  # a sharded save of a bare model (no training config)
+        from fastllm.models import serialize
+
+        return serialize.config_from_dict(meta["model_config"]), trees["params"], None
+    raise CheckpointError(f"checkpoint {path} holds no model config ('config' or 'model_config' in its "
+                          f"metadata); is it a training checkpoint?")
 
 
 def is_training_checkpoint(path: str | os.PathLike) -> bool:

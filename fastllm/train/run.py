@@ -23,14 +23,18 @@ __all__ = ["train", "export_hf", "sample_text"]
 
 
 def export_hf(config, params) -> Path:
-    """Write ``params`` (whole tensors) to ``<run.dir>/hf`` (replacing an older export); returns its path."""
+    """Write ``params`` (whole tensors) to ``<run.dir>/hf`` (replacing an older export), with the
+    tokenizer and its bos/eos; returns its path."""
     from fastllm import hf
+    from fastllm.data.dataset import recorded_eos
 
     target = Path(config.run.dir) / "hf"
     if target.exists():
         shutil.rmtree(target)
     tokenizer = Path(config.run.dir) / "tokenizer.json"
-    hf.save(config.model_config, params, target, tokenizer=str(tokenizer) if tokenizer.is_file() else None)
+    eos = recorded_eos(config.data.datasets[0].path) if config.data.datasets else None  # the EOS training saw
+    hf.save(config.model_config, params, target, tokenizer=str(tokenizer) if tokenizer.is_file() else None,
+            eos_token=eos)
     return target
 
 

@@ -108,3 +108,51 @@ def test_config_errors_name_the_field(dataset_dir):
         make_loader(DataConfig(datasets=(str(dataset_dir),), seq_len=100_000), micro_batch_size=1)
     with pytest.raises(ValueError, match="not a multiple"):
         make_loader(DataConfig(datasets=(str(dataset_dir),), seq_len=8), micro_batch_size=3, global_batch_size=8)
+
+
+def test_manifest_records_each_shards_largest_id(dataset_dir):
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        shard = TokenDataset(dataset_dir).shards[manifest["shards"].index(entry)]
+        assert entry["max_id"] == int(shard.tokens.max())
+
+
+def test_ids_beyond_the_models_vocabulary_are_refused_on_open(dataset_dir):
+    """By the manifest's largest id (no data read), or by a scan when the manifest has none; also
+    when the recorded tokenizer size understates the ids (a hand-written manifest, another tool's)."""
+    manifest = json.loads((dataset_dir / "manifest.json").read_text())
+    largest = max(entry["max_id"] for entry in manifest["shards"])
+    manifest["tokenizer"]["vocab_size"] = largest  # passes the tokenizer-size check below
+    (dataset_dir / "manifest.json").write_text(json.dumps(manifest))
+    open_dataset(dataset_dir, vocab_size=largest + 1)
+    with pytest.raises(ShardError, match=f"holds token id {largest}, but the model's vocab_size is {largest}"):
+        open_dataset(dataset_dir, vocab_size=largest)
+    for entry in manifest["shards"]:
+        del entry["max_id"]  # a manifest written before max_id, or by another tool: scanned
+    (dataset_dir / "manifest.json").write_text(json.dumps(manifest))
+    open_dataset(dataset_dir, vocab_size=largest + 1)
+    with pytest.raises(ShardError, match=f"holds token id {largest}"):
+        open_dataset(dataset_dir, vocab_size=largest)
+
+
+def test_an_id_changed_after_prepare_is_refused_when_its_row_is_read(dataset_dir, tokenizer):
+    shard = first_shard(dataset_dir)
+    data = bytearray(shard.read_bytes())
+    data[HEADER_BYTES + 1] = 0x7F  # token 0 becomes >= 32512, the manifest's max_id still small
+    shard.write_bytes(bytes(data))
+    vocab = tokenizer.get_vocab_size()
+    loader = make_loader(DataConfig(datasets=(str(dataset_dir),), seq_len=8, vocab_size=vocab, prefetch=0),
+                         micro_batch_size=4)
+    with pytest.raises(ShardError, match=f"holds token id .*, but the model's vocab_size is {vocab}"):
+        for _ in range(500):  # an epoch of rows, whatever their order
+            next(loader)
+
+
+def test_bad_input_leaves_the_dataset_that_was_there(dataset_dir, tmp_path, tokenizer_file):
+    from fastllm.errors import UserError
+
+    before = {p.name: p.read_bytes() for p in dataset_dir.iterdir()}
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "w1"}\n\xff\xfe\n')
+    with pytest.raises(UserError, match="bad.jsonl:2: not UTF-8 text"):
+        prepare([tmp_path / "bad.jsonl"], tokenizer_file, dataset_dir, workers=1, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in dataset_dir.iterdir()} == before
