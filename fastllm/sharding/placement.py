@@ -191,9 +191,14 @@ def relayout(
     sums over ``grad_partial`` and leaves placed as ``src``'s dims (whole values: the gradient of a
     partial sum is the gradient of each summand)."""
     forward = transitions(src, dst)
+    backward = transitions(Placement(dst.dims, frozenset(grad_partial)), Placement(src.dims))
+    if trace is not None and mesh.is_abstract and x.is_floating_point():  # planning: the backward's too
+        shape = list(x.shape)
+        for step in forward:
+            shape = _shape_after(shape, step, mesh.size(step.axis))
+        run(x.new_empty(shape, device="meta"), backward, mesh, trace, f"{what} (backward)")
     if not x.requires_grad:
         return run(x, forward, mesh, trace, what)
-    backward = transitions(Placement(dst.dims, frozenset(grad_partial)), Placement(src.dims))
     if not forward and not backward:
         return x
     return _Relayout.apply(x, mesh, forward, backward, trace, what)

@@ -2,7 +2,7 @@
 
 Built once per test process in a temporary directory: a word-level tokenizer (and two that belong to
 other models), a corpus and its prepared dataset, a recipe, a trained run directory, its fastllm
-and Hugging Face conversions, a sharded checkpoint, and prepared datasets that are wrong in the
+and Hugging Face conversions, a one-process checkpoint, and prepared datasets that are wrong in the
 ways training must refuse. Everything is tiny, so a command on it takes milliseconds.
 """
 
@@ -30,7 +30,7 @@ def config():
         run=RunConfig(dir={run!r}, progress="off"),
         model=ModelSection(preset="tiny-llama", vocab_size={vocab}, n_layers=1, max_seq_len=64),
         data=DataConfig(datasets=({data!r},), seq_len=32, prefetch=0),
-        train=TrainSection(steps=2, micro_batch_size=2, log_every=1),
+        train=TrainSection(steps=2, batch_size=2, log_every=1),
         optim=OptimSection(lr=3e-3, warmup_steps=1),
     )
 '''
@@ -45,17 +45,18 @@ class World:
     corpus: Path
     dataset: Path
     recipe: Path
-    run: Path  # a trained run directory (checkpoints/step-00000002)
+    run: Path  # a trained run directory (checkpoints/step-00000002, sharded: what training writes)
     fastllm_dir: Path
     hf_dir: Path
-    sharded: Path  # a sharded training checkpoint (one rank)
+    sharded: Path  # the run's sharded training checkpoint
+    one_process: Path  # the same params as a one-process checkpoint (fastllm.checkpoint.save)
     bad_datasets: dict  # name -> a prepared dataset training must refuse
     scratch: Path  # where commands may write
 
     def protected(self) -> list[Path]:
         """What no bad command may change."""
         return [self.tokenizer, self.corpus, self.dataset, self.recipe, self.run, self.fastllm_dir, self.hf_dir,
-                self.sharded.parent.parent]
+                self.one_process.parent.parent]
 
 
 def _train_tokenizer(words: list[str], path: Path) -> Path:
@@ -82,19 +83,14 @@ def _train_run(recipe: Path) -> None:
     train(config, recipe=module, print_fn=lambda *args: None)
 
 
-def _sharded_checkpoint(run: Path, target_run: Path) -> Path:
-    """The run's params saved the way a run on a mesh saves them (one rank, replicated specs)."""
-    from fastllm import tree
-    from fastllm.checkpoint import load
-    from fastllm.sharding import Mesh
-    from fastllm.sharding import checkpoint as sharded
-    from fastllm.sharding.spec import PartitionSpec
+def _one_process_checkpoint(run: Path, target_run: Path) -> Path:
+    """The run's params saved as a one-process checkpoint (``fastllm.checkpoint.save``)."""
+    from fastllm import checkpoint
     from fastllm.train import checkpointing
 
-    trees, meta = load(checkpointing.latest(run), names=["params"])
-    specs = tree.map(lambda t: PartitionSpec(*[None] * t.ndim), trees["params"])
+    _, params, config = checkpointing.load_model(run)
     path = checkpointing.checkpoint_dir(target_run) / "step-00000002"
-    sharded.save(path, {"params": trees["params"]}, {"params": specs}, Mesh(), {"step": 2, "config": meta["config"]})
+    checkpoint.save(path, {"params": params}, {"step": 2, "config": config})
     shutil.copyfile(run / "tokenizer.json", target_run / "tokenizer.json")
     return path
 
@@ -160,11 +156,14 @@ def build_world(root: Path) -> World:
     _train_run(recipe)
     hf.convert(run, root / "fastllm-model", to="fastllm")
     hf.convert(run, root / "hf-model", to="hf")
-    sharded = _sharded_checkpoint(run, root / "sharded-run")
+    from fastllm.train import checkpointing
+
+    one_process = _one_process_checkpoint(run, root / "one-process-run")
     scratch = root / "scratch"
     scratch.mkdir()
     return World(root, tokenizer, other, big, corpus, dataset, recipe, run, root / "fastllm-model",
-                 root / "hf-model", sharded, _bad_datasets(root, dataset, big, corpus), scratch)
+                 root / "hf-model", checkpointing.latest(run), one_process, _bad_datasets(root, dataset, big, corpus),
+                 scratch)
 
 
 def snapshot(paths: list[Path]) -> dict[str, str]:

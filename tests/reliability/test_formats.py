@@ -15,7 +15,7 @@ from fastllm.train import checkpointing
 
 
 def _sources(world) -> dict:
-    return {"run": world.run, "training": checkpointing.latest(world.run), "sharded": world.sharded,
+    return {"run": world.run, "training": world.one_process, "sharded": world.sharded,
             "fastllm": world.fastllm_dir, "hf": world.hf_dir}
 
 

@@ -23,7 +23,7 @@ MAX_MESSAGE = 1000
 
 
 def _markers(world: World, case_dir: Path) -> dict[str, str]:
-    paths = {"@RUN@": world.run, "@STEP@": world.run / "checkpoints" / "step-00000002", "@SHARDED@": world.sharded,
+    paths = {"@RUN@": world.run, "@STEP@": world.one_process, "@SHARDED@": world.sharded,
              "@FASTLLM@": world.fastllm_dir, "@HF@": world.hf_dir, "@DATA@": world.dataset,
              "@TOKENIZER@": world.tokenizer, "@OTHER_TOKENIZER@": world.other_tokenizer, "@CORPUS@": world.corpus,
              "@RECIPE@": world.recipe, "@D@": case_dir}

@@ -8,6 +8,7 @@ import pytest
 
 from fastllm.config import ConfigError, load_recipe
 from fastllm.train.config import Config
+from fastllm.train.plan import plan_layout
 
 RECIPES = sorted((Path(__file__).parents[2] / "recipes").glob("*.py"))
 REQUIRED = {"quickstart", "smollm2_135m", "llama3_8b", "mistral_7b", "mixtral_8x7b", "starcoder", "gpt2"}
@@ -19,10 +20,13 @@ def test_every_required_recipe_exists():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
 def test_recipe_builds_and_validates(path):
-    _, config = load_recipe(path)
+    module, config = load_recipe(path)
     assert isinstance(config, Config)
-    model = config.model_config  # the preset resolves with the recipe's overrides
-    assert config.data.seq_len <= model.max_seq_len
+    model = config.model_config  # the preset resolves with the recipe's overrides (or the recipe's own config)
+    if hasattr(module, "model"):
+        assert module.model(config).declarations  # a recipe's own model: built from its config
+    else:
+        assert config.data.seq_len <= model.max_seq_len
     assert config.train.steps > 0 and config.data.datasets
     _, changed = load_recipe(path, ["train.steps=7", "optim.warmup_steps=1", "model.n_layers=2",
                                     "data.datasets=data/a,data/b"])
@@ -43,3 +47,17 @@ def test_recipe_builds_and_validates(path):
 def test_bad_override_names_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_recipe(RECIPES[0], [override])
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_recipe_layout_is_planned(path):
+    """Each recipe's layout on an abstract mesh of its size: the partition plan of its model and a
+    dry run of one micro-batch on meta tensors (no processes, no memory). A layout the partitioner
+    refuses fails here."""
+    module, config = load_recipe(path)
+    model = module.model(config) if hasattr(module, "model") else None
+    report = plan_layout(config, model)
+    assert report.mesh.world_size == config.mesh.data * config.mesh.tensor * config.mesh.pipe
+    assert report.description.totals["params"] > 0
+    tensor_moves = [c for c in report.collectives if c.axis == "tensor"]
+    assert bool(tensor_moves) == (config.mesh.tensor > 1)  # only tensor parallelism moves activations
