@@ -31,13 +31,15 @@ def make_config(run_dir, dataset) -> Config:
     )
 
 
-def test_tensor_parallel_trainer_matches_one_process(tmp_path, dataset):
-    """tensor=2 with sequence parallelism reads the same batches as one process: same losses."""
+def test_tensor_parallel_trainer_matches_one_process_with_and_without_sequence_parallelism(tmp_path, dataset):
+    """tensor=2 reads the same batches as one process: same losses; sequence parallelism is one
+    rule (``mesh.rules.seq=tensor``) and changes nothing but where the residual stream lives."""
     one = trainer_checks.train(make_config(tmp_path / "one", dataset), [])
-    reports = testing.run(trainer_checks.train, 2, make_config(tmp_path / "tp", dataset),
-                          ["mesh.tensor=2", "mesh.rules.seq=tensor"], timeout_s=300.0)
-    assert len(one) == 4 and reports[0] == reports[1]  # rank 0 writes metrics.jsonl, all read it
-    assert reports[0] == pytest.approx(one, rel=1e-5)
+    for name, rules in (("tp", []), ("tp_sp", ["mesh.rules.seq=tensor"])):
+        reports = testing.run(trainer_checks.train, 2, make_config(tmp_path / name, dataset),
+                              ["mesh.tensor=2", *rules], timeout_s=300.0)
+        assert len(one) == 4 and reports[0] == reports[1]  # rank 0 writes metrics.jsonl, all read it
+        assert reports[0] == pytest.approx(one, rel=1e-5), name
 
 
 def test_zero3_data_tensor_mesh_resumes_from_sharded_checkpoints(tmp_path, dataset):
