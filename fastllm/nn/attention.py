@@ -169,7 +169,7 @@ def apply(
         args += [ops.data(t, ROPE_AXES) for t in rope or ()]
         args += [ops.data(segment_ids, ("batch", "seq"))] if segment_ids is not None else []
         core = _core(layer, rope is not None, segment_ids is not None)
-        out = ops.local(layout, core, args, [Q_AXES], whole=("seq",))[0]
+        out = ops.local(layout, core, args, [Q_AXES], whole=("seq",), name="attention")[0]
     out = ops.dense(layout, out, Q_AXES, p["wo"], AXES["wo"], p.get("bo"))
     return out if cache is None else (out, cache)
 

@@ -106,12 +106,13 @@ class Layout(Protocol):
     """A parallel layout (``fastllm.sharding``): runs a local function on shards (see :func:`local`)."""
 
     def local(self, fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
-              reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = ()) -> list[Tensor]: ...
+              reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (),
+              name: str = "op") -> list[Tensor]: ...
 
 
 def local(
     layout: Optional[Layout], fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
-    reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (),
+    reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (), name: str = "op",
 ) -> list[Tensor]:
     """``fn(shards, *tensors)`` on every rank's blocks: the outputs named ``out_axes`` (a list).
 
@@ -123,12 +124,12 @@ def local(
     logits of a loss), so that no two of their dims share a mesh axis. Results stay partial sums
     over the split of the dims in ``keep`` (a loss over this data rank's rows: ``keep=("batch",)``,
     summed over ranks by the train step with the gradients). ``fn`` returns a tensor per entry of
-    ``out_axes`` (a tuple when several).
+    ``out_axes`` (a tuple when several). ``name`` labels the operation in a layout's trace.
     """
     if layout is None:
         out = fn(WHOLE, *(arg.value for arg in args))
         return list(out) if isinstance(out, tuple) else [out]
-    return layout.local(fn, args, out_axes, reduced=reduced, whole=whole, inner=inner, keep=keep)
+    return layout.local(fn, args, out_axes, reduced=reduced, whole=whole, inner=inner, keep=keep, name=name)
 
 
 def dense_axes(x_axes: Axes, w_axes: Axes) -> Axes:
@@ -173,7 +174,8 @@ def projections(
         return tuple(_matmul(k, x, w) for k, w in zip(counts, ws))
 
     args = [activation(x, x_axes)] + [param(w, w_axes) for w, w_axes, _ in weights]
-    outs = layout.local(matmuls, args, out_axes)
+    name = "dense " + ", ".join(" ".join(w_axes) for _, w_axes, _ in weights)
+    outs = layout.local(matmuls, args, out_axes, name=name)
     # Biases join after the layout has summed partial products (once, not once per rank).
     return [y if b is None else y + b for y, (_, _, b) in zip(outs, weights)]
 
@@ -212,7 +214,7 @@ def lookup(
     fn = lambda shards, table, ids: _rows(shards, table, ids, name)  # noqa: E731
     # inner: the one-hot [ids..., rows] the lookup contracts, so the ids and the rows never share an axis
     return layout.local(fn, [param(table, table_axes), data(ids, ids_axes)], [(*ids_axes, *table_axes[1:])],
-                        inner=[(*ids_axes, name)])[0]
+                        inner=[(*ids_axes, name)], name=f"lookup {' '.join(table_axes)}")[0]
 
 
 def _vocab_shard(shards: Shards, name: str, rows: int) -> Optional[VocabShard]:
@@ -259,7 +261,7 @@ def linear_cross_entropy(
     args.insert(1, param(head, head_axes))
     # inner: the logits [tokens, vocab]: vocab and the sequence never share a mesh axis
     return tuple(layout.local(loss, args, [(), ()], reduced=(vocab,), inner=[(*hidden_axes[:-1], vocab)],
-                              keep=("batch",)))
+                              keep=("batch",), name="linear cross-entropy"))
 
 
 def cross_entropy(
@@ -276,4 +278,4 @@ def cross_entropy(
                                                   shard=_vocab_shard(shards, vocab, logits.shape[-1]))
 
     args = _loss_args(activation(logits, logits_axes), targets, loss_mask)
-    return tuple(layout.local(loss, args, [(), ()], reduced=(vocab,), keep=("batch",)))
+    return tuple(layout.local(loss, args, [(), ()], reduced=(vocab,), keep=("batch",), name="cross-entropy"))

@@ -155,8 +155,8 @@ class MeshLayout:
 
     def local(self, fn: Callable[..., Any], args: Sequence[ops.Arg], out_axes: Sequence[tuple[str, ...]], *,
               reduced: tuple[str, ...] = (), whole: tuple[str, ...] = (), inner: Sequence[tuple[str, ...]] = (),
-              keep: tuple[str, ...] = ()) -> list[Tensor]:
-        """:func:`fastllm.nn.ops.local` on this rank's blocks."""
+              keep: tuple[str, ...] = (), name: str = "op") -> list[Tensor]:
+        """:func:`fastllm.nn.ops.local` on this rank's blocks (``name``: for traces)."""
         signature = (tuple((arg.axes, arg.kind) for arg in args), tuple(tuple(a) for a in out_axes))
         options = (tuple(reduced), tuple(whole), tuple(tuple(a) for a in inner), tuple(keep))
         key = (signature, options)
@@ -170,8 +170,8 @@ class MeshLayout:
             else:
                 here, there, grad_partial = move
                 values.append(relayout(arg.value, here, there, self.mesh, grad_partial=grad_partial,
-                                       trace=self.trace, what=f"{arg.kind} {arg.axes}"))
+                                       trace=self.trace, what=f"{name}: its input {' '.join(arg.axes)}"))
         out = fn(plan.shards, *values)
         out = list(out) if isinstance(out, tuple) else [out]
-        return [relayout(y, computed, own, self.mesh, trace=self.trace, what=f"result {axes}")
+        return [relayout(y, computed, own, self.mesh, trace=self.trace, what=f"{name}: its result {' '.join(axes)}")
                 for y, (computed, own), axes in zip(out, plan.results, out_axes)]

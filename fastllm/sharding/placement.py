@@ -192,11 +192,11 @@ def relayout(
     partial sum is the gradient of each summand)."""
     forward = transitions(src, dst)
     backward = transitions(Placement(dst.dims, frozenset(grad_partial)), Placement(src.dims))
-    if trace is not None and mesh.is_abstract and x.is_floating_point():  # planning: the backward's too
-        shape = list(x.shape)
-        for step in forward:
-            shape = _shape_after(shape, step, mesh.size(step.axis))
-        run(x.new_empty(shape, device="meta"), backward, mesh, trace, f"{what} (backward)")
+    if trace is not None and mesh.is_abstract:  # planning: the forward's collectives, then the backward's
+        out = run(x, forward, mesh, trace, what)
+        if x.is_floating_point():
+            run(out, backward, mesh, trace, f"{what}, backward")
+        return out
     if not x.requires_grad:
         return run(x, forward, mesh, trace, what)
     if not forward and not backward:
