@@ -185,26 +185,23 @@ def build_fastllm_step(args, config, device: torch.device) -> StepFn:
     sharded init draws on the CPU, which costs minutes at 8B and does not change the speed).
     """
     from fastllm import models, optim, random, tree
-    from fastllm.train.state import TrainState
     from fastllm.sharding import Mesh, Partitioner
-    from fastllm.train.sharded_step import make_sharded_train_step
+    from fastllm.train.state import TrainState
+    from fastllm.train.step import TrainStep
 
     mesh = Mesh(data=dist.get_world_size())
     partitioner = Partitioner(mesh, zero_stage=args.zero_stage, reduce_dtype=torch.float32,
                               overlap=args.overlap, bucket_bytes=args.bucket_mib << 20, transport=args.transport)
-    meta = partitioner.init_params(models.param_specs(config), random.key(0), device="meta")
-    torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
-    params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
+    model = models.model(config)
     opt = optim.adamw(args.lr, weight_decay=0.1)
-    owned = params if args.zero_stage in (0, 3) else None  # stages 1-2 own storage slices only
-    if owned is None:
-        from fastllm.train.sharded_step import init_sharded_state
-
-        state = init_sharded_state(config, partitioner, opt, random.key(0))
-    else:
-        state = TrainState(params, opt.init(owned), 0, random.key(0), None)
-    train_step = make_sharded_train_step(config, partitioner, opt, precision="bf16", remat=args.remat,
-                                         compile=args.compile_blocks)
+    train_step = TrainStep(model, partitioner, opt, precision="bf16", remat=args.remat, compile=args.compile_blocks)
+    if args.zero_stage in (0, 3):  # the params are the blocks the optimizer owns
+        meta = partitioner.init_params(model, random.key(0), device="meta")
+        torch.manual_seed(1 + dist.get_rank())  # shards differ; their values do not matter for speed
+        params = tree.map_with_path(lambda path, t: _random_like(path, t, config.init_std, device), meta)
+        state = TrainState(params, opt.init(params), 0, random.key(0), None)
+    else:  # stages 1-2 own storage slices only: the step builds them
+        state = train_step.init_state(random.key(0))
     holder = {"state": state}
 
     def step(batch: dict) -> torch.Tensor:
