@@ -3,8 +3,8 @@
 Per parameter: global shape, the spec of the params the train state holds at the ZeRO stage, the
 local shape and bytes per rank. Per rank totals: parameters (fp32 masters unless told otherwise),
 gradients (fp32, in the stage's gradient layout) and optimizer state (``moments`` fp32 tensors per
-parameter, Adam's two, in the optimizer layout). Shards are equal on every rank, so one rank's
-numbers are every rank's. Works on :meth:`Mesh.abstract` meshes: plan a 70B layout on a laptop.
+parameter, Adam's two, in the optimizer layout). Shards are equal on every rank of a pipeline
+stage; each stage holds only its own parts' parameters (describe the mesh seen from a rank of it). Works on :meth:`Mesh.abstract` meshes: plan a 70B layout on a laptop.
 """
 
 from __future__ import annotations
@@ -75,17 +75,21 @@ def describe(
     zero_stage: int = 0,
     param_dtype: torch.dtype = torch.float32,
     moments: int = 2,
+    virtual_stages: int = 1,
+    split: tuple[int, ...] | None = None,
 ) -> Description:
     """Per-parameter shards and per-rank memory of a :class:`fastllm.nn.Model` (or its bare
     declarations); ``print`` it for a table."""
     from fastllm.sharding.partitioner import Partitioner
 
-    plan = Partitioner(mesh, zero_stage=zero_stage, rules=rules).plan(model)
+    plan = Partitioner(mesh, zero_stage=zero_stage, rules=rules, virtual_stages=virtual_stages, split=split).plan(model)
     flat = {name: tree.flatten(specs, is_leaf=is_spec) for name, specs in
             (("params", plan.params), ("grads", plan.grads), ("opt", plan.opt_state))}
     param_size = torch.empty((), dtype=param_dtype).element_size()
     rows = []
     for path, declared in tree.flatten(plan.declarations, is_leaf=nn.is_param).items():
+        if not plan.holds(path, mesh.rank("pipe")):
+            continue  # another pipeline stage's
         numel = {name: math.prod(local_shape(declared.shape, specs[path], mesh, name=path))
                  for name, specs in flat.items()}
         rows.append(Row(

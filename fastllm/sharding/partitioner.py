@@ -43,6 +43,7 @@ from fastllm.sharding.layout import MeshLayout
 from fastllm.sharding.mesh import Mesh
 from fastllm.sharding.overlap import GradientReduction
 from fastllm.sharding.p2p import TRANSPORTS
+from fastllm.sharding.pipeline import chunk_of_parts
 from fastllm.sharding.rules import COMPUTE_RULES, Rules, resolve
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape, shard
 from fastllm.sharding.zero3 import PartGather
@@ -89,11 +90,12 @@ def _data_dim(compute: PartitionSpec, storage: PartitionSpec, path: str) -> Opti
 @dataclass(frozen=True)
 class PartPlan:
     """One part of the model under the plan: the leaves it uses, its index along ``layers`` (if a
-    repeated unit) and its pipeline stage."""
+    repeated unit), its pipeline chunk and the pipeline rank that runs it (``chunk mod pipe``)."""
 
     name: str
     leaves: tuple[str, ...]
     layer: Optional[int]
+    chunk: int = 0
     stage: int = 0
 
 
@@ -133,6 +135,23 @@ class Plan:
                 first.setdefault(path, index)
         return first
 
+    @cached_property
+    def chunks(self) -> int:
+        return max(part.chunk for part in self.parts) + 1
+
+    @cached_property
+    def stages_of(self) -> dict[str, tuple[int, ...]]:
+        """The pipeline ranks that hold each leaf (those running a part that uses it): one, or the
+        first and the last for a table the embedding and the head share."""
+        stages: dict[str, set[int]] = {}
+        for part in self.parts:
+            for path in part.leaves:
+                stages.setdefault(path, set()).add(part.stage)
+        return {path: tuple(sorted(s)) for path, s in stages.items()}
+
+    def holds(self, path: str, pipe_rank: int) -> bool:
+        return pipe_rank in self.stages_of[path]
+
     @property
     def params(self) -> Any:
         return self.storage if self.zero_stage >= 3 else self.compute
@@ -170,6 +189,8 @@ class Partitioner:
         bucket_bytes: int = 64 << 20,
         overlap: bool = True,
         transport: str = "auto",
+        virtual_stages: int = 1,
+        split: Optional[tuple[int, ...]] = None,
     ):
         if zero_stage not in ZERO_STAGES:
             raise ValueError(f"zero_stage must be one of {ZERO_STAGES}, got {zero_stage!r}")
@@ -189,6 +210,9 @@ class Partitioner:
         self.bucket_bytes = int(bucket_bytes)
         self.overlap = bool(overlap)
         self.transport = transport
+        if virtual_stages < 1:
+            raise ValueError(f"virtual_stages must be >= 1, got {virtual_stages}")
+        self.virtual_stages, self.split = int(virtual_stages), None if split is None else tuple(split)
         self._layout = MeshLayout(mesh, rules)
 
     def __repr__(self) -> str:
@@ -212,8 +236,10 @@ class Partitioner:
                                  "be split over 'data' in storage (ZeRO)")
         flat_axes = tree.flatten(axes, is_leaf=tree.is_axes)
         reduce_axes = {path: self._layout.param_reduce_axes(names) for path, names in flat_axes.items()}
-        parts = tuple(PartPlan(part.name, tuple(model.leaves_of(part)), part.layer, self._stage(part, model))
-                      for part in model.parts)
+        chunks = self._chunks(model)
+        pipe = self.mesh.size("pipe")
+        parts = tuple(PartPlan(part.name, tuple(model.leaves_of(part)), part.layer, chunk, chunk % pipe)
+                      for part, chunk in zip(model.parts, chunks))
         plan = Plan(model, compute, storage, self.zero_stage, reduce_axes, parts)
         plan.data_dims  # validates storage against compute now, with the path in the error
         return plan
@@ -234,13 +260,18 @@ class Partitioner:
                     f"{path}: mixture-of-experts layers under tensor parallelism are not supported yet "
                     "(expert parallelism comes as rules on 'experts'); use mesh.tensor=1 for MoE models")
 
-    def _stage(self, part: nn.Part, model: nn.Model) -> int:
-        """The pipeline stage of a part, from the rule of the model's ``layers`` dim."""
+    def _chunks(self, model: nn.Model) -> list[int]:
+        """The pipeline chunk of each part: the ``layers`` rule's axes (``pipe``) times the virtual
+        stages cut the repeated parts into contiguous chunks (:mod:`fastllm.sharding.pipeline`)."""
         axes = self._layout.dims_of([(model.layer_dim,)])[model.layer_dim]
-        if "pipe" in axes:
-            raise NotImplementedError(f"pipeline parallelism (mesh pipe={self.mesh.size('pipe')}) is not "
-                                      "supported yet; use mesh.pipe=1")
-        return 0
+        ranks = self.mesh.size(axes)
+        if axes and axes != ("pipe",):
+            raise ValueError(f"the model's {model.layer_dim!r} dim maps to {axes}: only 'pipe' can hold stages")
+        if ranks == 1:
+            return [0] * len(model.parts)
+        declared = tree.flatten(model.declarations, is_leaf=nn.is_param)
+        sizes = [sum(declared[path].numel for path in model.leaves_of(part)) for part in model.parts]
+        return chunk_of_parts([part.layer for part in model.parts], sizes, ranks * self.virtual_stages, self.split)
 
     def param_specs(self, model: Any) -> Any:
         """Tree of :class:`PartitionSpec` of the params a train state holds at this ZeRO stage."""
@@ -263,12 +294,17 @@ class Partitioner:
         device: torch.device | str | None = None,
     ) -> Any:
         """This rank's shards (in the params layout of the ZeRO stage): each parameter drawn from
-        ``fold_in(key, path)`` as :func:`fastllm.nn.init` draws it, then sliced with its spec."""
+        ``fold_in(key, path)`` as :func:`fastllm.nn.init` draws it, then sliced with its spec.
+        Parameters of other pipeline stages are ``None`` (the tree keeps its structure)."""
         plan = self.plan(model)
         device = self.mesh.device if device is None else torch.device(device)
         flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
 
-        def make(path: str, declared: nn.Param) -> torch.Tensor:
+        pipe_rank = self.mesh.rank("pipe")
+
+        def make(path: str, declared: nn.Param) -> Optional[torch.Tensor]:
+            if not plan.holds(path, pipe_rank):
+                return None  # another pipeline stage's parameter
             spec = flat_specs[path]
             if device.type == "meta":
                 shape = local_shape(declared.shape, spec, self.mesh, name=path)
@@ -291,20 +327,24 @@ class Partitioner:
         if self.zero_stage < 3 or self.mesh.size("data") == 1:
             return None
         parts = [(list(part.leaves), part.layer is not None) for part in plan.parts]
+        # a pipeline interleaves the micro-batches' parts: each part is gathered when it runs
+        prefetch = self.overlap and self.mesh.size("pipe") == 1
         return PartGather(self.mesh, parts, plan.data_dims, self.reduce_dtype, transport=self.transport,
-                          prefetch=self.overlap)
+                          prefetch=prefetch)
 
     def gradient_reduction(self, plan: Plan, masters: dict[str, torch.Tensor],
                            gather: Optional[PartGather]) -> GradientReduction:
         """One step's gradient reduction: ``masters`` is the flat ``{path: leaf}`` the step
-        differentiates, ``gather`` the step's ZeRO-3 gathers (if any)."""
+        differentiates, ``gather`` the step's ZeRO-3 gathers (if any). Under a pipeline the
+        micro-batches' backwards interleave, so everything is reduced after the schedule."""
         return GradientReduction(
             masters, zero_stage=self.zero_stage, data_dims=plan.data_dims, reduce_axes=plan.reduce_axes,
             use_order=plan.first_use, mesh=self.mesh, dtype=self.reduce_dtype, limit_bytes=self.bucket_bytes,
-            gather=gather, overlap=self.overlap,
+            gather=gather, overlap=self.overlap and self.mesh.size("pipe") == 1,
         )
 
     def describe(self, model: Any, **kwargs):
         from fastllm.sharding.describe import describe
 
-        return describe(model, self.mesh, rules=self.rules, zero_stage=self.zero_stage, **kwargs)
+        return describe(model, self.mesh, rules=self.rules, zero_stage=self.zero_stage,
+                        virtual_stages=self.virtual_stages, split=self.split, **kwargs)

@@ -196,6 +196,8 @@ def relayout(
         out = run(x, forward, mesh, trace, what)
         if x.is_floating_point():
             run(out, backward, mesh, trace, f"{what}, backward")
+        if out is not x and x.requires_grad:  # a fresh meta tensor: keep "needs a gradient" (pipeline carries)
+            out.requires_grad_(True)
         return out
     if not x.requires_grad:
         return run(x, forward, mesh, trace, what)

@@ -18,7 +18,7 @@ over ``tensor``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -159,16 +159,22 @@ def _one_pass(tensors: list[Tensor]) -> bool:
         t.dtype == first.dtype and t.device == first.device and t.is_contiguous() for t in tensors)
 
 
-def global_norm(values: Any, specs: Any, mesh: Mesh) -> Tensor:
+def global_norm(values: Any, specs: Any, mesh: Mesh, stages: Optional[dict[str, tuple[int, ...]]] = None) -> Tensor:
     """sqrt of the sum of squares of the *global* tensors whose shards ``values`` holds.
 
     A shard replicated along some mesh axes is counted by the rank at coordinate 0 of those axes
-    only, then one all-reduce over the world adds the owners' sums.
+    only, then one all-reduce over the world adds the owners' sums. ``stages``: the pipeline ranks
+    holding each leaf (a leaf of another stage is ``None`` here): along ``pipe`` the first holder
+    counts it.
     """
     flat_specs = tree.flatten(specs, is_leaf=is_spec)
     owned = []
     for path, t in tree.leaves_with_path(values):
         replicated = [axis for axis in AXES if axis not in flat_specs[path].used_axes]
+        if stages is not None:
+            replicated.remove("pipe")
+            if mesh.rank("pipe") != stages[path][0]:
+                continue
         if all(mesh.rank(axis) == 0 for axis in replicated):
             owned.append(t)
     if owned and _one_pass(owned):  # Triton's multi-tensor norm: one launch instead of ~300

@@ -226,7 +226,8 @@ class PartGather:
 
     def _split_blocks(self, index: int, params: Optional[dict[str, Tensor]] = None) -> tuple[_Split, list[Tensor]]:
         params = self._params if params is None else params
-        paths = [p for p in self.parts[index][0] if self.data_dims.get(p) is not None]
+        # (a leaf another pipeline stage holds is not here: this rank never runs that part)
+        paths = [p for p in self.parts[index][0] if self.data_dims.get(p) is not None and p in params]
         blocks = [params[p] for p in paths]
         return _Split(paths, blocks, [self.data_dims[p] for p in paths]), blocks
 

@@ -3,7 +3,7 @@
 Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``
 (:class:`fastllm.data.DataConfig`: prepared datasets, blend, packing, validation split), ``train``
 (steps, batch, precision, recomputation, logging/eval/checkpoint cadence), ``optim`` (AdamW and its
-schedule), ``mesh``/``zero`` (parallel layout) and ``sample`` (generation after training and the
+schedule), ``mesh``/``pipe``/``zero`` (parallel layout) and ``sample`` (generation after training and the
 defaults of ``fastllm generate``). docs/config.md lists every key.
 """
 
@@ -24,6 +24,7 @@ __all__ = [
     "TrainSection",
     "OptimSection",
     "MeshSection",
+    "PipeSection",
     "ZeroSection",
     "SampleSection",
     "resolve_model",
@@ -186,6 +187,23 @@ class MeshSection:
 
 
 @dataclass(frozen=True)
+class PipeSection:
+    """Pipeline parallelism over ``mesh.pipe`` ranks (docs/sharding.md, "Pipelines")."""
+
+    schedule: Literal["gpipe", "1f1b", "interleaved"] = "1f1b"
+    virtual_stages: int = 1  # chunks per pipeline rank (the interleaved schedule needs > 1)
+    split: Optional[tuple[int, ...]] = None  # layers per chunk (default: balanced by parameters)
+
+    def __post_init__(self):
+        require(self.virtual_stages >= 1, "pipe.virtual_stages", f"must be >= 1, got {self.virtual_stages}")
+        require((self.virtual_stages > 1) == (self.schedule == "interleaved"), "pipe.virtual_stages",
+                f"{self.virtual_stages} with pipe.schedule={self.schedule!r}: the interleaved schedule needs "
+                "virtual_stages > 1, and only it takes them")
+        require(self.split is None or (len(self.split) > 0 and min(self.split) >= 1), "pipe.split",
+                f"must list at least one layer per chunk, got {self.split}")
+
+
+@dataclass(frozen=True)
 class ZeroSection:
     stage: Literal[0, 1, 2, 3] = 0  # shard optimizer state (1), + gradients (2), + parameters (3) over data
     # how ZeRO-3 moves parameters and gradients: NVLink copy engines (one host, CUDA), NCCL, or the first that runs
@@ -215,6 +233,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     optim: OptimSection = field(default_factory=OptimSection)
     mesh: MeshSection = field(default_factory=MeshSection)
+    pipe: PipeSection = field(default_factory=PipeSection)
     zero: ZeroSection = field(default_factory=ZeroSection)
     sample: SampleSection = field(default_factory=SampleSection)
 

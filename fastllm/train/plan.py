@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 
 from fastllm import nn, tree
-from fastllm.sharding import Mesh, MeshLayout
+from fastllm.sharding import Mesh, MeshLayout, pipeline
 from fastllm.sharding.describe import Description
 from fastllm.sharding.partitioner import Plan
 from fastllm.sharding.placement import Collective
@@ -40,6 +40,7 @@ class LayoutReport:
     micro_batch_size: int
     grad_accum: int
     collectives: tuple[Collective, ...]  # of the operations in one micro-batch, forward and backward
+    timeline: Optional[pipeline.Timeline] = None  # the pipeline schedule of one step, when pipe > 1
 
     def traffic(self) -> dict[tuple[str, str], int]:
         """Bytes per (collective, mesh axis) over one micro-batch's operations."""
@@ -56,6 +57,8 @@ class LayoutReport:
             lines.append(f"  {kind:<15} over {axis:<7} {count:5d} times, {nbytes / 2**20:12,.1f} MiB")
         if not self.collectives:
             lines.append("  nothing: every operation is local")
+        if self.timeline is not None:
+            lines += ["pipeline schedule (F/B chunk.micro-batch, a backward costing two forwards):", str(self.timeline)]
         return "\n".join(lines)
 
 
@@ -82,4 +85,8 @@ def plan_layout(config: Config, model: Optional[nn.Model] = None) -> LayoutRepor
     with torch.no_grad():
         params = _meta_params(plan, mesh, COMPUTE_DTYPES[config.train.precision])
         nn.run(model, params, batch, layout=MeshLayout(mesh, partitioner.rules, trace=trace))
-    return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace))
+    timeline = None
+    if m.pipe > 1:
+        timeline = pipeline.simulate(pipeline.schedule(config.pipe.schedule, m.pipe, accum, config.pipe.virtual_stages),
+                                     backward_cost=2)
+    return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace), timeline)

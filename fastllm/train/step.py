@@ -34,8 +34,9 @@ from torch.utils.checkpoint import checkpoint
 
 from fastllm import nn, optim, random, tree
 from fastllm.nn.loss import IGNORE_INDEX
-from fastllm.sharding import zero
+from fastllm.sharding import pipeline, zero
 from fastllm.sharding.partitioner import Partitioner, Plan
+from fastllm.train.pipeline import PipelineExecutor, sum_over_stages
 from fastllm.train.state import TrainState
 
 __all__ = ["COMPUTE_DTYPES", "TrainStep", "EvalStep", "split_micro_batches", "target_weight"]
@@ -99,6 +100,17 @@ class _Runner:
         return tuple(out)
 
 
+def _device(state: TrainState) -> torch.device:
+    return next(t.device for t in tree.leaves(state.params))
+
+
+def _pipeline(model: nn.Model, plan: Plan, partitioner: Partitioner, dtype: torch.dtype):
+    """The executor of this rank's pipeline actions, when the mesh has a ``pipe`` axis."""
+    if partitioner.mesh.size("pipe") == 1:
+        return None
+    return PipelineExecutor(model, plan, partitioner.mesh, partitioner.rules, dtype)
+
+
 def _compiled_parts(compile: bool, backend: str):
     if not compile:
         return None
@@ -131,6 +143,7 @@ class TrainStep:
         compile: bool = False,
         compile_backend: str = "inductor",
         donate: bool = True,
+        schedule: str = "1f1b",
     ):
         if precision not in COMPUTE_DTYPES:
             raise ValueError(f"precision must be one of {sorted(COMPUTE_DTYPES)}, got {precision!r}")
@@ -146,6 +159,10 @@ class TrainStep:
         self.gather = partitioner.gather(self.plan)
         self.runner = _Runner(self.gather, remat, _compiled_parts(compile, compile_backend))
         self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
+        self.schedule = schedule
+        self.pipeline = _pipeline(model, self.plan, partitioner, self.dtype)
+        if self.pipeline is not None:  # checked now: a schedule that cannot run is an error at build time
+            pipeline.schedule(schedule, partitioner.mesh.size("pipe"), grad_accum, partitioner.virtual_stages)
 
     # --- state ---------------------------------------------------------------------------------
     def init_state(self, key: random.Key, *, loss_scale: Optional[optim.LossScale] = None) -> TrainState:
@@ -168,6 +185,8 @@ class TrainStep:
         p = self.partitioner
         micro_batches = split_micro_batches(batch, self.grad_accum)
         tokens = _sum_over(sum(target_weight(m) for m in micro_batches), "data", p)
+        if self.pipeline is not None:
+            return self._pipeline_gradients(state, micro_batches, tokens)
         masters = tree.map(lambda t: t.detach().requires_grad_(True), state.params)
         reduction = p.gradient_reduction(self.plan, tree.flatten(masters), self.gather)
         total = tokens.clamp(min=1.0)
@@ -186,6 +205,32 @@ class TrainStep:
         self.overlap_stats = reduction.stats
         return tree.with_leaves(state.params, list(grads.values())), _sum_over(loss_sum, "data", p), tokens
 
+    def _pipeline_gradients(self, state: TrainState, micro_batches: list[Batch], tokens: Tensor):
+        """:meth:`gradients` through this rank's actions of the pipeline schedule: every micro-batch's
+        chunks run as the schedule orders them, gradients accumulate, then they are reduced."""
+        p, mesh = self.partitioner, self.partitioner.mesh
+        masters = tree.map(lambda t: t.detach().requires_grad_(True), state.params)
+        reduction = p.gradient_reduction(self.plan, tree.flatten(masters), self.gather)
+        compute = (self.gather.compute_params(masters, self.dtype) if self.gather is not None
+                   else optim.cast_tree(masters, self.dtype))
+        flat, total = tree.flatten(compute), tokens.clamp(min=1.0)
+        scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
+        actions = pipeline.schedule(self.schedule, mesh.size("pipe"), len(micro_batches),
+                                    p.virtual_stages)[mesh.rank("pipe")]
+
+        def weight(m: int, loss: Tensor) -> Tensor:
+            return loss.float() * (target_weight(micro_batches[m]) / total) * scale
+
+        def call(index, part, params, carry, batch):
+            return self.runner(flat, index, part, params, carry, batch, self.layout)
+
+        with reduction.micro_batch(flat, last=True):
+            weighted = self.pipeline.run(actions, micro_batches, compute, call, weight, _device(state))
+        grads = sum_over_stages(reduction.finish(), self.plan.stages_of, mesh)
+        self.overlap_stats = reduction.stats
+        loss = _sum_over(_sum_over(weighted / scale, "pipe", p), "data", p)  # the last stage holds it
+        return tree.with_leaves(state.params, list(grads.values())), loss, tokens
+
     # --- the step ------------------------------------------------------------------------------
     def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
         p = self.partitioner
@@ -197,7 +242,8 @@ class TrainStep:
         loss_scale, finite = state.loss_scale, None
         if loss_scale is not None:
             grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale, agree=self._agree)
-        grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh)
+        grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh,
+                                     self.plan.stages_of if self.pipeline is not None else None)
         factor = None
         if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
@@ -245,6 +291,7 @@ class EvalStep:
         self.layout = partitioner.layout()
         self.gather = partitioner.gather(self.plan)
         self.runner = _Runner(self.gather, False, None)
+        self.pipeline = _pipeline(model, self.plan, partitioner, self.dtype)
 
     def __call__(self, params: Any, batch: Batch) -> dict[str, Tensor]:
         with torch.no_grad():
@@ -253,11 +300,21 @@ class EvalStep:
             if self.gather is not None:
                 self.gather.bind(flat, None)
             try:
-                carry = nn.run(self.model, compute, batch, layout=self.layout, call=partial(self.runner, flat))
+                loss = self._loss(compute, flat, batch)
             finally:
                 if self.gather is not None:
                     self.gather.release()
         tokens = target_weight(batch)
         total = _sum_over(tokens, "data", self.partitioner)
-        loss = _sum_over(carry["loss"].float() * tokens, "data", self.partitioner) / total.clamp(min=1.0)
-        return {"loss": loss, "tokens": total}
+        loss = _sum_over(_sum_over(loss * tokens, "pipe", self.partitioner), "data", self.partitioner)
+        return {"loss": loss / total.clamp(min=1.0), "tokens": total}
+
+    def _loss(self, compute: Any, flat: dict, batch: Batch) -> Tensor:
+        """This rank's loss (under a pipeline, the last stage's; zero on the others)."""
+        if self.pipeline is None:
+            return nn.run(self.model, compute, batch, layout=self.layout, call=partial(self.runner, flat))["loss"].float()
+        mesh = self.partitioner.mesh
+        mine = [c for c in range(self.plan.chunks) if c % mesh.size("pipe") == mesh.rank("pipe")]
+        carry = self.pipeline.forward_only(mine, batch, compute, lambda index, part, params, carry, b: self.runner(
+            flat, index, part, params, carry, b, self.layout), batch["tokens"].device)
+        return carry["loss"].float() if carry is not None else torch.zeros((), device=batch["tokens"].device)

@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from fastllm import nn, optim, random
+from fastllm import nn, optim, random, tree
 from fastllm.config import to_dict
-from fastllm.sharding import Mesh, Partitioner
+from fastllm.sharding import Mesh, Partitioner, is_spec
 from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.train import checkpointing
 from fastllm.train.config import Config
@@ -70,7 +70,8 @@ def mesh_from_config(config: Config) -> Mesh:
 
 def partitioner_from_config(config: Config, mesh: Mesh) -> Partitioner:
     return Partitioner(mesh, rules=config.mesh.rules_table(), zero_stage=config.zero.stage,
-                       transport=config.zero.transport)
+                       transport=config.zero.transport, virtual_stages=config.pipe.virtual_stages,
+                       split=config.pipe.split)
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Trainer:
         self.optimizer, self.schedule = build_optimizer(config, clip=False)  # the step clips over all shards
         self.train_step = TrainStep(self.model, self.partitioner, self.optimizer, grad_accum=self.grad_accum,
                                     precision=t.precision, max_grad_norm=t.grad_clip, learning_rate=self.schedule,
-                                    remat=t.remat == "block", compile=t.compile)
+                                    remat=t.remat == "block", compile=t.compile, schedule=config.pipe.schedule)
         self.eval_step = EvalStep(self.model, self.partitioner, precision=t.precision)
         self.is_main = self.mesh.global_rank == 0
         if train_data is None:
@@ -159,10 +160,16 @@ class Trainer:
     def _mesh_args(self, state: TrainState) -> dict:
         """The spec trees and mesh of the (sharded) checkpoint: every rank writes its shards, and a
         checkpoint loads onto any mesh, one process included."""
-        plan = self.train_step.plan
-        specs = {"params": plan.params, "opt_state": sharded_checkpoint.state_specs(state.opt_state, plan.opt_state)}
+        plan, stage = self.train_step.plan, self.mesh.rank("pipe")
+
+        def held(specs: Any) -> Any:  # a pipeline stage holds its own parts' leaves only
+            return tree.map_with_path(lambda path, spec: spec if plan.holds(path, stage) else None, specs,
+                                      is_leaf=is_spec)
+
+        params = held(plan.params)
+        specs = {"params": params, "opt_state": sharded_checkpoint.state_specs(state.opt_state, held(plan.opt_state))}
         if state.loss_scale is not None:
-            specs["loss_scale"] = sharded_checkpoint.state_specs(state.loss_scale, plan.params)
+            specs["loss_scale"] = sharded_checkpoint.state_specs(state.loss_scale, params)
         return {"specs": specs, "mesh": self.mesh}
 
     def _say(self, text: str) -> None:

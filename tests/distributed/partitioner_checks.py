@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from fastllm import models, optim, random, tree
-from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, shard, unshard
+from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, pipeline, shard, unshard
 from fastllm.sharding.spec import is_spec
 from fastllm.train.step import TrainStep
 
@@ -172,12 +172,13 @@ def check_overlap(step: TrainStep, config, mesh: Mesh, zero_stage: int, remat: b
 
 
 def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, rules, grad_accum: int, optimizer: str,
-                 overlap: bool = True, remat: bool = False, transport: str = "auto") -> None:
+                 overlap: bool = True, remat: bool = False, transport: str = "auto", schedule: str = "1f1b",
+                 virtual_stages: int = 1) -> TrainStep:
     partitioner = Partitioner(mesh, rules=rules, zero_stage=zero_stage, overlap=overlap, bucket_bytes=BUCKET_BYTES,
-                              transport=transport)
+                              transport=transport, virtual_stages=virtual_stages)
     make, clip = OPTIMIZERS[optimizer]
     step = TrainStep(models.model(config), partitioner, make(), grad_accum=grad_accum, max_grad_norm=clip,
-                     remat=remat)
+                     remat=remat, schedule=schedule)
     plan = step.plan
     state = step.init_state(key)
     flat_specs = tree.flatten(plan.params, is_leaf=is_spec)
@@ -186,7 +187,12 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, rules, gra
         if not torch.equal(value, expected):
             raise AssertionError(f"sharded init of {path} differs from the slice of the full init")
     grads, _, _ = step.gradients(state, local_rows(ref["data"][0], mesh))
-    if overlap:
+    if mesh.size("pipe") > 1:  # the executor ran exactly the schedule `fastllm plan` prints
+        printed = pipeline.schedule(schedule, mesh.size("pipe"), grad_accum, virtual_stages)[mesh.rank("pipe")]
+        if step.pipeline.executed != printed:
+            raise AssertionError(f"the executor ran {[str(a) for a in step.pipeline.executed]}, the schedule "
+                                 f"says {[str(a) for a in printed]}")
+    if overlap and mesh.size("pipe") == 1:  # a pipeline reduces after its schedule
         check_overlap(step, config, mesh, zero_stage, remat, transport)
     compare_tree(grads, plan.grads, ref["grads"], mesh, "gradient of")
     totals = partitioner.describe(plan.model).totals
@@ -203,6 +209,7 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, rules, gra
     moments = optim.get_state(state.opt_state, kind)
     for name, expected in ref["moments"].items():
         compare_tree(getattr(moments, name), plan.opt_state, expected, mesh, f"optimizer {name} of")
+    return step
 
 
 # (name, mesh sizes, zero stage, rules, options): communication overlapped with compute by default
@@ -227,13 +234,30 @@ LAYOUTS = [
 ]
 
 
+# Pipelines (each list runs in a world of its size): every schedule at pipe=2, pipe=4 (tiny Qwen2's
+# embedding table is shared by the first and the last stage), pipe with data and tensor, and ZeRO
+# inside each stage's data group. Pipelines need as many repeated layers as chunks: 4 or 8 layers.
+PIPELINE_LAYOUTS = {
+    2: [("pipe2_1f1b", dict(pipe=2), 0, COMPUTE_RULES, dict(schedule="1f1b")),
+        ("pipe2_gpipe", dict(pipe=2), 0, COMPUTE_RULES, dict(schedule="gpipe")),
+        ("pipe2_interleaved", dict(pipe=2), 0, COMPUTE_RULES, dict(schedule="interleaved", virtual_stages=2)),
+        ("pipe2_1f1b_sgd_remat", dict(pipe=2), 0, COMPUTE_RULES, dict(optimizer="sgd", remat=True))],
+    4: [("pipe4_1f1b", dict(pipe=4), 0, COMPUTE_RULES, dict(schedule="1f1b")),
+        ("pipe4_interleaved", dict(pipe=4), 0, COMPUTE_RULES, dict(schedule="interleaved", virtual_stages=2)),
+        ("data2_pipe2_zero3", dict(data=2, pipe=2), 3, COMPUTE_RULES, {}),
+        ("tensor2_pipe2_sp", dict(tensor=2, pipe=2), 0, SP_RULES, {})],
+    8: [("data2_tensor2_pipe2_zero1", dict(data=2, tensor=2, pipe=2), 1, SP_RULES, {}),
+        ("data2_tensor2_pipe2_zero3", dict(data=2, tensor=2, pipe=2), 3, COMPUTE_RULES, {})],
+}
+
+
 def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: torch.device | str = "cpu",
                   layouts: list | None = None) -> dict[str, str]:
     """Every layout of ``layouts`` (default LAYOUTS) for one tiny preset; tensor=4 needs 4 KV heads
-    (the tiny presets have 2), so those layouts use the preset with ``n_kv_heads=4``. The reference
-    of each (config, optimizer) is computed once, on ``device``, when a layout first needs it."""
+    (the tiny presets have 2), so those layouts use the preset with ``n_kv_heads=4``, and pipelines
+    use 8 layers. The reference of each (config, optimizer) is computed once, on ``device``, when a
+    layout first needs it."""
     key, device = random.key(7), torch.device(device)
-    configs = {2: models.preset(preset), 4: models.preset(preset, n_kv_heads=4)}
     refs: dict = {}
     report = {}
     for name, sizes, stage, rules, options in LAYOUTS if layouts is None else layouts:
@@ -243,17 +267,25 @@ def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: to
         if mesh.device != device:
             raise ValueError(f"layout {name}: the mesh computes on {mesh.device} but the reference was "
                              f"asked for on {device}; pass device=mesh.device")
-        tp = 4 if mesh.size("tensor") == 4 else 2
-        if (tp, optimizer) not in refs:
-            refs[tp, optimizer] = reference(configs[tp], key, optimizer, device)
+        shape = (4 if mesh.size("tensor") == 4 else 2, 8 if mesh.size("pipe") > 1 else 2)
+        config = models.preset(preset, n_kv_heads=shape[0], n_layers=shape[1])
+        if (shape, optimizer) not in refs:
+            refs[shape, optimizer] = reference(config, key, optimizer, device)
         for accum in grad_accums:
+            if mesh.size("pipe") > 1:
+                accum *= mesh.size("pipe")  # micro-batches in flight on every stage (interleaved: a multiple of pipe)
             check = f"{preset}/{name}/accum{accum}"
             try:
-                check_layout(configs[tp], refs[tp, optimizer], key, mesh, stage, rules, accum, optimizer, **options)
+                check_layout(config, refs[shape, optimizer], key, mesh, stage, rules, accum, optimizer, **options)
                 report[check] = "ok"
             except Exception:  # noqa: BLE001 - reported per check
                 report[check] = traceback.format_exc()
     return report
+
+
+def pipeline_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2)) -> dict[str, str]:
+    """The pipeline layouts of this world's size (see PIPELINE_LAYOUTS)."""
+    return layout_checks(preset, grad_accums, layouts=PIPELINE_LAYOUTS[dist.get_world_size()])
 
 
 def transport_checks() -> dict[str, str]:

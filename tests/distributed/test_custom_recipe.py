@@ -2,7 +2,7 @@
 sharding code) trains through the Trainer on one process and on 4 gloo ranks at data=4 ZeRO-3,
 tensor=4 with sequence parallelism and data=2 x tensor=2 ZeRO-3, with the same losses; and through
 the command line under torchrun, where the same global batch gives the same losses at data=1, 2
-and 4."""
+and 4, and at data=2 x tensor=2 x pipe=2 on 8 processes."""
 
 import os
 import subprocess
@@ -44,14 +44,14 @@ def test_a_recipe_model_trains_on_every_layout_as_on_one_process(tmp_path, datas
         assert reports[0] == pytest.approx(one, rel=1e-5), name
 
 
-def _cli(run_dir, dataset, processes: int) -> list[float]:
+def _cli(run_dir, dataset, processes: int, layout: tuple[str, ...] = ()) -> list[float]:
     env = dict(os.environ, OMP_NUM_THREADS="1", FASTLLM_TYPECHECK="0")
-    args = ["-m", "fastllm", "train", RECIPE, *overrides(run_dir, dataset), f"mesh.data={processes}"]
+    args = ["-m", "fastllm", "train", RECIPE, *overrides(run_dir, dataset), *(layout or [f"mesh.data={processes}"])]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}", *args]
     else:
         command = [sys.executable, *args]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return recipe_checks.losses(run_dir)
 
@@ -63,3 +63,12 @@ def test_the_global_batch_fixes_the_losses_through_torchrun(tmp_path, dataset):
     assert len(losses[1]) == 5
     assert losses[2] == pytest.approx(losses[1], rel=1e-5)
     assert losses[4] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_a_recipe_model_pipelines_with_data_and_tensor_through_torchrun_on_8_ranks(tmp_path, dataset):
+    """data=2 x tensor=2 x pipe=2 with sequence parallelism and ZeRO-1 (1F1B over 4 micro-batches of
+    one sequence per data rank): the losses of one process."""
+    one = _cli(tmp_path / "one", dataset, 1)
+    layout = ("mesh.data=2", "mesh.tensor=2", "mesh.pipe=2", "mesh.rules.seq=tensor", "zero.stage=1",
+              "train.micro_batch_size=1")
+    assert _cli(tmp_path / "d2t2p2", dataset, 8, layout) == pytest.approx(one, rel=1e-5)

@@ -2,14 +2,16 @@
 takes its mesh from the config, trains on shards, writes sharded checkpoints and resumes from them.
 """
 
+import dataclasses
+import shutil
+
 import pytest
 
 import trainer_checks
 from fastllm.data import DataConfig
-from fastllm.sharding import Mesh, testing
+from fastllm.sharding import testing
 from fastllm.train.config import Config, ModelSection, OptimSection, RunConfig, TrainSection
 from fastllm.train.quickstart import prepare_quickstart
-from fastllm.train.trainer import Trainer
 
 pytestmark = pytest.mark.distributed
 VOCAB = 320  # divisible by the tensor sizes
@@ -52,7 +54,24 @@ def test_zero3_data_tensor_mesh_resumes_from_sharded_checkpoints(tmp_path, datas
     assert (tmp_path / "whole" / "checkpoints").is_dir()
 
 
-def test_a_pipe_axis_is_refused_until_pipelines_exist(tmp_path, dataset):
-    config = trainer_checks.apply_overrides(make_config(tmp_path, dataset), ["mesh.pipe=2"])
-    with pytest.raises(NotImplementedError, match="pipeline parallelism.*use mesh.pipe=1"):
-        Trainer(config, mesh=Mesh.abstract(pipe=2))
+def test_pipeline_trainer_matches_one_process_and_resumes_on_other_pipe_sizes(tmp_path, dataset):
+    """pipe=2 (1F1B over 2 micro-batches, 4 layers) trains like one process; its step-2 checkpoint
+    resumes at pipe=2 bit for bit, and at pipe=1 and pipe=4 with the same losses (checkpoints
+    hold global tensors; the stage layout is only how ranks cut them)."""
+    base = dataclasses.replace(make_config(tmp_path / "one", dataset),
+                               model=ModelSection(preset="tiny-llama", vocab_size=VOCAB, n_layers=4))
+    one = trainer_checks.train(base, [])
+    pipe2 = testing.run(trainer_checks.train, 2, base, [f"run.dir={tmp_path}/pipe2", "mesh.pipe=2"], timeout_s=300.0)
+    assert len(one) == 4 and pipe2[0] == pytest.approx(one, rel=1e-5)
+    stopped = tmp_path / "stopped"
+    testing.run(trainer_checks.train, 2, base, [f"run.dir={stopped}", "mesh.pipe=2"], 2, timeout_s=300.0)
+    for name in ("resumed2", "resumed1", "resumed4"):
+        shutil.copytree(stopped, tmp_path / name)
+    resumed2 = testing.run(trainer_checks.train, 2, base, [f"run.dir={tmp_path}/resumed2", "mesh.pipe=2"],
+                           timeout_s=300.0)
+    assert resumed2[0] == pipe2[0]
+    resumed1 = trainer_checks.train(base, [f"run.dir={tmp_path}/resumed1"])
+    resumed4 = testing.run(trainer_checks.train, 4, base, [f"run.dir={tmp_path}/resumed4", "mesh.pipe=4"],
+                           timeout_s=300.0)
+    assert resumed1 == pytest.approx(pipe2[0], rel=1e-5)
+    assert resumed4[0] == pytest.approx(pipe2[0], rel=1e-5)

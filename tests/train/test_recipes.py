@@ -61,3 +61,16 @@ def test_recipe_layout_is_planned(path):
     assert report.description.totals["params"] > 0
     tensor_moves = [c for c in report.collectives if c.axis == "tensor"]
     assert bool(tensor_moves) == (config.mesh.tensor > 1)  # only tensor parallelism moves activations
+
+
+def test_a_pipelined_layout_plans_with_its_schedule_and_bubble():
+    """llama3_8b at data=8 x tensor=4 x pipe=4 (interleaved, 2 virtual stages): the plan dry-runs
+    rank 0's stage and prints the step's schedule with its bubble."""
+    _, config = load_recipe(RECIPES[[p.stem for p in RECIPES].index("llama3_8b")],
+                            ["mesh.data=8", "mesh.tensor=4", "mesh.pipe=4", "pipe.schedule=interleaved",
+                             "pipe.virtual_stages=2", "train.batch_size=512", "train.micro_batch_size=4"])
+    report = plan_layout(config)
+    assert report.timeline is not None and report.grad_accum == 16
+    text = str(report)
+    assert "pipe 3: " in text and f"bubble {report.timeline.bubble:.1%}" in text
+    assert 0 < report.timeline.bubble < 3 / (16 + 3)  # interleaving beats 1F1B's (P - 1) / (M + P - 1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import optree
 from torch import Tensor
@@ -16,7 +16,8 @@ from fastllm.sharding.mesh import AXES, Mesh
 from fastllm.sharding.spec import PartitionSpec, is_spec, local_shape
 from fastllm.tree import PyTree
 
-__all__ = ["FORMAT", "INDEX", "PathLike", "SCALARS", "state_specs", "spec_to_json", "rank_block", "writer_ranks",
+__all__ = ["FORMAT", "INDEX", "PathLike", "SCALARS", "state_specs", "spec_to_json", "spec_from_json", "rank_block",
+           "writer_ranks",
            "shard_file", "flat_specs", "check_paths"]
 
 FORMAT = "fastllm.sharded-checkpoint/1"
@@ -30,6 +31,10 @@ def spec_to_json(spec: PartitionSpec) -> list:
     return [list(entry) if isinstance(entry, tuple) else entry for entry in spec]
 
 
+def spec_from_json(entries: list) -> PartitionSpec:
+    return PartitionSpec(*[tuple(entry) if isinstance(entry, list) else entry for entry in entries])
+
+
 def rank_block(global_shape: list[int], spec: PartitionSpec, mesh: Mesh, name: str) -> tuple[list, list]:
     """(start, shape) of the block of a global tensor that ``mesh``'s rank holds under ``spec``."""
     shape = list(local_shape(tuple(global_shape), spec, mesh, name=name))
@@ -37,11 +42,12 @@ def rank_block(global_shape: list[int], spec: PartitionSpec, mesh: Mesh, name: s
     return start, shape
 
 
-def writer_ranks(spec: PartitionSpec, mesh_shape: dict[str, int]) -> list[int]:
-    """The ranks that write a block: coordinate 0 along every axis the spec does not split over."""
-    plan = Mesh.abstract(**mesh_shape)
+def writer_ranks(spec: PartitionSpec, mesh_shape: dict[str, int], at: Optional[dict[str, int]] = None) -> list[int]:
+    """The ranks that write a block: coordinate 0 along every axis the spec does not split over, or
+    the coordinate ``at`` gives for that axis (a tensor held by one pipeline stage: ``{"pipe": 2}``)."""
+    plan, at = Mesh.abstract(**mesh_shape), at or {}
     unused = [axis for axis in AXES if axis not in spec.used_axes]
-    return [r for r in range(plan.world_size) if all(plan.coords_of(r)[a] == 0 for a in unused)]
+    return [r for r in range(plan.world_size) if all(plan.coords_of(r)[a] == at.get(a, 0) for a in unused)]
 
 
 def shard_file(rank: int) -> str:

@@ -96,8 +96,10 @@ def _load_tree(reader: _Reader, name: str, stored: dict, specs: PyTree, mesh: Me
     else:
         treedef, paths = optree.tree_structure(like), [p for p, _ in tree.leaves_with_path(like)]
     leaf_specs = flat_specs(name, specs, paths)
+    # A ``None`` spec marks a leaf this rank does not hold (another pipeline stage's): stored, not read.
+    unheld = [p for p, s in tree.flatten(specs, is_leaf=lambda x: x is None or is_spec(x)).items() if s is None]
     check_paths(f"checkpoint {reader.path}: tree {name!r} stored and asked for",
-                 ("the checkpoint", [*stored["tensors"], *stored["scalars"]]), ("the tree asked for", paths))
+                 ("the checkpoint", [*stored["tensors"], *stored["scalars"]]), ("the tree asked for", [*paths, *unheld]))
     values = []
     for path, spec in leaf_specs.items():
         if path in stored["scalars"]:

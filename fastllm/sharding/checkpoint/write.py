@@ -17,39 +17,58 @@ from fastllm import tree
 from fastllm.checkpoint import store
 from fastllm.checkpoint.store import CheckpointError
 from fastllm.sharding.checkpoint.layout import (FORMAT, INDEX, SCALARS, PathLike, flat_specs, rank_block, shard_file,
-                                                spec_to_json, writer_ranks)
+                                                spec_from_json, spec_to_json, writer_ranks)
 from fastllm.sharding.mesh import Mesh
 from fastllm.tree import PyTree
 
 __all__ = ["save"]
 
 
-def _describe(name: str, values: PyTree, specs: PyTree, mesh: Mesh) -> tuple[dict, dict[str, Tensor]]:
-    """The index entry of one tree (global shapes, dtypes, specs, blocks) and this rank's blocks."""
+def _layout(name: str, values: PyTree, specs: PyTree, mesh: Mesh) -> tuple[dict, dict[str, Tensor]]:
+    """What this rank holds of one tree (global shapes, dtypes, specs; scalars) and its tensors."""
     if not store._TREE_NAME.match(name):
         raise ValueError(f"checkpoint tree name {name!r} must match {store._TREE_NAME.pattern}")
     flat = tree.flatten(values)
     leaf_specs = flat_specs(name, specs, flat)
-    tensors, scalars, mine = {}, {}, {}
+    tensors, scalars, held = {}, {}, {}
     for path, leaf in flat.items():
         if isinstance(leaf, SCALARS):
             scalars[path] = leaf
             continue
         if not isinstance(leaf, Tensor):
             raise TypeError(f"tree {name!r}: leaf {path!r} has unsupported type {type(leaf).__name__}")
-        spec, key = leaf_specs[path], f"{name}.{path}"
+        spec = leaf_specs[path]
         if leaf.ndim != len(spec):
-            raise ValueError(f"{key}: spec {spec!r} has {len(spec)} entries but the local shard has "
+            raise ValueError(f"{name}.{path}: spec {spec!r} has {len(spec)} entries but the local shard has "
                              f"shape {tuple(leaf.shape)}")
-        global_shape = [n * mesh.size(spec.axes(d)) for d, n in enumerate(leaf.shape)]
-        blocks = []
-        for rank in writer_ranks(spec, mesh.shape):
-            start, shape = rank_block(global_shape, spec, Mesh.abstract(**mesh.shape, rank=rank), key)
-            blocks.append({"file": shard_file(rank), "start": start, "shape": shape})
-            if rank == mesh.global_rank:
-                mine[key] = leaf.detach().to("cpu", copy=True).contiguous()  # a copy: no shared storage
-        tensors[path] = {"shape": global_shape, "dtype": str(leaf.dtype).removeprefix("torch."),
-                         "spec": spec_to_json(spec), "blocks": blocks}
+        tensors[path] = {"shape": [n * mesh.size(spec.axes(d)) for d, n in enumerate(leaf.shape)],
+                         "dtype": str(leaf.dtype).removeprefix("torch."), "spec": spec_to_json(spec)}
+        held[path] = leaf
+    return {"tensors": tensors, "scalars": scalars}, held
+
+
+def _merge(name: str, layouts: list[dict], held: dict[str, Tensor], mesh: Mesh) -> tuple[dict, dict[str, Tensor]]:
+    """One tree's index entry from every rank's layout, and the blocks this rank writes. Ranks may
+    hold different leaves (pipeline stages hold their own parts'): each leaf's blocks are written by
+    the ranks that hold it, at the lowest pipeline coordinate among them."""
+    tensors, scalars, mine = {}, {}, {}
+    for rank, layout in enumerate(layouts):
+        scalars.update({k: v for k, v in layout[name]["scalars"].items() if k not in scalars})
+        for path, entry in layout[name]["tensors"].items():
+            if path in tensors:
+                if {k: tensors[path][k] for k in entry} != entry:
+                    raise CheckpointError(f"sharded save: rank {rank} holds {name}.{path} with another shape, "
+                                          f"dtype or spec than an earlier rank")
+                continue
+            holders = [r for r, other in enumerate(layouts) if path in other[name]["tensors"]]
+            pipe = min(Mesh.abstract(**mesh.shape).coords_of(r)["pipe"] for r in holders)
+            spec, key, blocks = spec_from_json(entry["spec"]), f"{name}.{path}", []
+            for writer in writer_ranks(spec, mesh.shape, at={"pipe": pipe}):
+                start, shape = rank_block(entry["shape"], spec, Mesh.abstract(**mesh.shape, rank=writer), key)
+                blocks.append({"file": shard_file(writer), "start": start, "shape": shape})
+                if writer == mesh.global_rank:
+                    mine[key] = held[path].detach().to("cpu", copy=True).contiguous()  # no shared storage
+            tensors[path] = {**entry, "blocks": blocks}
     return {"tensors": tensors, "scalars": scalars}, mine
 
 
@@ -111,17 +130,18 @@ def save(
     """
     path, hook = Path(path), _hook or (lambda stage: None)
     described = _attempt(lambda: _describe_all(trees, specs, mesh))
-    index = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe")
-    if any(entry != index[0] for entry in index):
-        rank = next(r for r, entry in enumerate(index) if entry != index[0])
-        raise CheckpointError(f"sharded save: rank {rank} holds other paths, shapes, dtypes or specs "
-                              "than rank 0")
+    layouts = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe")
+    if any(set(layout) != set(layouts[0]) for layout in layouts):
+        raise CheckpointError("sharded save: the ranks name different trees")
+    merged = {name: _merge(name, layouts, described[1][name], mesh) for name in layouts[0]}
+    index = [{name: entry for name, (entry, _) in merged.items()}]
+    blocks_of_mine = {key: t for _, (_, mine) in merged.items() for key, t in mine.items()}
     is_first = mesh.global_rank == 0
     tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create")[0]
 
     def write() -> dict:  # hooks run inside the attempt, so a failing one aborts every rank
         hook("tmp_created")
-        written = _write_shards(tmp, mesh.global_rank, described[1], checksum)
+        written = _write_shards(tmp, mesh.global_rank, blocks_of_mine, checksum)
         hook("shards_written")
         return written
 
@@ -135,14 +155,13 @@ def save(
 
 
 def _describe_all(trees: Mapping[str, PyTree], specs: Mapping[str, PyTree], mesh: Mesh) -> tuple[dict, dict]:
-    """(index entries of every tree, as JSON would return them; this rank's blocks to write)."""
+    """(this rank's layout of every tree, as JSON would return it; its tensors per tree)."""
     if set(trees) != set(specs):
         raise CheckpointError(f"trees {sorted(trees)} and specs {sorted(specs)} name different trees")
-    entries, mine = {}, {}
+    layouts, held = {}, {}
     for name in trees:
-        entries[name], blocks = _describe(name, trees[name], specs[name], mesh)
-        mine.update(blocks)
-    return json.loads(json.dumps(entries)), mine
+        layouts[name], held[name] = _layout(name, trees[name], specs[name], mesh)
+    return json.loads(json.dumps(layouts)), held
 
 
 def _make_tmp(path: Path, overwrite: bool) -> Path:
