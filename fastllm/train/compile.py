@@ -27,6 +27,7 @@ the test suite).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -60,8 +61,25 @@ class CompiledParts:
             fn = functools.partial(_call, part.fn)
             compiled = torch.compile(fn, backend=self.backend, dynamic=False)
             static = _reference_elementwise(part.static)
-            self._compiled[key] = lambda _static, *args: compiled(static, *args)
+
+            def run(_static, *args):
+                with _nested_graph_breaks():
+                    return compiled(static, *args)
+
+            self._compiled[key] = run
         return self._compiled[key]
+
+
+def _nested_graph_breaks():
+    """Dynamo resumes tracing inside the nested frame where a graph break happens, where the torch
+    version can. The break that matters: FlexAttention's block mask of packed documents is built
+    (and cached) in Python, deep inside the block (part -> block -> attention -> the named-dim
+    ``local`` -> the kernel). Without this, the break bubbles up to the part and every frame on the
+    way is split into its own graph: 7 graphs per block instead of 2, each boundary a fusion
+    barrier and a saved activation (docs/performance.md)."""
+    if hasattr(torch._dynamo.config, "nested_graph_breaks"):
+        return torch._dynamo.config.patch(nested_graph_breaks=True)
+    return contextlib.nullcontext()
 
 
 def _call(fn, static, params, carry, batch, layout):
