@@ -38,9 +38,11 @@ class RunConfig:
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
     progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
     export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
+    timeout_s: float = 600.0  # how long a rank waits in a collective for a peer before it names it dead or hung
 
     def __post_init__(self):
         require(bool(self.dir), "run.dir", "must not be empty")
+        require(self.timeout_s > 0, "run.timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "run.device",
                 f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -90,12 +92,15 @@ class TrainSection:
     log_every: int = 10  # steps between lines of metrics.jsonl
     eval_every: int = 0  # steps between validation losses; 0: only at the end (when data.val is set)
     eval_batches: int = 8  # micro-batches per validation loss
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (and by checkpoint_minutes)
+    checkpoint_minutes: float = 10.0  # also checkpoint when this much time passed since the last one; 0: off
+    async_checkpoint: bool = False  # write checkpoints in a background thread from a host copy of the state
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints",
-                     "loss_scale_growth_interval"):
+                     "loss_scale_growth_interval", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, f"train.{name}", f"must be > 0, got {value}")
         require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size",
@@ -108,6 +113,7 @@ class TrainSection:
         require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                 f"must be > 0 or None, got {self.grad_clip}")
         require(self.loss_scale > 0, "train.loss_scale", f"must be > 0, got {self.loss_scale}")
+        require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
 
     def micro_batch(self, data_ranks: int) -> int:
         """Sequences per forward/backward on one rank when ``data_ranks`` share the batch."""

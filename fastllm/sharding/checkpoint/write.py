@@ -53,12 +53,12 @@ def _describe(name: str, values: PyTree, specs: PyTree, mesh: Mesh) -> tuple[dic
     return {"tensors": tensors, "scalars": scalars}, mine
 
 
-def _gather(mesh: Mesh, value: Any) -> list[Any]:
+def _gather(mesh: Mesh, value: Any, group: Optional[dist.ProcessGroup] = None) -> list[Any]:
     """Every rank's ``value`` (a barrier too); one process: ``[value]``."""
     if mesh.world_size == 1:
         return [value]
     values: list[Any] = [None] * mesh.world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=group)
     return values
 
 
@@ -79,14 +79,15 @@ def _attempt(fn: Callable[[], Any]) -> Any:
         return _Failed(error)
 
 
-def _all_ok(mesh: Mesh, outcome: Any, what: str, cleanup: Callable[[], None] = lambda: None) -> list[Any]:
+def _all_ok(mesh: Mesh, outcome: Any, what: str, cleanup: Callable[[], None] = lambda: None,
+            group: Optional[dist.ProcessGroup] = None) -> list[Any]:
     """Every rank's outcome; raise on every rank when any failed (so none waits for the others),
     after ``cleanup`` has run on every rank."""
-    outcomes = _gather(mesh, outcome)
+    outcomes = _gather(mesh, outcome, group)
     failed = [(rank, out) for rank, out in enumerate(outcomes) if isinstance(out, _Failed)]
     if failed:
         cleanup()
-        _gather(mesh, None)  # barrier: no rank returns before the cleanup is done everywhere
+        _gather(mesh, None, group)  # barrier: no rank returns before the cleanup is done everywhere
         rank, failure = failed[0]
         mine = outcome.error if isinstance(outcome, _Failed) else None
         raise CheckpointError(f"sharded save ({what}) failed on rank {rank}: {failure.text}") from mine
@@ -102,22 +103,25 @@ def save(
     *,
     overwrite: bool = False,
     checksum: bool = True,
+    group: Optional[dist.ProcessGroup] = None,
     _hook: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Write this rank's shards of ``trees`` (name -> local tree, laid out by ``specs[name]``).
 
     Collective: every rank of ``mesh`` calls it with the same names, paths and specs. Returns after
-    rank 0 has committed the directory (so any rank may load it right away).
+    rank 0 has committed the directory (so any rank may load it right away). ``group``: the
+    (gloo) group of the whole world its few collectives use (default: the world's), e.g. one of
+    its own for a save running beside the training loop's collectives.
     """
     path, hook = Path(path), _hook or (lambda stage: None)
     described = _attempt(lambda: _describe_all(trees, specs, mesh))
-    index = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe")
+    index = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe", group=group)
     if any(entry != index[0] for entry in index):
         rank = next(r for r, entry in enumerate(index) if entry != index[0])
         raise CheckpointError(f"sharded save: rank {rank} holds other paths, shapes, dtypes or specs "
                               "than rank 0")
     is_first = mesh.global_rank == 0
-    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create")[0]
+    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create", group=group)[0]
 
     def write() -> dict:  # hooks run inside the attempt, so a failing one aborts every rank
         hook("tmp_created")
@@ -126,11 +130,11 @@ def save(
         return written
 
     files = _all_ok(mesh, _attempt(write), "write shards",
-                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if is_first else None)
+                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if is_first else None, group=group)
     outcome = None
     if is_first:
         outcome = _attempt(lambda: _commit(tmp, path, index[0], files, mesh, metadata, checksum, hook))
-    _all_ok(mesh, outcome, "commit")
+    _all_ok(mesh, outcome, "commit", group=group)
     return path
 
 
