@@ -111,7 +111,7 @@ class Peers:
             elif words.startswith("error:"):
                 blame.culprits[rank] = f"failed: {words.removeprefix('error: ')}"
             elif after[rank] == before[rank]:
-                blame.culprits[rank] = f"died (no heartbeat for {window_s:.0f} s: killed, crashed or frozen)"
+                blame.culprits[rank] = f"died (no heartbeat for {window_s:g} s: killed, crashed or frozen)"
         if not blame.culprits:  # nobody dead or failed: those that beat and said nothing hang
             waited = "" if timeout_s is None else f" within run.timeout_s={timeout_s:g}"
             for rank in range(self.world_size):

@@ -283,11 +283,11 @@ class Trainer:
         limit = self.config.train.max_bad_steps
         if longest < limit:
             return None
-        good = record["step"] - run if run else last - longest
+        since = f"no update after step {record['step'] - run} was applied" if run else f"the last at step {last}"
         newest = checkpointing.latest(self.run_dir)
+        kept = "no checkpoint was written" if newest is None else f"the newest checkpoint is {newest}"
         return Stopped(f"error: stopped at step {record['step']}: {longest} steps in a row had a non-finite loss or "
-                       f"gradient (train.max_bad_steps={limit}); no update after step {good} was applied; the newest "
-                       f"checkpoint is {newest}", 1)
+                       f"gradient (train.max_bad_steps={limit}); {since}; {kept}", 1)
 
     def _record(self, step: int, metrics: dict, tokens_per_s: float, flops: Optional[float]) -> dict:
         record = {"step": step, **{name: value.item() for name, value in metrics.items()}}
