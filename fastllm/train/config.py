@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from fastllm.config import merge_partial, partial_fields, require
+from fastllm.config import ConfigError, merge_partial, partial_fields, require
 from fastllm.data.config import DataConfig
 from fastllm.models.config import ModelConfig
 
@@ -119,17 +119,24 @@ class TrainSection:
         """Sequences per forward/backward on one rank when ``data_ranks`` share the batch."""
         if self.micro_batch_size is not None:
             return self.micro_batch_size
-        require(self.batch_size % data_ranks == 0, "train.batch_size",
-                f"{self.batch_size} sequences do not split over mesh.data={data_ranks} ranks")
+        _refuse_unless(self.batch_size % data_ranks == 0, "train.batch_size",
+                       f"{self.batch_size} sequences do not split over mesh.data={data_ranks} ranks")
         return self.batch_size // data_ranks
 
     def grad_accum(self, data_ranks: int) -> int:
         """Micro-batches per optimizer step on each rank: ``batch_size / (micro_batch_size x data)``."""
         per_pass = self.micro_batch(data_ranks) * data_ranks
-        require(self.batch_size % per_pass == 0, "train.batch_size",
-                f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch(data_ranks)} x "
-                f"mesh.data={data_ranks} = {per_pass} (sequences per forward/backward over all data ranks)")
+        _refuse_unless(self.batch_size % per_pass == 0, "train.batch_size",
+                       f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch(data_ranks)} "
+                       f"x mesh.data={data_ranks} = {per_pass} (sequences per forward/backward over all data ranks)")
         return self.batch_size // per_pass
+
+
+def _refuse_unless(condition: bool, key: str, message: str) -> None:
+    """A check of the config against the world it runs in (after construction, so outside a
+    recipe): bad input, a ConfigError, one line from the command."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass(frozen=True)

@@ -76,7 +76,7 @@ def choose(run_dir: Path) -> Choice:
         try:
             verify(path)
         except CheckpointError as error:
-            reason = one_line(error).removeprefix(f"checkpoint {path}").lstrip(": ")
+            reason = one_line(error).removeprefix(f"checkpoint {path}").removeprefix(":").removeprefix(" is").strip()
             choice.skipped.append((path.name, reason))
             continue
         choice.path = path

@@ -27,7 +27,7 @@ from typing import Any, Optional
 import torch
 
 from fastllm import nn, optim, random
-from fastllm.config import to_dict
+from fastllm.config import ConfigError, to_dict
 from fastllm.sharding import Mesh, Partitioner
 from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.train import checkpointing, resume
@@ -72,7 +72,7 @@ def mesh_from_config(config: Config) -> Mesh:
     m = config.mesh
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if m.data * m.tensor * m.pipe != world:
-        raise ValueError(f"mesh.data={m.data} x mesh.tensor={m.tensor} x mesh.pipe={m.pipe} = "
+        raise ConfigError(f"mesh.data={m.data} x mesh.tensor={m.tensor} x mesh.pipe={m.pipe} = "
                          f"{m.data * m.tensor * m.pipe} ranks, but the world has {world} (launch with "
                          f"torchrun --nproc-per-node {m.data * m.tensor * m.pipe})")
     return Mesh.from_env(data=m.data, tensor=m.tensor, pipe=m.pipe, device=resolve_device(config.run.device),

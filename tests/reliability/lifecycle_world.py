@@ -27,7 +27,7 @@ VOCAB = 64
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "FASTLLM_TYPECHECK": "0"}
 
 RECIPE = '''
-import dataclasses, time
+import dataclasses, os, time
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from fastllm.data import DataConfig
 from fastllm.train.config import Config, ModelSection, OptimSection, RunConfig, TrainSection
 
 BAD = {bad!r}  # training steps (1-based, counted by this process) whose loss is NaN
+BAD_RANK = {bad_rank!r}  # only on this rank (None: every rank)
 STEP_SLEEP, SLEEP_BEFORE = {step_sleep!r}, {sleep_before!r}
 
 
@@ -67,7 +68,7 @@ def model(config):
         if torch.is_grad_enabled():  # a training step, not validation
             calls[0] += 1
             time.sleep(STEP_SLEEP)
-            if calls[0] in BAD:
+            if calls[0] in BAD and BAD_RANK in (None, int(os.environ.get("RANK", "0"))):
                 out = {{**out, "loss": out["loss"] * float("nan")}}
         return out
 
@@ -85,9 +86,10 @@ def build_dataset(root: Path) -> Path:
     return root / "data"
 
 
-def write_recipe(path: Path, data: Path, *, bad=(), step_sleep: float = 0.0, sleep_before: float = 0.0) -> Path:
-    path.write_text(RECIPE.format(bad=sorted(bad), step_sleep=step_sleep, sleep_before=sleep_before, vocab=VOCAB,
-                                  data=str(data)))
+def write_recipe(path: Path, data: Path, *, bad=(), bad_rank=None, step_sleep: float = 0.0,
+                 sleep_before: float = 0.0) -> Path:
+    path.write_text(RECIPE.format(bad=sorted(bad), bad_rank=bad_rank, step_sleep=step_sleep, sleep_before=sleep_before,
+                                  vocab=VOCAB, data=str(data)))
     return path
 
 
@@ -124,16 +126,34 @@ class Launch:
             self.process.wait()
 
 
+def rank_pids(launcher: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's workers (its children with ``RANK`` in their environment)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            parent = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        ranks = [int(v[5:]) for v in environ if v.startswith(b"RANK=")]
+        if parent == launcher and ranks:
+            found[ranks[0]] = int(entry)
+    return found
+
+
 def run(command: list[str], timeout: float = 120.0) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=timeout)
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "a condition") -> None:
+def wait_for(condition: Callable[[], bool], timeout: float = 60.0, what: str = "a condition",
+             interval: float = 0.01) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.002)
+        time.sleep(interval)
 
 
 def logged_steps(run_dir: Path) -> int:

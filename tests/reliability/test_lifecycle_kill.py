@@ -33,7 +33,8 @@ def _kill(kind: str, launch: Launch, run_dir, base: int, rng: random.Random) -> 
     elif kind == "step":
         wait_for(lambda: _newest_logged(run_dir) >= target, what=f"step {target}")
     else:
-        wait_for(lambda: bool(_writing(run_dir, target)), what=f"the checkpoint write of step {target}")
+        wait_for(lambda: bool(_writing(run_dir, target)), what=f"the checkpoint write of step {target}",
+                 interval=0.001)  # a write takes milliseconds
     launch.process.send_signal(signal.SIGKILL)
     launch.wait()
     return kind == "write" and bool(_writing(run_dir, target))
