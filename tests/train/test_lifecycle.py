@@ -160,3 +160,25 @@ def test_blame_names_the_dead_the_failed_and_else_the_hung():
         me.close()
         others.close()
     assert not [t for t in threading.enumerate() if t.name == "fastllm-heartbeat"]
+
+
+def test_asynchronous_checkpoints_equal_blocking_ones_and_resume_alike(tmp_path, dataset):
+    """The background writer saves the state as it was at its step (the next step changes the
+    tensors in place), atomically, and a run resumes from it exactly as from a blocking save."""
+    from fastllm.sharding import checkpoint as sharded
+
+    blocking, background = tmp_path / "blocking", tmp_path / "background"
+    Trainer(make_config(blocking, dataset, checkpoint_every=2, keep_checkpoints=3)).run()
+    Trainer(make_config(background, dataset, checkpoint_every=2, keep_checkpoints=3, async_checkpoint=True)).run(stop_at=4)
+    resumed = Trainer(make_config(background, dataset, checkpoint_every=2, keep_checkpoints=3,
+                                  async_checkpoint=True)).run()
+    assert [r["step"] for r in resumed.history if "loss" in r] == [5, 6]
+    assert losses(background) == losses(blocking)
+    for step in (2, 4, 6):
+        name = f"step-{step:08d}"
+        meta, trees = sharded.load_full(blocking / "checkpoints" / name)
+        meta_bg, trees_bg = sharded.load_full(background / "checkpoints" / name)
+        assert meta_bg["data"] == meta["data"] and meta_bg["step"] == step
+        for a, b in zip(tree.leaves(trees), tree.leaves(trees_bg)):
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
+    assert not [t for t in threading.enumerate() if t.name == "fastllm-checkpoint"]
