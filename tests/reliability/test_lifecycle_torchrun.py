@@ -1,5 +1,6 @@
 """``fastllm train`` under torchrun on 2 and 4 gloo ranks: a SIGKILLed rank is named by the survivor
-within ``run.timeout_s`` and the run resumes on one process with the same global batch and losses;
+at once, a frozen one when ``run.timeout_s`` ran out, and the run resumes on one process with the
+same global batch and losses;
 SIGTERM to one rank stops every rank at one agreed step with one checkpoint (exit 0) and the run
 continues bit for bit; runs exit 0 on every rank (they used to end with SIGABRT), and a NaN on one
 rank is a skipped step on every rank.
@@ -66,6 +67,30 @@ def test_a_killed_rank_is_named_and_the_run_resumes_on_one_process(world):
     assert [line[0] for line in got] == [line[0] for line in want] == list(range(1, 9))
     assert got[:saved] == want[:saved]  # the 2-rank steps, bit for bit
     assert [line[1] for line in got[saved:]] == pytest.approx([line[1] for line in want[saved:]], rel=1e-5)
+
+
+def test_a_frozen_rank_is_named_within_the_timeout(world):
+    """SIGSTOP: the rank neither dies nor answers; the survivor's collective runs into
+    ``run.timeout_s`` and it names the rank whose heartbeat stood still."""
+    root, recipes, _ = world
+    run_dir, timeout_s = root / "frozen", 5.0
+    launch = Launch(train_command(recipes["slow"], run_dir, *OVERRIDES, f"run.timeout_s={timeout_s}", ranks=2),
+                    root / "frozen.log")
+    try:
+        wait_for(lambda: logged_steps(run_dir) >= 2, what="two steps")
+        frozen = rank_pids(launch.process.pid)[1]
+        os.kill(frozen, signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_for(lambda: any(line.startswith("fastllm train: ") for line in launch.output().splitlines()),
+                 timeout=timeout_s + 30, what="the survivor's verdict")
+        took = time.monotonic() - stopped
+        os.kill(frozen, signal.SIGKILL)  # torchrun waits for it; a frozen process takes only this
+        launch.wait(60)
+    finally:
+        launch.stop()
+    assert timeout_s < took < timeout_s + 10, took
+    assert _said(launch.output()) == ["fastllm train: error: rank 1 died (no heartbeat for 3 s: killed, crashed or "
+                                      "frozen); stopping (run the same command to resume from the newest checkpoint)"]
 
 
 def test_sigterm_to_one_rank_stops_every_rank_at_one_step(world):

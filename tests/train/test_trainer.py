@@ -118,9 +118,11 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, data
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, dataset):
     Trainer(make_config(tmp_path, dataset, steps=2)).run()
+    before = (tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()
     wider = apply_overrides(make_config(tmp_path, dataset, steps=4), ["model.embed_dim=32"])
     with pytest.raises(checkpointing.CheckpointError, match="expects shape"):
         Trainer(wider).run()
+    assert ((tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()) == before
 
 
 def test_multi_process_mesh_is_refused_clearly(tmp_path, dataset):
