@@ -149,8 +149,8 @@ def test_eval_step_matches_model_loss():
     assert torch.equal(EvalStep(models.model(CONFIG), ONE)(params, data)["loss"], expected)
 
 
-@pytest.mark.parametrize("donate", [True, False])
-def test_a_non_finite_step_changes_nothing_and_is_flagged(donate):
+@pytest.mark.parametrize("donate,poison", [(True, "gradients"), (True, "loss"), (False, "both")])
+def test_a_non_finite_step_changes_nothing_and_is_flagged(donate, poison):
     """A NaN loss or gradient skips the update on the fused (donating) path and the pure chain alike:
     params and optimizer state, step counters included, keep their bits; the next good step
     proceeds as if the bad one had not been there."""
@@ -162,7 +162,9 @@ def test_a_non_finite_step_changes_nothing_and_is_flagged(donate):
 
     def poisoned(state, data):
         grads, loss, tokens = real(state, data)
-        return tree.map(lambda g: g * float("nan"), grads), loss * float("nan"), tokens
+        if poison != "loss":
+            grads = tree.map(lambda g: g * float("nan"), grads)
+        return grads, loss * float("nan") if poison != "gradients" else loss, tokens
 
     step.gradients = poisoned
     skipped, metrics = step(state, batch(2, seed=2))
