@@ -6,6 +6,10 @@ heavy modules are imported only when their subcommand runs.
 
 Bad input of any subcommand (a :class:`fastllm.errors.UserError`, an ``OSError``, a flag argparse
 refuses) ends as one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
+A command that stops early (:class:`fastllm.errors.Stop`: a training run stopped by a signal, a
+peer rank that died) prints its one line and exits with its own status; Ctrl-C before training
+began prints one line and exits 130. Under torchrun only rank 0 prints bad input (every rank meets
+it), and a stop is said by the one rank its message names.
 """
 
 from __future__ import annotations
@@ -13,11 +17,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Optional
 
-from fastllm.errors import EXPECTED, UserError, one_line
+from fastllm.errors import EXPECTED, Stop, UserError, one_line
 
 __all__ = ["main", "build_parser", "ArgumentParser", "report_errors"]
 
@@ -33,11 +38,21 @@ class ArgumentParser(argparse.ArgumentParser):
 
 def report_errors(run: Callable[[argparse.Namespace], int], args: argparse.Namespace, prog: str) -> int:
     """``run(args)``, with expected errors printed as one line and turned into exit status 2."""
+    rank_zero = os.environ.get("RANK", "0") == "0"
     try:
         return int(run(args) or 0)
+    except Stop as stop:
+        if stop.speaker:
+            print(f"{prog}: {one_line(stop)}", file=sys.stderr)
+        return stop.code
     except EXPECTED as error:
-        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
+        if rank_zero:
+            print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before a training loop took the signal over
+        if rank_zero:
+            print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 def _checked(convert: Callable[[str], object], test: Callable[[object], bool], expected: str):

@@ -19,13 +19,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["UserError", "EXPECTED", "one_line", "read_json", "reading"]
+__all__ = ["UserError", "Stop", "EXPECTED", "one_line", "read_json", "reading"]
 
 
 class UserError(ValueError):
     """Bad input; the message names the file, key or value and what was expected.
 
     A ``ValueError``, so code that caught the ``ValueError`` it replaces keeps working."""
+
+
+class Stop(Exception):
+    """A command that ends before its work is done, on purpose or because of another process (a
+    training run stopped by a signal with its checkpoint saved, a peer rank that died): the
+    command prints the message as one line and exits with ``code``. ``speaker`` False: another
+    process says it (one rank speaks for a distributed run)."""
+
+    def __init__(self, message: str, code: int, *, speaker: bool = True):
+        super().__init__(message)
+        self.code, self.speaker = code, speaker
 
 
 # What the command line reports as one line; everything else is a bug and shows its traceback.

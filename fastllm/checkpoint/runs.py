@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from pathlib import Path
@@ -48,17 +49,23 @@ def latest(run_dir: PathLike) -> Optional[Path]:
 def prune(run_dir: PathLike, keep: int, *, remove_partial: bool = False) -> list[Path]:
     """Delete all but the ``keep`` newest complete checkpoints; returns what was removed.
 
-    ``remove_partial`` also deletes leftovers of crashed saves (``*.tmp-<pid>``, ``*.old-<pid>``
-    and ``step-*`` directories without a valid marker). Only use it when no other process is
-    saving into ``run_dir``: an in-progress save looks exactly like a crashed one.
+    ``remove_partial`` also deletes leftovers of crashed saves (``*.tmp-<pid>``, ``*.old-<pid>``).
+    Only use it when no other process is saving into ``run_dir``: an in-progress save looks exactly
+    like a crashed one. A ``step-*`` directory that is not complete is never deleted: it was a
+    checkpoint once, and what is left of it is for a person to look at. A checkpoint is renamed to
+    ``.old-<pid>`` before it is deleted, so a prune killed halfway leaves a leftover, not a
+    checkpoint with files missing.
     """
     if keep < 1:
         raise ValueError(f"prune keeps at least one checkpoint, got keep={keep}")
     removed = checkpoints(run_dir)[:-keep]
+    for p in removed:
+        aside = p.with_name(f"{p.name}.old-{os.getpid()}")
+        os.replace(p, aside)
+        shutil.rmtree(aside)
     if remove_partial and Path(run_dir).is_dir():
         for p in Path(run_dir).iterdir():
-            if _PARTIAL.match(p.name) or (_STEP.match(p.name) and not is_complete(p)):
+            if _PARTIAL.match(p.name):
+                shutil.rmtree(p)
                 removed.append(p)
-    for p in removed:
-        shutil.rmtree(p)
     return removed

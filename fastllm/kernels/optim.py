@@ -41,8 +41,8 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _hyperparameters(lr, step, grad_scale, beta1: float, beta2: float, weight_decay: float,
-                     device: torch.device) -> Tensor:
-    """``[grad_scale, lr, 1 - lr wd, 1 - b1^t, 1 - b2^t]``, fp32 on ``device``, by tensor ops only:
+                     device: torch.device, apply=True) -> Tensor:
+    """``[grad_scale, lr, 1 - lr wd, 1 - b1^t, 1 - b2^t, apply]``, fp32 on ``device``, by tensor ops only:
     each input may be a number or a 0-d tensor on the device, and nothing is read back to the host.
     Bias corrections in float64 (``1 - 0.999^t`` loses bits in fp32), as ``optim.scale_by_adam``."""
 
@@ -52,26 +52,30 @@ def _hyperparameters(lr, step, grad_scale, beta1: float, beta2: float, weight_de
         return torch.full((), float(value), dtype=torch.float64, device=device)  # a fill, no copy
 
     t, rate = scalar(step), scalar(lr)
-    values = [scalar(grad_scale), rate, 1 - rate * weight_decay, 1 - beta1**t, 1 - beta2**t]
+    values = [scalar(grad_scale), rate, 1 - rate * weight_decay, 1 - beta1**t, 1 - beta2**t, scalar(apply)]
     return torch.stack(values).to(torch.float32)
 
 
 def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, master, *, lr, beta1, beta2, eps,
-                         weight_decay, step, grad_scale=1.0) -> None:
+                         weight_decay, step, grad_scale=1.0, apply=None) -> None:
     """The same update with torch ops, tensor by tensor, in place (the kernel's order of operations)."""
     if not params:
         return
     master = params if master is None else master
     hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, master[0].device)
-    scale, rate, decay, bias1, bias2 = hyper.unbind()
+    scale, rate, decay, bias1, bias2, _ = hyper.unbind()
     for p, g, m, v, w in zip(params, grads, exp_avgs, exp_avg_sqs, master):
+        before = None if apply is None else (w.clone(), m.clone(), v.clone())  # what a skipped step keeps
         g = g.to(w.dtype) * scale
         w.mul_(decay)
         m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         w.sub_(m.div(bias1).mul_(rate).div_((v / bias2).sqrt_().add_(eps)))
+        if before is not None:
+            for new, old in zip((w, m, v), before):
+                new.copy_(torch.where(apply, new, old))
         if p is not w:
-            p.copy_(w)
+            p.copy_(w if apply is None else torch.where(apply, w.to(p.dtype), p))
 
 
 def global_norm_reference(tensors: Sequence[Tensor]) -> Tensor:
@@ -105,17 +109,26 @@ def _store(ptr, idx, value, size, MASKED: tl.constexpr):
 
 @_triton.jit
 def _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps, decay,
-                 bias1, bias2, HAS_MASTER: tl.constexpr, MASKED: tl.constexpr):
+                 bias1, bias2, apply, HAS_MASTER: tl.constexpr, MASKED: tl.constexpr):
     g = _load(g_ptr, idx, size, MASKED).to(tl.float32) * scale
-    w = _load(w_ptr, idx, size, MASKED).to(tl.float32) * decay
-    m = beta1 * _load(m_ptr, idx, size, MASKED).to(tl.float32) + (1.0 - beta1) * g
-    v = beta2 * _load(v_ptr, idx, size, MASKED).to(tl.float32) + (1.0 - beta2) * g * g
+    w0 = _load(w_ptr, idx, size, MASKED).to(tl.float32)
+    m0 = _load(m_ptr, idx, size, MASKED).to(tl.float32)
+    v0 = _load(v_ptr, idx, size, MASKED).to(tl.float32)
+    w = w0 * decay
+    m = beta1 * m0 + (1.0 - beta1) * g
+    v = beta2 * v0 + (1.0 - beta2) * g * g
     w -= lr * (m / bias1) / (tl.sqrt(v / bias2) + eps)
+    # a skipped step (apply == 0: a non-finite gradient) writes back what it read; where, not a
+    # multiply, so that the NaNs of the discarded update do not leak through
+    w = tl.where(apply != 0.0, w, w0)
+    m = tl.where(apply != 0.0, m, m0)
+    v = tl.where(apply != 0.0, v, v0)
     _store(m_ptr, idx, m, size, MASKED)
     _store(v_ptr, idx, v, size, MASKED)
     _store(w_ptr, idx, w, size, MASKED)
-    if HAS_MASTER:
-        _store(p_ptr, idx, w, size, MASKED)
+    if HAS_MASTER:  # a skipped step leaves the model copy unwritten (rounding it again could move it):
+        limit = tl.where(apply != 0.0, size, 0)  # no index is below 0
+        tl.store(p_ptr + idx, w.to(p_ptr.dtype.element_ty), mask=idx < limit)
 
 
 @_triton.jit
@@ -136,17 +149,18 @@ def _adamw(PARAMS, GRADS, MASTER, M, V, SIZES, CHUNK_TENSOR, CHUNK_START, HYPER,
     decay = tl.load(HYPER + 2)
     bias1 = tl.load(HYPER + 3)
     bias2 = tl.load(HYPER + 4)
+    apply = tl.load(HYPER + 5)
     if start + CHUNK <= size:  # a whole chunk: no masks, so the accesses vectorise
         for offset in range(0, CHUNK, BLOCK):
             idx = start + offset + tl.arange(0, BLOCK)
             _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, idx, size, scale, lr, beta1, beta2, eps,
-                         decay, bias1, bias2, HAS_MASTER, False)
+                         decay, bias1, bias2, apply, HAS_MASTER, False)
     else:  # the tensor's last chunk: only the blocks that reach into the tensor
         # (names apart from the branch above: Triton merges same-named values of both branches)
         for tail_offset in range(0, size - start, BLOCK):
             tail_idx = start + tail_offset + tl.arange(0, BLOCK)
             _adamw_block(p_ptr, g_ptr, w_ptr, m_ptr, v_ptr, tail_idx, size, scale, lr, beta1, beta2,
-                         eps, decay, bias1, bias2, HAS_MASTER, True)
+                         eps, decay, bias1, bias2, apply, HAS_MASTER, True)
 
 
 @_triton.jit
@@ -217,11 +231,14 @@ def adamw_step(
     params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor], master: Optional[Sequence[Tensor]] = None, *,
     lr: float | Tensor, beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8,
-    weight_decay: float = 0.0, step: int | Tensor, grad_scale: Tensor | float = 1.0, impl: Choice = "auto",
+    weight_decay: float = 0.0, step: int | Tensor, grad_scale: Tensor | float = 1.0,
+    apply: Optional[Tensor] = None, impl: Choice = "auto",
 ) -> None:
     """One AdamW step, in place, over all tensors at once. ``master``: fp32 copies of ``params``
     (then ``params`` only receive the rounded result); moments share the master dtype. ``lr``,
-    ``step`` (counting from 1) and ``grad_scale``: numbers or 0-d tensors on the params' device."""
+    ``step`` (counting from 1) and ``grad_scale``: numbers or 0-d tensors on the params' device.
+    ``apply``: a 0-d bool tensor; where it is False every tensor keeps its value (a skipped step,
+    decided on the device: no host sync)."""
     if not (len(params) == len(grads) == len(exp_avgs) == len(exp_avg_sqs)) or (
             master is not None and len(master) != len(params)):
         raise ValueError("adamw_step: params, grads, moments (and master) need equal lengths")
@@ -232,12 +249,13 @@ def adamw_step(
     if resolve(impl, params[0].device) == "torch":
         return adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, master, lr=lr, beta1=beta1,
                                     beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-                                    grad_scale=grad_scale)
+                                    grad_scale=grad_scale, apply=apply)
     weights = params if master is None else master
     device = params[0].device
     (p_t, g_t, w_t, m_t, v_t), sizes, chunk_tensor, chunk_start, aligned = _tables(
         device, params, grads, weights, exp_avgs, exp_avg_sqs)
-    hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, device)
+    hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, device,
+                             True if apply is None else apply)
     _triton.launch(_adamw, (chunk_tensor.numel(),), device, p_t, g_t, w_t, m_t, v_t, sizes,
                    chunk_tensor, chunk_start, hyper, _witness(params, "params"), _witness(grads, "grads"),
                    _witness(list(weights) + list(exp_avgs) + list(exp_avg_sqs), "master/moments"),

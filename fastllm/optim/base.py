@@ -49,10 +49,11 @@ Reduce = Optional[Callable[[Tensor], Tensor]]
 class GradientTransformation(NamedTuple):
     """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
 
-    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale)`` does ``update``
-    and ``apply_updates`` in one pass, writing the new params and state tensors IN PLACE, and
-    returns ``(params, state)``, a state equal in structure and meaning to ``update``'s; or ``None``
-    (having changed nothing) when it cannot take these leaves. See :func:`apply_gradients`.
+    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale, apply)`` does
+    ``update`` and ``apply_updates`` in one pass, writing the new params and state tensors IN PLACE,
+    and returns ``(params, state)``, a state equal in structure and meaning to ``update``'s (the old
+    values where the 0-d bool ``apply`` is False); or ``None`` (having changed nothing) when it
+    cannot take these leaves. See :func:`apply_gradients`.
     """
 
     init: Callable[[PyTree], Any]
@@ -99,6 +100,7 @@ def apply_gradients(
     *,
     kernels: Optional[KernelConfig] = None,
     grad_scale: Optional[Tensor] = None,
+    apply: Optional[Tensor] = None,
 ) -> tuple[PyTree, Any]:
     """One optimizer step: ``(new params, new state)`` from the gradients.
 
@@ -108,15 +110,20 @@ def apply_gradients(
     declines these leaves, ``update`` then ``apply_updates``, out of place. ``grad_scale``: a 0-d
     factor applied to ``grads`` first (a clipping factor computed by the caller); ``kernels``:
     Triton or the torch reference for the fused path (fields ``adamw`` and ``grad_norm``).
+    ``apply``: a 0-d bool tensor; False returns ``params`` and ``state`` with their old values (a
+    skipped step, e.g. a non-finite gradient), decided on the device.
     """
     if transform.fused is not None:
-        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale)
+        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale, apply=apply)
         if done is not None:
             return done
     if grad_scale is not None and tree.leaves(grads):
         grads = tree.with_leaves(grads, _multi.mul(tree.leaves(grads), grad_scale))
-    updates, state = transform.update(grads, state, params)
-    return apply_updates(params, updates), state
+    updates, new_state = transform.update(grads, state, params)
+    new_params = apply_updates(params, updates)
+    if apply is None:
+        return new_params, new_state
+    return select_tree(apply, (new_params, new_state), (params, state))
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:

@@ -98,7 +98,8 @@ def fused_adamw(
     """The ``fused`` function of ``optim.adamw`` with these arguments (see the module docstring)."""
     clips = max_grad_norm is not None
 
-    def fused(grads, state, params, *, kernels: Optional[KernelConfig] = None, grad_scale: Optional[Tensor] = None):
+    def fused(grads, state, params, *, kernels: Optional[KernelConfig] = None, grad_scale: Optional[Tensor] = None,
+              apply: Optional[Tensor] = None):
         if not isinstance(state, tuple) or len(state) != 3 + clips:
             raise ValueError(f"adamw (fused): expected the adamw chain's state ({3 + clips} parts), got "
                              f"{type(state).__name__} {state!r:.80}")
@@ -113,14 +114,16 @@ def fused_adamw(
             scale, norm = _clip_factor(leaves[1], max_grad_norm, grad_scale, select(kernels, "grad_norm", device))
             clip_state = (ClipByGlobalNormState(norm),)
         count = adam.count + 1
+        # a skipped step (``apply`` False) leaves the counters too: the state is exactly the old one
+        kept = count if apply is None else adam.count + apply.to(adam.count.dtype)
         decays = [weight_decay > 0 and mask(path, p) for path, p in tree.leaves_with_path(params)]
         with torch.no_grad():  # params may be autograd leaves: this is the optimizer's own write
             _adamw_by_decay(leaves, decays, weight_decay,
                             lr=_learning_rate(learning_rate, schedule_state),
                             beta1=b1, beta2=b2, eps=eps, step=count, grad_scale=1.0 if scale is None else scale,
-                            impl=select(kernels, "adamw", device))
+                            apply=apply, impl=select(kernels, "adamw", device))
         if callable(learning_rate):
-            schedule_state = ScaleByScheduleState(schedule_state.count + 1)
-        return params, (*clip_state, ScaleByAdamState(count, adam.mu, adam.nu), decay_state, schedule_state)
+            schedule_state = ScaleByScheduleState(schedule_state.count + (kept - adam.count))
+        return params, (*clip_state, ScaleByAdamState(kept, adam.mu, adam.nu), decay_state, schedule_state)
 
     return fused

@@ -21,7 +21,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-__all__ = ["AXES", "Mesh"]
+__all__ = ["AXES", "Mesh", "init_from_env"]
 
 # Slowest to fastest varying: the order of the rank grid.
 AXES: tuple[str, ...] = ("pipe", "data", "tensor")
@@ -131,11 +131,7 @@ class Mesh:
         Without those variables (a plain ``python train.py``) the world is one process and no
         process group is created. ``backend`` defaults to NCCL when CUDA is available, else gloo.
         """
-        if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
-            if backend == "nccl":
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+        init_from_env(backend, timeout_s)
         return cls(data=data, tensor=tensor, pipe=pipe, device=device)
 
     # --- coordinates ------------------------------------------------------------------------
@@ -182,6 +178,20 @@ class Mesh:
     def __repr__(self) -> str:
         kind = "abstract " if self.is_abstract else ""
         return f"Mesh({kind}{_fmt(self.shape)}, rank={self.global_rank}, coords={self.coords})"
+
+
+def init_from_env(backend: str | None = None, timeout_s: float = 600.0) -> bool:
+    """Initialise torch.distributed from torchrun's variables when they describe a world of more
+    than one process and nobody did yet; True when this call did (and so owns the group).
+    ``backend`` defaults to NCCL when CUDA is available, else gloo; ``timeout_s`` bounds every
+    collective's wait for a peer."""
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_s))
+    return True
 
 
 def _check_axis(axis: str) -> str:

@@ -42,31 +42,33 @@ def _trees(state: TrainState) -> dict[str, Any]:
 
 
 def save(
-    run_dir: str | os.PathLike, state: TrainState, extra: dict[str, Any], *, specs=None, mesh=None
+    run_dir: str | os.PathLike, state: TrainState, extra: dict[str, Any], *, specs=None, mesh=None, group=None
 ) -> Path:
     """Write ``state`` and the JSON-ready ``extra`` as ``checkpoints/step-<step>``; returns its path.
 
     Under a mesh pass ``specs`` (name -> spec tree of ``state``'s trees) and ``mesh``: a collective
-    that every rank calls; it returns once the checkpoint is complete."""
+    that every rank calls (over ``group``, default the world's); it returns once the checkpoint is
+    complete."""
     meta = {"step": state.step, "key": {"seed": state.key.seed, "path": list(state.key.path)}, **extra}
     path = checkpoint.step_dir(checkpoint_dir(run_dir), state.step)
     if mesh is not None:
-        return sharded.save(path, _trees(state), specs, mesh, meta, overwrite=True)
+        return sharded.save(path, _trees(state), specs, mesh, meta, overwrite=True, group=group)
     return checkpoint.save(path, _trees(state), meta, overwrite=True)
 
 
 def load(
-    path: str | os.PathLike, template: TrainState, *, device="cpu", specs=None, mesh=None
+    path: str | os.PathLike, template: TrainState, *, device="cpu", specs=None, mesh=None, checksum: bool = True
 ) -> tuple[TrainState, dict[str, Any]]:
     """(state, extra) of the checkpoint at ``path``, laid out like ``template`` (under a mesh: this
-    rank's shards by ``specs``, whatever mesh wrote them; without one: whole tensors)."""
+    rank's shards by ``specs``, whatever mesh wrote them; without one: whole tensors). ``checksum``:
+    check the sha256 of what is read (``False`` when it was verified already)."""
     like = _trees(template)
     if mesh is None and sharded.is_sharded(path):  # any sharded checkpoint, assembled in this process
         mesh, specs = Mesh.local(device), {name: _whole(tree) for name, tree in like.items()}
     if mesh is not None and (sharded.is_sharded(path) or mesh.world_size > 1):
-        trees, meta = sharded.load(path, specs, mesh, like=like, device=device)
+        trees, meta = sharded.load(path, specs, mesh, like=like, device=device, checksum=checksum)
     else:  # a one-process checkpoint of fastllm.checkpoint.save
-        trees, meta = checkpoint.load(path, like=like, device=device)
+        trees, meta = checkpoint.load(path, like=like, device=device, checksum=checksum)
     key = random.Key(int(meta["key"]["seed"]), tuple(meta["key"]["path"]))
     extra = {name: value for name, value in meta.items() if name not in ("step", "key")}
     state = TrainState(trees["params"], trees["opt_state"], int(meta["step"]), key, trees.get("loss_scale"))

@@ -13,7 +13,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from fastllm.config import merge_partial, partial_fields, require
+from fastllm.config import ConfigError, merge_partial, partial_fields, require
 from fastllm.data.config import DataConfig
 from fastllm.models.config import ModelConfig
 
@@ -39,9 +39,11 @@ class RunConfig:
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
     progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
     export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
+    timeout_s: float = 600.0  # how long a rank waits in a collective for a peer before it names it dead or hung
 
     def __post_init__(self):
         require(bool(self.dir), "run.dir", "must not be empty")
+        require(self.timeout_s > 0, "run.timeout_s", f"must be > 0, got {self.timeout_s}")
         require(self.device == "auto" or self.device.split(":")[0] in ("cpu", "cuda"), "run.device",
                 f"must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -91,12 +93,15 @@ class TrainSection:
     log_every: int = 10  # steps between lines of metrics.jsonl
     eval_every: int = 0  # steps between validation losses; 0: only at the end (when data.val is set)
     eval_batches: int = 8  # micro-batches per validation loss
-    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end
+    checkpoint_every: int = 0  # steps between checkpoints; 0: only at the end (and by checkpoint_minutes)
+    checkpoint_minutes: float = 10.0  # also checkpoint when this much time passed since the last one; 0: off
+    async_checkpoint: bool = False  # write checkpoints in a background thread from a host copy of the state
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "log_every", "eval_batches", "keep_checkpoints",
-                     "loss_scale_growth_interval"):
+                     "loss_scale_growth_interval", "max_bad_steps"):
             value = getattr(self, name)
             require(value > 0, f"train.{name}", f"must be > 0, got {value}")
         require(self.micro_batch_size is None or self.micro_batch_size > 0, "train.micro_batch_size",
@@ -109,22 +114,30 @@ class TrainSection:
         require(self.grad_clip is None or self.grad_clip > 0, "train.grad_clip",
                 f"must be > 0 or None, got {self.grad_clip}")
         require(self.loss_scale > 0, "train.loss_scale", f"must be > 0, got {self.loss_scale}")
+        require(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", f"must be >= 0, got {self.checkpoint_minutes}")
 
     def micro_batch(self, data_ranks: int) -> int:
         """Sequences per forward/backward on one rank when ``data_ranks`` share the batch."""
         if self.micro_batch_size is not None:
             return self.micro_batch_size
-        require(self.batch_size % data_ranks == 0, "train.batch_size",
-                f"{self.batch_size} sequences do not split over mesh.data={data_ranks} ranks")
+        _refuse_unless(self.batch_size % data_ranks == 0, "train.batch_size",
+                       f"{self.batch_size} sequences do not split over mesh.data={data_ranks} ranks")
         return self.batch_size // data_ranks
 
     def grad_accum(self, data_ranks: int) -> int:
         """Micro-batches per optimizer step on each rank: ``batch_size / (micro_batch_size x data)``."""
         per_pass = self.micro_batch(data_ranks) * data_ranks
-        require(self.batch_size % per_pass == 0, "train.batch_size",
-                f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch(data_ranks)} x "
-                f"mesh.data={data_ranks} = {per_pass} (sequences per forward/backward over all data ranks)")
+        _refuse_unless(self.batch_size % per_pass == 0, "train.batch_size",
+                       f"{self.batch_size} is not a multiple of train.micro_batch_size={self.micro_batch(data_ranks)} "
+                       f"x mesh.data={data_ranks} = {per_pass} (sequences per forward/backward over all data ranks)")
         return self.batch_size // per_pass
+
+
+def _refuse_unless(condition: bool, key: str, message: str) -> None:
+    """A check of the config against the world it runs in (after construction, so outside a
+    recipe): bad input, a ConfigError, one line from the command."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,12 @@ class StepBatches:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.loader.load_state_dict(state)
 
+    def close(self) -> None:
+        """End the loader's prefetch thread (the next batch starts it again)."""
+        close = getattr(self.loader, "close", None)
+        if close is not None:
+            close()
+
 
 def _data_config(config):
     data = config.data

@@ -46,34 +46,67 @@ class Throughput:
         return rate
 
 
+_NON_FINITE = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
+
+
 def _json_value(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no inf/nan; keep the line parseable
     return value
 
 
-class MetricsLog:
-    """Appends one JSON object per line to ``path``; on resume, lines past ``resume_step`` (written
-    after the checkpoint the run resumes from) are dropped so the log reads as one clean run."""
+def _python_value(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    return value
 
-    def __init__(self, path: str | os.PathLike, resume_step: Optional[int] = None):
+
+class MetricsLog:
+    """Appends one JSON object per line to ``path``, and never loses what an earlier run wrote.
+
+    A run that starts at step ``start_step`` (0, or the step of the checkpoint it resumed from)
+    keeps every earlier record up to that step (``kept``) and drops only the records past it: they
+    describe steps this run does again. A line cut short by a killed process is dropped too. The
+    file is rewritten through a temporary file and a rename, so a kill during the rewrite leaves
+    the old file or the new one. Non-finite values are written as the strings ``"nan"``/``"inf"``
+    (JSON has no such numbers) and read back as floats."""
+
+    def __init__(self, path: str | os.PathLike, start_step: int = 0):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            self.path.write_text("")
-        elif self.path.exists():
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        lines = self.path.read_text().splitlines() if self.path.exists() else []
+        records = [r for r in map(_parse, lines) if r is not None]
+        self.kept = [r for r in records if r.get("step", 0) <= start_step]
+        if len(self.kept) != len(lines):
+            tmp = self.path.with_name(f"{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(json.dumps(_line(r)) + "\n" for r in self.kept))
+            os.replace(tmp, self.path)
 
     def write(self, record: dict[str, Any]) -> dict[str, Any]:
-        line = {name: _json_value(value) for name, value in record.items()}
+        """Append ``record`` (tensors read as numbers); returns it as numbers (nan stays a float)."""
+        record = {name: _python_value(value) for name, value in record.items()}
         with self.path.open("a") as file:
-            file.write(json.dumps(line) + "\n")
-        return line
+            file.write(json.dumps(_line(record)) + "\n")
+        return record
+
+
+def _line(record: dict[str, Any]) -> dict[str, Any]:
+    return {name: _json_value(value) for name, value in record.items()}
+
+
+def _parse(line: str) -> Optional[dict[str, Any]]:
+    """One record, or ``None`` for a blank or broken line (cut short when its writer was killed)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict):
+        return None
+    return {name: _NON_FINITE.get(value, value) if isinstance(value, str) else value
+            for name, value in record.items()}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file, in order."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    """The records of a ``metrics.jsonl`` file, in order (non-finite values as floats; a line cut
+    short by a killed writer is skipped)."""
+    return [r for r in map(_parse, Path(path).read_text().splitlines()) if r is not None]

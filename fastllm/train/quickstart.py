@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sysconfig
 from collections import Counter
 from pathlib import Path
@@ -36,12 +37,16 @@ def stdlib_sources(max_bytes: int) -> list[Path]:
 
 
 def write_corpus(path: str | Path, max_bytes: int) -> Path:
-    """One JSONL record ``{"text": source}`` per chosen stdlib file."""
+    """One JSONL record ``{"text": source}`` per chosen stdlib file. The file is replaced (through
+    a rename) only when its content changes, so a reader never sees half of it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as out:
-        for file in stdlib_sources(max_bytes):
-            out.write(json.dumps({"text": file.read_text(encoding="utf-8", errors="replace")}) + "\n")
+    text = "".join(json.dumps({"text": file.read_text(encoding="utf-8", errors="replace")}) + "\n"
+                   for file in stdlib_sources(max_bytes))
+    if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
     return path
 
 
@@ -56,7 +61,9 @@ def train_tokenizer(corpus: str | Path, vocab_size: int, path: str | Path) -> Pa
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     texts = (json.loads(line)["text"] for line in Path(corpus).open())
     tokenizer.train_from_iterator(texts, trainer)
-    tokenizer.save(str(path))
+    tmp = Path(path).with_name(f"{Path(path).name}.tmp-{os.getpid()}")
+    tokenizer.save(str(tmp))
+    os.replace(tmp, path)  # a run killed here leaves no half tokenizer for the next to reuse
     return Path(path)
 
 
@@ -77,10 +84,13 @@ def prepare_quickstart(directory: str | Path, *, max_bytes: int, vocab_size: int
     from fastllm.data import prepare
 
     directory = Path(directory)
-    tokenizer = directory / "tokenizer.json"
-    corpus = write_corpus(directory / "corpus.jsonl", max_bytes)
+    tokenizer, dataset = directory / "tokenizer.json", directory / "tokens"
+    corpus = directory / "corpus.jsonl"
+    before = corpus.stat().st_mtime_ns if corpus.is_file() else None
+    write_corpus(corpus, max_bytes)
+    if before == corpus.stat().st_mtime_ns and tokenizer.is_file() and (dataset / "manifest.json").is_file():
+        return dataset, tokenizer  # prepared from this very corpus before: a second run reads it as it is
     if not tokenizer.is_file():
         train_tokenizer(corpus, vocab_size, tokenizer)
-    dataset = directory / "tokens"
     prepare([corpus], tokenizer, dataset, eos_token=EOS, workers=1, progress=False, overwrite=True)
     return dataset, tokenizer

@@ -2,9 +2,16 @@
 
 Runs the Trainer, then (``run.export_hf``) writes a Hugging Face checkpoint to ``<run.dir>/hf`` and
 (``sample.prompt``) prints a sample from the trained model. A recipe module may define
-``before_train(config) -> config`` (e.g. prepare its data) and ``after_train(config, result)``.
+``before_train(config) -> config`` (e.g. prepare its data; under torchrun it runs on rank 0 first,
+then on the other ranks) and ``after_train(config, result)``.
 A recipe may also define ``model(config) -> fastllm.nn.Model`` to train a model of its own.
 Under a mesh the state holds shards: rank 0 exports from the last (sharded) checkpoint.
+
+All of it runs inside a :class:`fastllm.train.lifecycle.Session`: the process group, stop signals
+and heartbeats of a distributed run are set up here and torn down on every way out. A run that
+stops early (a stop signal, with its checkpoint saved; non-finite steps) raises
+:class:`fastllm.errors.Stop` with its one-line message and exit status, before any export.
+A run that is already complete reports its final metrics from ``metrics.jsonl`` and exports again.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ from types import ModuleType
 from typing import Optional
 
 from fastllm import random
+from fastllm.errors import Stop
 from fastllm.models.config import ModelConfig
 from fastllm.train import checkpointing
+from fastllm.train.lifecycle import Session, rank_zero_first
 from fastllm.train.trainer import Trainer, TrainResult
 
 __all__ = ["train", "export_hf", "sample_text"]
@@ -61,17 +70,26 @@ def sample_text(model_config, params, tokenizer_file: str | Path, prompt: str, *
 def train(config, *, recipe: Optional[ModuleType] = None, model=None, print_fn=print) -> TrainResult:
     """Train ``config`` (with ``recipe``'s hooks, and its ``model(config)`` when it defines one;
     ``model``: an :class:`fastllm.nn.Model` instead), then export and sample as the config says."""
-    if recipe is not None and hasattr(recipe, "before_train"):
-        config = recipe.before_train(config) or config
+    with Session(config) as session:
+        return _train(config, recipe, model, print_fn, session)
+
+
+def _train(config, recipe: Optional[ModuleType], model, print_fn, session: Session) -> TrainResult:
+    if recipe is not None and hasattr(recipe, "before_train"):  # it may prepare data: rank 0 first
+        config = rank_zero_first(lambda: recipe.before_train(config) or config)
     if model is None and recipe is not None and hasattr(recipe, "model"):
         model = recipe.model(config)
     builtin = isinstance(config.model_config, ModelConfig)
     if config.run.export_hf and not builtin:
         raise ValueError("run.export_hf: Hugging Face export needs a built-in model family (config.model)")
-    trainer = Trainer(config, model=model)
+    trainer = Trainer(config, model=model, signals=session.signals)
     result = trainer.run()
+    if result.stopped is not None:
+        raise Stop(result.stopped.message, result.stopped.code, speaker=trainer.is_main)
     if not trainer.is_main:
         return result
+    if not result.history:
+        print_fn(f"{config.run.dir} is already trained to step {result.state.step} (train.steps)")
     sharded = trainer.mesh.world_size > 1
     where = f" (sharded over {trainer.mesh.world_size} ranks; checkpoints in {config.run.dir}/checkpoints)"
     print_fn(f"step {result.state.step}: loss {result.final_loss:.4f}"

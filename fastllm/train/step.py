@@ -15,7 +15,9 @@ backward goes (:class:`fastllm.sharding.overlap.GradientReduction`), clipped by 
 over every shard, and the functional optimizer updates the blocks this rank owns (its storage
 blocks from ZeRO stage 1 on), gathered back into the compute layout at stages 1 and 2. With fp16
 the loss is multiplied by a dynamic scale and a step whose gradients overflow anywhere is skipped
-on every rank (``torch.where``, no host sync; Micikevicius et al. 2018).
+on every rank (``torch.where``, no host sync; Micikevicius et al. 2018). Any step whose loss or
+gradient norm is not finite is skipped the same way (params and optimizer state, counters included,
+keep their values) and flagged in the metrics as ``nonfinite``.
 
 On one device every collective is the identity and none of this costs anything: the same code.
 Metrics are 0-d tensors; reading them is the caller's (the Trainer's) choice of sync point.
@@ -244,6 +246,7 @@ class TrainStep:
             grads, finite, loss_scale = optim.unscale_and_check(grads, loss_scale, agree=self._agree)
         grad_norm = zero.global_norm(grads, self.plan.opt_state, p.mesh,
                                      self.plan.stages_of if self.pipeline is not None else None)
+        nonfinite, apply = _verdict(loss, grad_norm, finite)
         factor = None
         if self.max_grad_norm is not None:  # torch's clip_grad_norm_ factor, applied to the gradients
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
@@ -251,15 +254,14 @@ class TrainStep:
         if self.donate and loss_scale is None:  # fused (AdamW) when it can: params and moments in place
             owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
                                                      kernels=getattr(self.model.config, "kernels", None),
-                                                     grad_scale=factor)
-        else:  # the pure chain: the input state stays as it was
+                                                     grad_scale=factor, apply=apply)
+        else:  # the pure chain: the input state stays as it was, and a skipped step keeps it
             grads = grads if factor is None else tree.map(lambda g: g * factor, grads)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)
-            owned = optim.apply_updates(owned, updates)
-        if finite is not None:  # an overflowing fp16 step changes nothing but the scale
-            owned, opt_state = optim.select_tree(finite, (owned, opt_state), (self._owned(state.params), state.opt_state))
+            new = optim.apply_updates(owned, updates)
+            owned, opt_state = optim.select_tree(apply, (new, opt_state), (owned, state.opt_state))
         params = self._compute_layout(owned)
-        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens}
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": tokens, "nonfinite": nonfinite}
         if self.learning_rate is not None:
             metrics["lr"] = torch.tensor(float(self.learning_rate(state.step)))
         if loss_scale is not None:
@@ -278,6 +280,20 @@ class TrainStep:
         flag = finite.to(torch.float32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return flag > 0
+
+
+def _verdict(loss: Tensor, grad_norm: Tensor, fp16_finite: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """(a non-finite step: skipped and counted, whether to apply the update), as 0-d device bools.
+
+    Every rank reaches the same verdict without a collective of its own: the loss is summed over
+    the data ranks and the norm over every shard of the world, so a NaN anywhere is a NaN in both.
+    Under fp16 loss scaling an overflowing gradient is the scaler's business (it skips the step and
+    shrinks the scale); only a non-finite loss counts as a bad step there."""
+    loss_ok = torch.isfinite(loss)
+    if fp16_finite is not None:
+        return ~loss_ok, loss_ok & fp16_finite
+    ok = loss_ok & torch.isfinite(grad_norm)
+    return ~ok, ok
 
 
 class EvalStep:

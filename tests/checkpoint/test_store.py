@@ -102,8 +102,8 @@ def test_latest_skips_incomplete_and_prune_keeps_newest(tmp_path):
     removed = checkpoint.prune(tmp_path, keep=2)
     assert removed == [checkpoint.step_dir(tmp_path, 5)]
     assert [checkpoint.step_of(p) for p in checkpoint.checkpoints(tmp_path)] == [10, 20]
-    checkpoint.prune(tmp_path, keep=2, remove_partial=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000020"]
+    checkpoint.prune(tmp_path, keep=2, remove_partial=True)  # a damaged checkpoint is never deleted
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000010", "step-00000020", "step-00000040"]
     assert checkpoint.latest(tmp_path / "nothing-here") is None
 
 

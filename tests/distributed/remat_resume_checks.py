@@ -22,6 +22,7 @@ def remat_zero3_resume(config, overrides: list[str]) -> dict:
     Trainer(resumed).run(stop_at=2)
     found = checkpointing.latest(resumed.run.dir)
     restored = Trainer(resumed).restore()
-    train(resumed, print_fn=lambda *_: None)
+    result = train(resumed, print_fn=lambda *_: None)
     return {"whole": losses(Path(whole.run.dir)), "resumed": losses(Path(resumed.run.dir)),
-            "found": found.name, "restored_step": restored.step}
+            "found": found.name, "restored_step": restored.step,
+            "trained": [r["step"] for r in result.history if "loss" in r]}

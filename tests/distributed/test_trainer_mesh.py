@@ -48,8 +48,9 @@ def test_zero3_data_tensor_mesh_resumes_from_sharded_checkpoints(tmp_path, datas
     overrides = ["mesh.data=2", "mesh.tensor=2", "zero.stage=3"]
     reports = testing.run(trainer_checks.interrupted_and_resumed, 4, make_config(tmp_path, dataset),
                           overrides, timeout_s=300.0)
-    whole, resumed = reports[0]
+    whole, resumed, trained = reports[0]
     assert len(whole) == 4 and whole[-1] < whole[0]
+    assert trained == [3, 4]  # restored step 2, not trained afresh
     assert resumed == whole  # resumed at step 2 from each rank's shards: bit for bit
     assert (tmp_path / "whole" / "checkpoints").is_dir()
 

@@ -34,6 +34,7 @@ def test_remat_zero3_matches_one_process_resumes_and_exports(tmp_path):
     report = reports[0]
     assert report["whole"] == pytest.approx(one, rel=1e-5)  # the same 4 rows a step: 2 data ranks x 2
     assert report["found"] == "step-00000002" and report["restored_step"] == 2
+    assert report["trained"] == [3, 4]  # the run itself restored step 2
     assert report["resumed"] == report["whole"]
     _, params, _ = checkpointing.load_model(tmp_path / "run" / "whole")
     exported = hf.load(tmp_path / "run" / "whole" / "hf")[1]

@@ -19,9 +19,11 @@ def train(config, overrides: list[str], stop_at=None) -> list[float]:
     return losses(Path(config.run.dir)) if (Path(config.run.dir) / "metrics.jsonl").exists() else []
 
 
-def interrupted_and_resumed(config, overrides: list[str]) -> tuple[list[float], list[float]]:
-    """(losses of an uninterrupted run, losses of a run stopped after step 2 and resumed)."""
+def interrupted_and_resumed(config, overrides: list[str]) -> tuple[list[float], list[float], list[int]]:
+    """(losses of an uninterrupted run, losses of a run stopped after step 2 and resumed, the steps
+    the resumed run trained: those after the checkpoint it restored)."""
     whole = train(config, overrides + [f"run.dir={config.run.dir}/whole"])
     train(config, overrides + [f"run.dir={config.run.dir}/resumed"], stop_at=2)
-    resumed = train(config, overrides + [f"run.dir={config.run.dir}/resumed"])
-    return whole, resumed
+    result = Trainer(apply_overrides(config, overrides + [f"run.dir={config.run.dir}/resumed"])).run()
+    resumed = losses(Path(config.run.dir) / "resumed")
+    return whole, resumed, [r["step"] for r in result.history if "loss" in r]

@@ -74,6 +74,24 @@ def test_adamw_takes_lr_and_step_as_device_tensors(impl):
     assert not torch.equal(tensors[0][0], _state(torch.float32)[0][0])  # the step did move them
 
 
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_adamw_apply_false_leaves_every_tensor_as_it_was(impl):
+    """A skipped step (a NaN gradient): params, master and moments keep their bits; ``apply`` True
+    is the ungated step bit for bit."""
+    for param_dtype in (torch.float32, torch.bfloat16):
+        kept = _state(param_dtype)
+        kept[1][0][0] = float("nan")  # the discarded update's NaNs must not leak through
+        before = [[t.clone() for t in role] for role in kept]
+        master = None if param_dtype == torch.float32 else kept[4]
+        adamw_step(*kept[:4], master, **HYPER, apply=torch.tensor(False), impl=impl)
+        for role, old in zip(kept[:1] + kept[2:], before[:1] + before[2:]):  # all but the gradients
+            assert all(torch.equal(t, o) for t, o in zip(role, old))
+    gated, plain = _state(torch.float32), _state(torch.float32)
+    adamw_step(*gated[:4], **HYPER, apply=torch.tensor(True), impl=impl)
+    adamw_step(*plain[:4], **HYPER, impl=impl)
+    assert all(torch.equal(g, w) for role_g, role_w in zip(gated, plain) for g, w in zip(role_g, role_w))
+
+
 def test_adamw_equals_torch_optim():
     gen = torch.Generator().manual_seed(0)
     p = torch.randn(10, generator=gen, requires_grad=True)

@@ -147,3 +147,33 @@ def test_eval_step_matches_model_loss():
     data = batch(2)
     expected, _ = models.loss(CONFIG, params, data)
     assert torch.equal(EvalStep(models.model(CONFIG), ONE)(params, data)["loss"], expected)
+
+
+@pytest.mark.parametrize("donate,poison", [(True, "gradients"), (True, "loss"), (False, "both")])
+def test_a_non_finite_step_changes_nothing_and_is_flagged(donate, poison):
+    """A NaN loss or gradient skips the update on the fused (donating) path and the pure chain alike:
+    params and optimizer state, step counters included, keep their bits; the next good step
+    proceeds as if the bad one had not been there."""
+    opt = optim.adamw(1e-2, weight_decay=0.1)
+    step = step_for(opt, donate=donate)
+    state, _ = step(fresh_state(opt), batch(2, seed=1))
+    before = tree.map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, (state.params, state.opt_state))
+    real = step.gradients
+
+    def poisoned(state, data):
+        grads, loss, tokens = real(state, data)
+        if poison != "loss":
+            grads = tree.map(lambda g: g * float("nan"), grads)
+        return grads, loss * float("nan") if poison != "gradients" else loss, tokens
+
+    step.gradients = poisoned
+    skipped, metrics = step(state, batch(2, seed=2))
+    assert metrics["nonfinite"].item() and skipped.step == 2
+    for got, want in zip(tree.leaves((skipped.params, skipped.opt_state)), tree.leaves(before)):
+        assert torch.equal(got, want) if isinstance(got, torch.Tensor) else got == want
+    step.gradients = real
+    after, metrics = step(skipped, batch(2, seed=3))
+    assert not metrics["nonfinite"].item()
+    reference = step_for(opt, donate=donate)
+    direct, _ = reference(reference(fresh_state(opt), batch(2, seed=1))[0], batch(2, seed=3))
+    assert max_diff(after.params, direct.params) == 0 and max_diff(after.opt_state, direct.opt_state) == 0

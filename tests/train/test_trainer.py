@@ -78,10 +78,10 @@ def test_resume_is_bitwise_exact(tmp_path, dataset):
 
 def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path, dataset):
     Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run(stop_at=3)  # saves at 2 and 3
-    checkpointing.prune(tmp_path, keep=1)
     state_3 = checkpointing.latest(tmp_path)
     os.rename(state_3, state_3.with_name("step-00000003.tmp-12345"))  # as if step 3 never landed
-    Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run()
+    resumed = Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run()
+    assert [r["step"] for r in resumed.history if "loss" in r] == [3, 4, 5, 6]  # restored step 2
     assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]
 
 
@@ -112,14 +112,17 @@ def test_killed_checkpoint_write_leaves_the_previous_one_loadable(tmp_path, data
     with pytest.raises(checkpointing.CheckpointError, match="incomplete"):
         checkpointing.load(leftovers[0], Trainer(make_config(tmp_path, dataset)).init_state())
     result = Trainer(make_config(tmp_path, dataset, checkpoint_every=2)).run()  # resumes from step 2
+    assert [r["step"] for r in result.history if "loss" in r] == [3, 4, 5, 6]
     assert result.state.step == 6 and not list((tmp_path / "checkpoints").glob("*.tmp-*"))
 
 
 def test_checkpoint_from_another_config_is_refused(tmp_path, dataset):
     Trainer(make_config(tmp_path, dataset, steps=2)).run()
+    before = (tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()
     wider = apply_overrides(make_config(tmp_path, dataset, steps=4), ["model.embed_dim=32"])
     with pytest.raises(checkpointing.CheckpointError, match="expects shape"):
         Trainer(wider).run()
+    assert ((tmp_path / "config.json").read_text(), (tmp_path / "metrics.jsonl").read_text()) == before
 
 
 def test_multi_process_mesh_is_refused_clearly(tmp_path, dataset):

@@ -72,12 +72,12 @@ def _merge(name: str, layouts: list[dict], held: dict[str, Tensor], mesh: Mesh) 
     return {"tensors": tensors, "scalars": scalars}, mine
 
 
-def _gather(mesh: Mesh, value: Any) -> list[Any]:
+def _gather(mesh: Mesh, value: Any, group: Optional[dist.ProcessGroup] = None) -> list[Any]:
     """Every rank's ``value`` (a barrier too); one process: ``[value]``."""
     if mesh.world_size == 1:
         return [value]
     values: list[Any] = [None] * mesh.world_size
-    dist.all_gather_object(values, value)
+    dist.all_gather_object(values, value, group=group)
     return values
 
 
@@ -98,14 +98,15 @@ def _attempt(fn: Callable[[], Any]) -> Any:
         return _Failed(error)
 
 
-def _all_ok(mesh: Mesh, outcome: Any, what: str, cleanup: Callable[[], None] = lambda: None) -> list[Any]:
+def _all_ok(mesh: Mesh, outcome: Any, what: str, cleanup: Callable[[], None] = lambda: None,
+            group: Optional[dist.ProcessGroup] = None) -> list[Any]:
     """Every rank's outcome; raise on every rank when any failed (so none waits for the others),
     after ``cleanup`` has run on every rank."""
-    outcomes = _gather(mesh, outcome)
+    outcomes = _gather(mesh, outcome, group)
     failed = [(rank, out) for rank, out in enumerate(outcomes) if isinstance(out, _Failed)]
     if failed:
         cleanup()
-        _gather(mesh, None)  # barrier: no rank returns before the cleanup is done everywhere
+        _gather(mesh, None, group)  # barrier: no rank returns before the cleanup is done everywhere
         rank, failure = failed[0]
         mine = outcome.error if isinstance(outcome, _Failed) else None
         raise CheckpointError(f"sharded save ({what}) failed on rank {rank}: {failure.text}") from mine
@@ -121,23 +122,27 @@ def save(
     *,
     overwrite: bool = False,
     checksum: bool = True,
+    group: Optional[dist.ProcessGroup] = None,
     _hook: Optional[Callable[[str], None]] = None,
 ) -> Path:
     """Write this rank's shards of ``trees`` (name -> local tree, laid out by ``specs[name]``).
 
     Collective: every rank of ``mesh`` calls it with the same names, paths and specs. Returns after
-    rank 0 has committed the directory (so any rank may load it right away).
+    rank 0 has committed the directory (so any rank may load it right away). ``group``: the
+    (gloo) group of the whole world its few collectives use (default: the world's), e.g. one of
+    its own for a save running beside the training loop's collectives.
     """
     path, hook = Path(path), _hook or (lambda stage: None)
     described = _attempt(lambda: _describe_all(trees, specs, mesh))
-    layouts = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe")
+    layouts = _all_ok(mesh, described if isinstance(described, _Failed) else described[0], "describe", group=group)
     if any(set(layout) != set(layouts[0]) for layout in layouts):
-        raise CheckpointError("sharded save: the ranks name different trees")
+        rank = next(r for r, layout in enumerate(layouts) if set(layout) != set(layouts[0]))
+        raise CheckpointError(f"sharded save: rank {rank} names other trees than rank 0")
     merged = {name: _merge(name, layouts, described[1][name], mesh) for name in layouts[0]}
     index = [{name: entry for name, (entry, _) in merged.items()}]
     blocks_of_mine = {key: t for _, (_, mine) in merged.items() for key, t in mine.items()}
     is_first = mesh.global_rank == 0
-    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create")[0]
+    tmp = _all_ok(mesh, _attempt(lambda: _make_tmp(path, overwrite)) if is_first else None, "create", group=group)[0]
 
     def write() -> dict:  # hooks run inside the attempt, so a failing one aborts every rank
         hook("tmp_created")
@@ -146,11 +151,11 @@ def save(
         return written
 
     files = _all_ok(mesh, _attempt(write), "write shards",
-                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if is_first else None)
+                    cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True) if is_first else None, group=group)
     outcome = None
     if is_first:
         outcome = _attempt(lambda: _commit(tmp, path, index[0], files, mesh, metadata, checksum, hook))
-    _all_ok(mesh, outcome, "commit")
+    _all_ok(mesh, outcome, "commit", group=group)
     return path
 
 
