@@ -3,8 +3,9 @@
 Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``
 (:class:`fastllm.data.DataConfig`: prepared datasets, blend, packing, validation split), ``train``
 (steps, batch, precision, recomputation, logging/eval/checkpoint cadence), ``optim`` (AdamW and its
-schedule), ``mesh``/``zero`` (parallel layout) and ``sample`` (generation after training and the
-defaults of ``fastllm generate``). docs/config.md lists every key.
+schedule), ``mesh``/``zero`` (parallel layout), ``sample`` (generation after training and the
+defaults of ``fastllm generate``) and ``log`` (TensorBoard, Weights & Biases, profiling).
+docs/config.md lists every key.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ __all__ = [
     "MeshSection",
     "ZeroSection",
     "SampleSection",
+    "LogSection",
     "resolve_model",
 ]
 
@@ -208,6 +210,24 @@ class SampleSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    """Where metrics go besides ``<run.dir>/metrics.jsonl`` (always written), and profiling."""
+
+    tensorboard: bool = False  # TensorBoard scalars in <run.dir>/tensorboard (needs the tensorboard package)
+    wandb_project: Optional[str] = None  # log to Weights & Biases under this project (needs wandb)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: write <run.dir>/wandb, sync later
+    wandb_name: Optional[str] = None  # the W&B run's name (default: run.dir's last part)
+    profile_steps: Optional[tuple[int, int]] = None  # torch profiler trace of steps [first, last] to <run.dir>/profile
+
+    def __post_init__(self):
+        require(self.wandb_project is None or bool(self.wandb_project.strip()), "log.wandb_project",
+                "must not be empty (none: no W&B)")
+        p = self.profile_steps
+        require(p is None or 1 <= p[0] <= p[1], "log.profile_steps",
+                f"must be two steps first,last with 1 <= first <= last, got {p}")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -217,6 +237,7 @@ class Config:
     mesh: MeshSection = field(default_factory=MeshSection)
     zero: ZeroSection = field(default_factory=ZeroSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self):
         if isinstance(self.model, ModelSection):  # a recipe's own model config checks itself

@@ -1,7 +1,8 @@
 """The Trainer: runs a config's training loop around the pure ``train_step``.
 
 Everything with side effects lives here and nowhere in the step: reading data, moving batches to
-the device, logging ``metrics.jsonl`` and the progress bar, validation, checkpoints and resume.
+the device, reporting (:class:`fastllm.train.reporting.RunLog`: the start-up block, ``metrics.jsonl``,
+the console, TensorBoard, W&B, the profiler), validation, checkpoints and resume.
 A checkpoint holds the full :class:`TrainState` (params, optimizer state, step, key), the data
 loaders' positions and the config, so a resumed run continues bit for bit (on CPU, in fp32) where
 an uninterrupted one would have been.
@@ -27,9 +28,9 @@ from fastllm.sharding import checkpoint as sharded_checkpoint
 from fastllm.train import checkpointing
 from fastllm.train.config import Config
 from fastllm.train.data import build_loaders, tokenizer_path
-from fastllm.train.metrics import MetricsLog, Throughput, mfu
+from fastllm.train.metrics import Throughput, mfu
 from fastllm.train.optimizer import build_optimizer
-from fastllm.train.progress import ProgressBar
+from fastllm.train.reporting import RunLog
 from fastllm.train.state import TrainState
 from fastllm.train.step import EvalStep, TrainStep
 
@@ -199,29 +200,28 @@ class Trainer:
         state = self.restore() if cfg.run.resume else None
         resumed = state is not None
         state = state if resumed else self.init_state()
-        log_name = "metrics.jsonl" if self.is_main else f"metrics.rank{self.mesh.global_rank}.jsonl"
-        log = MetricsLog(self.run_dir / log_name, resume_step=state.step if resumed else None)
+        log = RunLog(self, state.step, resumed)
         last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         result = TrainResult(state)
-        bar = ProgressBar(cfg.train.steps, start=state.step, enabled=_progress_enabled(cfg.run.progress) if self.is_main else False)
         flops = self.model.flops_per_token(cfg.data.seq_len) if self.model.flops_per_token else None
         meter = Throughput(self.device)
         saved_at = state.step if resumed else None
         while state.step < last:
+            log.before_step(state.step + 1)
             batch = self._batch(self.train_data)
             state, metrics = self.train_step(state, batch)
+            log.after_step(state.step)
             meter.add(batch["tokens"].numel())
             step = state.step
             if step % cfg.train.log_every == 0 or step == last:
                 record = self._record(step, metrics, meter.measure(), flops)
                 result.history.append(log.write(record))
-                bar.update(step, record["loss"], record["tokens_per_s"])
             if self.val_data is not None and _due(step, cfg.train.eval_every, last):
                 result.history.append(log.write({"step": step, "val_loss": self.evaluate(state.params)}))
             if _due(step, cfg.train.checkpoint_every, last):
                 self.save(state)
                 saved_at = step
-        bar.close()
+        log.close()
         if saved_at != state.step:
             self.save(state)
         result.state = state
@@ -240,7 +240,4 @@ def _due(step: int, every: int, last: int) -> bool:
     """Periodic events fire every ``every`` steps and always at the last step."""
     return step == last or (every > 0 and step % every == 0)
 
-
-def _progress_enabled(mode: str) -> Optional[bool]:
-    return None if mode == "auto" else mode == "on"
 
