@@ -22,7 +22,7 @@ from fastllm.errors import EXPECTED, UserError, one_line
 __all__ = ["main", "build_parser", "ArgumentParser", "report_errors"]
 
 # Each builds its parser from argparse alone (``fastllm --help`` imports no torch); see fastllm.commands.
-_DELEGATED = tuple((f"fastllm.commands.{name}", name) for name in ("prepare", "convert", "plot"))
+_DELEGATED = tuple((f"fastllm.commands.{name}", name) for name in ("prepare", "convert", "plan", "plot"))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -133,13 +133,10 @@ def _unavailable(command: str, error: ImportError) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from fastllm.config import load_recipe, to_dict
-    from fastllm.train.config import Config
+    from fastllm.config import to_dict
+    from fastllm.train.recipes import load_train_recipe
 
-    recipe, config = load_recipe(args.recipe, args.overrides)
-    if not isinstance(config, Config):
-        raise UserError(f"recipe {args.recipe}: config() returned a {type(config).__name__}, expected a "
-                        "fastllm.train.Config")
+    recipe, config = load_train_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0

@@ -1,0 +1,114 @@
+"""The planner's per-rank memory against the CPU's own allocations, and the layout search.
+
+The CPU measurement is the peak of torch's memory profiler timeline over one real train step of a
+tiny model (parameters, optimizer state, gradients, saved activations and every temporary the
+step allocates); the plan must be within 10% of it, with and without recomputation, in bf16 and
+with gradient accumulation. The meta dry run's saved tensors must equal, storage by storage, what
+autograd saves on the CPU."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+from fastllm import cli, nn, random, tree
+from fastllm.config import apply_overrides
+from fastllm.data import DataConfig
+from fastllm.sharding import Mesh
+from fastllm.train.config import Config, ModelSection, TrainSection
+from fastllm.train.memory import plan_memory, search_layouts
+from fastllm.train.optimizer import build_optimizer
+from fastllm.train.plan import SavedTensors, dry_batch, plan_layout
+from fastllm.train.step import TrainStep
+from fastllm.train.trainer import default_model, partitioner_from_config
+
+VOCAB, SEQ = 512, 64
+BASE = Config(
+    model=ModelSection(preset="tiny-llama", vocab_size=VOCAB, embed_dim=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                       mlp_dim=192, max_seq_len=SEQ),
+    data=DataConfig(datasets=("unused",), seq_len=SEQ), train=TrainSection(steps=1, batch_size=4))
+
+
+def _batch(rows: int) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return {"tokens": torch.randint(0, VOCAB, (rows, SEQ), generator=generator),
+            "targets": torch.randint(0, VOCAB, (rows, SEQ), generator=generator),
+            "segment_ids": torch.zeros(rows, SEQ, dtype=torch.long)}
+
+
+def measured_step_peak(config: Config, tmp_path) -> int:
+    """Peak CPU bytes over one train step (after a first one), by torch's memory profiler."""
+    model = default_model(config)
+    partitioner = partitioner_from_config(config, Mesh.local("cpu"))
+    optimizer, schedule = build_optimizer(config, clip=False)
+    t = config.train
+    step = TrainStep(model, partitioner, optimizer, grad_accum=t.grad_accum(1), precision=t.precision,
+                     max_grad_norm=t.grad_clip, learning_rate=schedule, remat=t.remat == "block")
+    state = step.init_state(random.key(0))
+    batch = _batch(t.batch_size)
+    state, _ = step(state, batch)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        step(state, batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the CPU timeline has no successor API yet
+        prof.export_memory_timeline(str(tmp_path / "timeline.json"), device="cpu")
+    _, sizes = json.loads((tmp_path / "timeline.json").read_text())
+    return max(sum(row) for row in sizes)
+
+
+@pytest.mark.parametrize("overrides", [
+    [], ["train.remat=block"], ["train.precision=bf16"], ["train.batch_size=8", "train.micro_batch_size=4"],
+], ids=["fp32", "remat", "bf16", "accumulation"])
+def test_plan_matches_cpu_allocations_of_a_step(overrides, tmp_path):
+    config = apply_overrides(BASE, overrides) if overrides else BASE
+    planned = plan_memory(config).total
+    measured = measured_step_peak(config, tmp_path)
+    assert abs(planned - measured) <= 0.10 * measured, f"planned {planned:,} B, measured {measured:,} B"
+
+
+def test_meta_dry_run_saves_what_autograd_saves_on_cpu():
+    report = plan_layout(BASE)
+    model = default_model(BASE)
+    partitioner = partitioner_from_config(BASE, Mesh.local("cpu"))
+    params = tree.map(lambda t: t.requires_grad_(True), partitioner.init_params(model, random.key(0)))
+    real = SavedTensors(params)
+    nn.run(model, params, _batch(4), call=real)
+    planned = report.activations.parts
+    assert [(p.name, p.input_bytes) for p in real.parts] == [(p.name, p.input_bytes) for p in planned]
+    for ours, cpu in zip(planned, real.parts):  # the CPU's flash kernel also keeps a float copy of the mask
+        assert cpu.saved_bytes > 0 and abs(ours.saved_bytes - cpu.saved_bytes) <= 0.05 * cpu.saved_bytes, cpu.name
+
+
+def test_remat_and_tensor_parallel_shrink_activations():
+    report = plan_layout(BASE)
+    assert report.activations.bytes(True) < report.activations.bytes(False)
+    split = plan_layout(apply_overrides(BASE, ["mesh.tensor=2"]))
+    blocks = [p.saved_bytes for p in report.activations.parts if p.repeated]
+    split_blocks = [p.saved_bytes for p in split.activations.parts if p.repeated]
+    assert all(s < b for s, b in zip(split_blocks, blocks))  # heads and mlp split over tensor ranks
+
+
+def test_search_ranks_layouts_that_fit():
+    ranking = search_layouts(BASE, None, gpus=4, gpu_bytes=2**30)
+    assert ranking.fits and all(c.plan.total <= 0.9 * 2**30 for c in ranking.fits)
+    assert [c.step_s for c in ranking.fits] == sorted(c.step_s for c in ranking.fits)
+    tensor_splits = {c.plan.config.mesh.tensor for c in ranking.fits}
+    assert tensor_splits == {1, 2}  # 4 heads / 2 kv heads: tensor=4 is refused
+    assert any("mesh.tensor=4" in reason for reason in ranking.refused)
+    tiny = search_layouts(BASE, None, gpus=1, gpu_bytes=2**20)
+    assert not tiny.fits and tiny.too_big and "none fits" in tiny.table()
+
+
+def test_plan_command(tmp_path, capsys):
+    assert cli.main(["plan", "recipes/smollm2_135m.py", "model.n_layers=2", "--gpus", "2", "--gpu-memory", "40",
+                     "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "memory per rank:" in out and "activations" in out and "layouts of 2 GPUs" in out
+    assert out.count("mesh.data=") == 3
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["plan", "recipes/smollm2_135m.py", "--gpu-memory", "-1"])
+    assert exit_.value.code == 2 and "--gpu-memory" in capsys.readouterr().err
