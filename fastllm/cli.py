@@ -22,7 +22,7 @@ from fastllm.errors import EXPECTED, UserError, one_line
 __all__ = ["main", "build_parser", "ArgumentParser", "report_errors"]
 
 # Each builds its parser from argparse alone (``fastllm --help`` imports no torch); see fastllm.commands.
-_DELEGATED = tuple((f"fastllm.commands.{name}", name) for name in ("prepare", "convert", "plan", "plot"))
+_DELEGATED = tuple((f"fastllm.commands.{name}", name) for name in ("prepare", "convert", "eval", "plan", "plot"))
 
 
 class ArgumentParser(argparse.ArgumentParser):
