@@ -40,6 +40,7 @@ class RunConfig:
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
     progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
     export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
+    init_from: Optional[str] = None  # start from these weights (any model directory fastllm reads), not from init
 
     def __post_init__(self):
         require(bool(self.dir), "run.dir", "must not be empty")

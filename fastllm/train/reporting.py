@@ -49,8 +49,12 @@ def startup_lines(trainer: Any, start_step: int, resumed_from: Optional[Path]) -
     seq, batch = cfg.data.seq_len, cfg.train.batch_size
     layout = " x ".join(f"{axis}={mesh.size(axis)}" for axis in ("data", "tensor", "pipe"))
     every = cfg.train.checkpoint_every
-    start = (f"resumes from step {start_step} ({resumed_from})" if resumed_from is not None
-             else "starts from step 0 (no checkpoint)")
+    if resumed_from is not None:
+        start = f"resumes from step {start_step} ({resumed_from})"
+    elif cfg.run.init_from:
+        start = f"starts from step 0 with the weights of {cfg.run.init_from}"
+    else:
+        start = "starts from step 0 (no checkpoint)"
     return [
         f"fastllm: {_model_name(cfg, trainer.model)}, {params:,} parameters ({params / 1e6:.2f}M)",
         f"  layout      {layout} ({mesh.world_size} process{'es' if mesh.world_size > 1 else ''}) on {trainer.device.type}, ZeRO stage "

@@ -60,12 +60,10 @@ def default_model(config: Config) -> nn.Model:
 def mesh_from_config(config: Config) -> Mesh:
     """``config.mesh``'s grid over the processes torchrun started (one process: a mesh of one on
     ``run.device``)."""
+    from fastllm.train.launch import check_launch
+
+    check_launch(config)  # versions, world size against the mesh, GPUs per node: one line each
     m = config.mesh
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if m.data * m.tensor * m.pipe != world:
-        raise ValueError(f"mesh.data={m.data} x mesh.tensor={m.tensor} x mesh.pipe={m.pipe} = "
-                         f"{m.data * m.tensor * m.pipe} ranks, but the world has {world} (launch with "
-                         f"torchrun --nproc-per-node {m.data * m.tensor * m.pipe})")
     return Mesh.from_env(data=m.data, tensor=m.tensor, pipe=m.pipe, device=resolve_device(config.run.device))
 
 
@@ -129,6 +127,16 @@ class Trainer:
         if t.precision == "fp16":
             loss_scale = optim.dynamic_loss_scale(t.loss_scale, t.loss_scale_growth_interval, device=self.device)
         return self.train_step.init_state(random.key(self.config.run.seed), loss_scale=loss_scale)
+
+    def fresh_state(self) -> TrainState:
+        """The state a run without a checkpoint starts from: initialised, with ``run.init_from``'s
+        weights when the config names a model to start from."""
+        state = self.init_state()
+        if self.config.run.init_from:
+            from fastllm.train.warm_start import copy_initial_params
+
+            copy_initial_params(state.params, self.config.run.init_from, self.train_step.plan, self.mesh)
+        return state
 
     def restore(self) -> Optional[TrainState]:
         """The newest checkpoint's state (loaders repositioned), or ``None`` when there is none."""
@@ -199,7 +207,7 @@ class Trainer:
         self._prepare_run_dir()
         state = self.restore() if cfg.run.resume else None
         resumed = state is not None
-        state = state if resumed else self.init_state()
+        state = state if resumed else self.fresh_state()
         log = RunLog(self, state.step, resumed)
         last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
         result = TrainResult(state)
