@@ -17,7 +17,7 @@ from fastllm import nn, tree
 from fastllm.errors import UserError
 from fastllm.sharding import Mesh, is_spec, shard
 
-__all__ = ["copy_initial_params"]
+__all__ = ["copy_initial_params", "model_section_of"]
 
 
 def copy_initial_params(params: Any, source: str, plan: Any, mesh: Mesh) -> None:
@@ -38,3 +38,13 @@ def copy_initial_params(params: Any, source: str, plan: Any, mesh: Mesh) -> None
     with torch.no_grad():
         for path, target in tree.flatten(params).items():
             target.copy_(shard(loaded[path], specs[path], mesh, name=path))
+
+
+def model_section_of(source: str) -> Any:
+    """A config's model section describing ``source``'s model (any model directory fastllm reads):
+    every field set from its saved config, so the section resolves to exactly that model."""
+    from fastllm import hf
+    from fastllm.config import from_dict, to_dict
+    from fastllm.train.config import ModelSection
+
+    return from_dict(ModelSection, to_dict(hf.load_any(source).config))
