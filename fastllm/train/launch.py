@@ -70,7 +70,7 @@ def check_launch(config: Any, env: Optional[Mapping[str, str]] = None) -> None:
     import torch
 
     env = os.environ if env is None else env
-    _check_versions(torch.__version__, sys.version_info)
+    _check_versions(torch.__version__, tuple(sys.version_info[:3]))
     _check_world(config, env)
     available = torch.cuda.is_available()
     _check_gpus(config, env, available, torch.cuda.device_count() if available else 0)
