@@ -33,6 +33,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--gpus", type=positive_int, default=None, help="GPUs to search layouts over")
     parser.add_argument("--gpu-memory", type=_gib, default=80.0, help="memory per GPU in GiB (default 80)")
     parser.add_argument("--top", type=positive_int, default=8, help="layouts to list (default 8)")
+    parser.add_argument("--target", choices=("cuda", "cpu"), default="cuda",
+                        help="whose kernels to count activations for: a GPU's (Triton, fused attention; default) "
+                             "or a CPU's (the torch references)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     return parser
 
@@ -45,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     recipe, config = load_train_recipe(args.recipe, args.overrides)
     model = recipe.model(config) if hasattr(recipe, "model") else None
-    plan = plan_memory(config, model)
+    plan = plan_memory(config, model, target=args.target)
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
     else:

@@ -38,7 +38,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
-    progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
+    progress: Literal["auto", "on", "off"] = "auto"  # live display: "auto" on a terminal, "off": a line every log_every steps
     export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
     init_from: Optional[str] = None  # start from these weights (any model directory fastllm reads), not from init
 

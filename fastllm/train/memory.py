@@ -155,9 +155,10 @@ def _communication(config: Config, report: LayoutReport) -> dict[str, int]:
     return out
 
 
-def plan_memory(config: Config, model: Optional[nn.Model] = None) -> MemoryPlan:
-    """Memory per rank and communication per step of ``config``'s layout (see the module docstring)."""
-    report = plan_layout(config, model)
+def plan_memory(config: Config, model: Optional[nn.Model] = None, *, target: str = "cuda") -> MemoryPlan:
+    """Memory per rank and communication per step of ``config``'s layout (see the module
+    docstring); ``target``: plan for a GPU's kernels (``"cuda"``) or a CPU's (``"cpu"``)."""
+    report = plan_layout(config, model, target=target)
     return MemoryPlan(config, report, _temporaries(config, report), _communication(config, report))
 
 

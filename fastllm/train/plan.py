@@ -186,14 +186,35 @@ def dry_batch(micro: int, seq_len: int, device: str | torch.device = "meta") -> 
     return {"tokens": tokens, "targets": tokens, "segment_ids": tokens}
 
 
-def plan_layout(config: Config, model: Optional[nn.Model] = None) -> LayoutReport:
+# Ops whose Triton kernels run on meta tensors: their outputs are allocated before the launch, which
+# does nothing on meta. (MoE's dispatch sizes depend on the routing; attention is _FusedAttention's.)
+GPU_KERNELS = ("rms_norm", "layer_norm", "rotary", "activation", "cross_entropy")
+
+
+def planning_model(config: Config, target: str) -> nn.Model:
+    """The config's built-in model with the kernels ``target`` runs: the Triton ones a GPU picks
+    ("auto" on CUDA), or the torch references a CPU runs."""
+    from fastllm import models
+    from fastllm.kernels import _triton
+    from fastllm.kernels.registry import KernelConfig
+
+    model_config = config.model_config
+    if target == "cuda" and _triton.available():
+        kernels = model_config.kernels or KernelConfig()
+        model_config = model_config.replace(kernels=kernels.replace(
+            **{op: "triton" for op in GPU_KERNELS if getattr(kernels, op) == "auto"}))
+    return default_model(config) if model_config is config.model_config else models.model(model_config)
+
+
+def plan_layout(config: Config, model: Optional[nn.Model] = None, *, target: str = "cuda") -> LayoutReport:
     """The layout of ``config`` (and ``model``, default the config's built-in model) on an abstract
-    mesh of ``config.mesh``'s size, seen from rank 0 (every rank holds as much). Attention's
-    saved tensors are those of the fused kernels; every other operation's are those of its
-    reference (unfused) path, which the CPU runs and a GPU's Triton kernels may undercut."""
+    mesh of ``config.mesh``'s size, seen from rank 0 (every rank holds as much). ``target``: whose
+    kernels the activations are counted for: a GPU's (``"cuda"``: the Triton kernels of
+    ``GPU_KERNELS`` and fused attention) or a CPU's (``"cpu"``: the torch references, and PyTorch's
+    CPU flash attention). A recipe's own ``model`` runs as it is."""
     m = config.mesh
     mesh = Mesh.abstract(data=m.data, tensor=m.tensor, pipe=m.pipe)
-    model = default_model(config) if model is None else model
+    model = planning_model(config, target) if model is None else model
     partitioner = partitioner_from_config(config, mesh)
     plan = partitioner.plan(model)
     micro, accum = config.train.micro_batch(m.data), config.train.grad_accum(m.data)
