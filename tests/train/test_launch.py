@@ -55,3 +55,16 @@ def test_train_command_names_the_launch_problem(tmp_path, capsys, monkeypatch):
                      "data.datasets=unused"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "launch with torchrun --nproc-per-node 2" in err
+
+
+def test_slurm_script_launches_torchrun_per_node():
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[2] / "launchers" / "slurm.sbatch"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    assert "srun torchrun" in text and '--rdzv-endpoint "$head_node:29500"' in text
+    assert '-m fastllm train "$@"' in text
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True)  # no recipe: usage, status 2
+    assert done.returncode == 2 and "usage: sbatch launchers/slurm.sbatch RECIPE.py" in done.stderr
