@@ -41,30 +41,36 @@ def _model_name(config: Any, model: nn.Model) -> str:
     return type(section).__name__
 
 
+def _start(cfg: Any, start_step: int, resumed_from: Optional[Path]) -> str:
+    if resumed_from is not None:
+        return f"resumes from step {start_step} ({resumed_from})"
+    if cfg.run.init_from:
+        return f"starts from step 0 with the weights of {cfg.run.init_from}"
+    return "starts from step 0 (no checkpoint)"
+
+
+def _layout(trainer: Any) -> str:
+    cfg, mesh = trainer.config, trainer.mesh
+    axes = " x ".join(f"{axis}={mesh.size(axis)}" for axis in ("data", "tensor", "pipe"))
+    processes = f"{mesh.world_size} process{'es' if mesh.world_size > 1 else ''}"
+    remat = ", recomputing blocks" if cfg.train.remat == "block" else ""
+    return f"{axes} ({processes}) on {trainer.device.type}, ZeRO stage {cfg.zero.stage}, {cfg.train.precision}{remat}"
+
+
 def startup_lines(trainer: Any, start_step: int, resumed_from: Optional[Path]) -> list[str]:
     """The start-up block of ``trainer`` (a :class:`fastllm.train.Trainer`) as lines of text."""
-    cfg, mesh = trainer.config, trainer.mesh
+    cfg, run_dir = trainer.config, trainer.run_dir
     params = sum(math.prod(p.shape) for p in tree.leaves(trainer.train_step.plan.declarations, is_leaf=nn.is_param))
-    run_dir = trainer.run_dir
-    seq, batch = cfg.data.seq_len, cfg.train.batch_size
-    layout = " x ".join(f"{axis}={mesh.size(axis)}" for axis in ("data", "tensor", "pipe"))
-    every = cfg.train.checkpoint_every
-    if resumed_from is not None:
-        start = f"resumes from step {start_step} ({resumed_from})"
-    elif cfg.run.init_from:
-        start = f"starts from step 0 with the weights of {cfg.run.init_from}"
-    else:
-        start = "starts from step 0 (no checkpoint)"
+    seq, batch, every = cfg.data.seq_len, cfg.train.batch_size, cfg.train.checkpoint_every
+    when = f"every {every} steps and at the end" if every else "at the end"
     return [
         f"fastllm: {_model_name(cfg, trainer.model)}, {params:,} parameters ({params / 1e6:.2f}M)",
-        f"  layout      {layout} ({mesh.world_size} process{'es' if mesh.world_size > 1 else ''}) on {trainer.device.type}, ZeRO stage "
-        f"{cfg.zero.stage}, {cfg.train.precision}" + (", recomputing blocks" if cfg.train.remat == "block" else ""),
+        f"  layout      {_layout(trainer)}",
         f"  batch       {batch} sequences x {seq} tokens = {batch * seq:,} tokens per step "
         f"(micro-batch {trainer.micro_batch_size} x {trainer.grad_accum} per data rank)",
-        f"  steps       {cfg.train.steps}; run {start}",
+        f"  steps       {cfg.train.steps}; run {_start(cfg, start_step, resumed_from)}",
         f"  run dir     {run_dir}",
-        f"  checkpoints {run_dir / 'checkpoints'} (every {every} steps and at the end)" if every else
-        f"  checkpoints {run_dir / 'checkpoints'} (at the end)",
+        f"  checkpoints {run_dir / 'checkpoints'} ({when})",
         f"  metrics     {run_dir / 'metrics.jsonl'} (every {cfg.train.log_every} steps)",
     ]
 
