@@ -78,8 +78,10 @@ def test_scoring_primitives(run):
     whole = rolling_logprob(config, params, ids, prefix=0)
     ((direct, _),) = continuation_logprobs(config, params, [([0], ids)])
     assert whole == pytest.approx(direct, rel=1e-5)
-    long = list(range(1, 150))  # past max_seq_len=64: scored in windows
-    assert rolling_logprob(config, params, long, prefix=0) < rolling_logprob(config, params, long[:60], prefix=0)
+    long = list(range(1, 150))  # past max_seq_len=64: windows of 64 scored tokens, the last one with the
+    windows = [([0], long[:64]), ([long[63]], long[64:128]), (long[84:128], long[128:])]  # most context that fits
+    expected = sum(value for value, _ in continuation_logprobs(config, params, windows))
+    assert rolling_logprob(config, params, long, prefix=0) == pytest.approx(expected, rel=1e-5)
 
 
 def test_lm_eval_harness_runs_a_local_task(run, tmp_path, monkeypatch):
