@@ -125,6 +125,7 @@ def test_cookbook(book, tmp_path, capsys):
     assert [d.returncode for d in done] == [0, 0], done[0].stdout[-3000:] + done[1].stdout[-3000:]
     printed = done[0].stdout + done[1].stdout
     assert printed.count("fastllm: ") == 1 and "data=2 x tensor=2 x pipe=1 (4 processes)" in printed  # rank 0 only
+    assert printed.count("step 6/6  loss") == 1
     assert _losses(mesh_run) == pytest.approx(_losses(continued), rel=1e-4)  # the layout changes nothing
 
     # and the three runs plotted together

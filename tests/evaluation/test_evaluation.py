@@ -105,6 +105,13 @@ def test_lm_eval_harness_runs_a_local_task(run, tmp_path, monkeypatch):
     results = lm_eval.simple_evaluate(model=model, tasks=["fastllm_tiny"], task_manager=TaskManager(
         include_path=str(tmp_path)), log_samples=False, bootstrap_iters=0)
     assert 0.0 <= results["results"]["fastllm_tiny"]["acc,none"] <= 1.0
+    encode = lambda text: model.tokenizer.encode(text, add_special_tokens=False).ids  # noqa: E731
+    ((logp, _),) = model.loglikelihood([SimpleNamespace(args=("def f(x): ", "return x"))])
+    context, whole = encode("def f(x):"), encode("def f(x): return x")  # the space moves to the continuation
+    ((expected, _),) = continuation_logprobs(model.config, model.params, [(context, whole[len(context):])])
+    assert logp == pytest.approx(expected, rel=1e-6)
     rolling = model.loglikelihood_rolling([SimpleNamespace(args=("import os\nimport sys\n",))])
-    generated = model.generate_until([SimpleNamespace(args=("def ", {"until": ["\n"], "max_gen_toks": 8}))])
-    assert rolling[0] < 0 and isinstance(generated[0], str) and "\n" not in generated[0]
+    (free,) = model.generate_until([SimpleNamespace(args=("def ", {"until": [], "max_gen_toks": 12}))])
+    stop = free[3:5]  # greedy decoding repeats itself: stopping at a piece of it cuts it there
+    (cut,) = model.generate_until([SimpleNamespace(args=("def ", {"until": [stop], "max_gen_toks": 12}))])
+    assert rolling[0] < 0 and len(free) >= 5 and cut == free[:free.index(stop)]
