@@ -75,3 +75,15 @@ def test_import_fastllm_reaches_submodules_lazily():
 
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         fastllm.nope  # noqa: B018
+
+
+def test_openmp_threads_sleep_when_waiting_unless_told_otherwise():
+    """A CPU shared with other jobs: spinning OpenMP threads starved the quickstart tenfold."""
+    code = ("import os, sys, contextlib, io\nfrom fastllm.cli import main\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        main(['--version'])\n"
+            "    except SystemExit:\n        pass\n"
+            "print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)")
+    for given, expected in ((None, "PASSIVE False"), ("ACTIVE", "ACTIVE False")):
+        env = {"FASTLLM_TYPECHECK": "0", "PATH": ""} | ({"OMP_WAIT_POLICY": given} if given else {})
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+        assert done.stdout.split("\n")[-2] == expected
