@@ -24,7 +24,6 @@ are rough; the order, not the seconds, is what the table is for.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Optional

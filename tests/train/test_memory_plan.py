@@ -152,3 +152,20 @@ def test_plan_command(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         cli.main(["plan", "recipes/smollm2_135m.py", "--gpu-memory", "-1"])
     assert exit_.value.code == 2 and "--gpu-memory" in capsys.readouterr().err
+
+
+def test_communication_per_step():
+    """The data axis' gradient reduction and ZeRO gathers by the ring formulas; the tensor axis'
+    activation collectives as the dry run records them, once per micro-batch."""
+    numel = sum(p.numel for p in tree.leaves(default_model(BASE).declarations, is_leaf=nn.is_param))
+    share = 3 / 4
+    zero0 = plan_memory(apply_overrides(BASE, ["mesh.data=4"])).communication
+    assert zero0 == {"all_reduce over data (gradients)": int(2 * share * numel * 4)}
+    zero3 = plan_memory(apply_overrides(BASE, ["mesh.data=4", "zero.stage=3", "train.batch_size=8",
+                                               "train.micro_batch_size=1"])).communication
+    assert zero3["reduce_scatter over data (gradients)"] == pytest.approx(share * numel * 4, rel=0.01)
+    assert zero3["all_gather over data (parameters)"] == pytest.approx(2 * share * numel * 4 * 2, rel=0.01)
+    tensor = plan_memory(apply_overrides(BASE, ["mesh.tensor=2", "train.micro_batch_size=2"]))
+    traffic = tensor.report.traffic()
+    assert traffic and tensor.communication == {f"{kind} over {axis} (activations)": nbytes * 2
+                                                for (kind, axis), nbytes in sorted(traffic.items())}
