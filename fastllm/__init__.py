@@ -1,9 +1,10 @@
 """fastllm: declarative, functional, JAX-style LLM training on PyTorch.
 
-Light submodules are imported here; heavy ones (``fastllm.hf``, ``fastllm.data``, ``fastllm.train``,
-``fastllm.sharding``, ``fastllm.kernels``) are imported by name when needed.
+Every submodule is reachable from the package (``import fastllm; fastllm.hf.load(...)``) and
+imported on first use, so ``import fastllm`` (and ``fastllm --help``) does not pay for torch.
 """
 
+import importlib as _importlib
 import os as _os
 
 if _os.environ.get("FASTLLM_TYPECHECK", "0") == "1":
@@ -12,7 +13,20 @@ if _os.environ.get("FASTLLM_TYPECHECK", "0") == "1":
 
     _install_import_hook("fastllm", "beartype.beartype")
 
-from fastllm import random, tree  # noqa: E402
-
 __version__ = "0.1.0"
-__all__ = ["random", "tree", "__version__"]
+
+# Submodules reached as attributes; each is imported the first time it is asked for.
+_SUBMODULES = ("checkpoint", "cli", "config", "data", "errors", "evaluation", "generate", "hf", "kernels", "models",
+               "nn", "optim", "random", "sharding", "train", "tree", "typing")
+
+__all__ = [*_SUBMODULES, "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f"fastllm.{name}")  # the import also sets it on the package
+    raise AttributeError(f"module 'fastllm' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))

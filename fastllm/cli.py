@@ -1,8 +1,8 @@
 """The ``fastllm`` command: ``train``, ``generate``, ``prepare`` and ``convert``.
 
 Every subcommand is a thin front for a Python call (:func:`fastllm.train.run.train`,
-:func:`fastllm.generate.generate_text`, :func:`fastllm.data.prepare`, :func:`fastllm.hf.convert`);
-heavy modules are imported only when their subcommand runs.
+:func:`fastllm.generate.generate_text`, :func:`fastllm.data.prepare`, :func:`fastllm.hf.convert`, ...);
+heavy modules are imported only when their subcommand runs, so ``--help`` answers at once.
 
 Bad input of any subcommand (a :class:`fastllm.errors.UserError`, an ``OSError``, a flag argparse
 refuses) ends as one line on stderr and exit status 2; anything else is a bug and keeps its traceback.
@@ -26,7 +26,8 @@ from fastllm.errors import EXPECTED, Stop, UserError, one_line
 
 __all__ = ["main", "build_parser", "ArgumentParser", "report_errors"]
 
-_DELEGATED = (("fastllm.data.cli", "prepare"), ("fastllm.hf.cli", "convert"))
+# Each builds its parser from argparse alone (``fastllm --help`` imports no torch); see fastllm.commands.
+_DELEGATED = tuple((f"fastllm.commands.{name}", name) for name in ("prepare", "convert", "eval", "plan", "plot"))
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -108,19 +109,24 @@ def _add_generate(subparsers) -> None:
         "directory (its newest checkpoint), a training checkpoint, a fastllm model directory or a Hugging Face "
         "directory.")
     parser.add_argument("checkpoint", help="run, checkpoint, fastllm or Hugging Face model directory")
-    parser.add_argument("--prompt", required=True, type=_prompt)
-    parser.add_argument("--max-new-tokens", type=positive_int, default=64)
-    parser.add_argument("--temperature", type=_temperature, default=0.0, help="0: greedy (default)")
-    parser.add_argument("--top-k", type=positive_int, default=None)
-    parser.add_argument("--top-p", type=_top_p, default=None)
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--prompt", required=True, type=_prompt, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=positive_int, default=64, help="tokens to add (default 64)")
+    parser.add_argument("--temperature", type=_temperature, default=0.0,
+                        help="softmax temperature; 0: greedy (default)")
+    parser.add_argument("--top-k", type=positive_int, default=None, help="sample among the K likeliest tokens")
+    parser.add_argument("--top-p", type=_top_p, default=None,
+                        help="sample among the likeliest tokens whose probabilities add up to P (nucleus)")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the sampling (default 0)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the one saved with the model)")
-    parser.add_argument("--device", type=_device, default="cpu")
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     parser.set_defaults(_run=_run_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from fastllm import __version__
+
     parser = ArgumentParser(prog="fastllm", description="Declarative LLM training on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"fastllm {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train(subparsers)
     _add_generate(subparsers)
@@ -142,13 +148,10 @@ def _unavailable(command: str, error: ImportError) -> int:
 def _run_train(args: argparse.Namespace) -> int:
     import json
 
-    from fastllm.config import load_recipe, to_dict
-    from fastllm.train.config import Config
+    from fastllm.config import to_dict
+    from fastllm.train.recipes import load_train_recipe
 
-    recipe, config = load_recipe(args.recipe, args.overrides)
-    if not isinstance(config, Config):
-        raise UserError(f"recipe {args.recipe}: config() returned a {type(config).__name__}, expected a "
-                        "fastllm.train.Config")
+    recipe, config = load_train_recipe(args.recipe, args.overrides)
     if args.print_config:
         print(json.dumps(to_dict(config), indent=2))
         return 0

@@ -1,7 +1,6 @@
-"""``fastllm convert SRC DST [--to hf|fastllm] [--dtype float32|bfloat16] [--max-shard-bytes N]``.
+"""``fastllm convert``'s parser and run, reached from the Hugging Face package too.
 
-A thin argparse front for :func:`fastllm.hf.convert`; ``fastllm/cli.py`` registers it with
-``add_parser(subparsers)`` and dispatches to ``run(args)``.
+The arguments and the run live in :mod:`fastllm.commands.convert`, which ``fastllm convert`` uses.
 """
 
 from __future__ import annotations
@@ -10,36 +9,16 @@ import argparse
 
 import torch
 
-from fastllm.cli import positive_int
+from fastllm.commands import convert as _command
+from fastllm.commands.convert import DTYPE_NAMES, run
 
 __all__ = ["add_parser", "run", "DTYPES"]
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "convert", help="convert a checkpoint between Hugging Face and fastllm formats",
-        description="Convert a model to Hugging Face (config.json + safetensors) or fastllm (fastllm.json + "
-                    "model.safetensors) format. The source may be a training run directory (its newest "
-                    "checkpoint), a training checkpoint, a fastllm or a Hugging Face directory; its format is "
-                    "detected from its files.")
-    parser.add_argument("src", help="run, checkpoint, fastllm or Hugging Face directory")
-    parser.add_argument("dst", help="destination directory (must not exist, or be empty)")
-    parser.add_argument("--to", choices=("hf", "fastllm"), default=None,
-                        help="target format (default: fastllm for a Hugging Face source, else hf)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="cast the weights (default: keep the stored dtype)")
-    parser.add_argument("--max-shard-bytes", type=positive_int, default=None,
-                        help="split Hugging Face safetensors into shards of at most this size")
+    """The ``convert`` subcommand, its ``run`` default set (``args.run(args)`` converts)."""
+    parser = _command.add_parser(subparsers)
     parser.set_defaults(run=run)
     return parser
-
-
-def run(args: argparse.Namespace) -> int:
-    from fastllm.hf.api import DEFAULT_MAX_SHARD_BYTES, convert
-
-    written = convert(args.src, args.dst, to=args.to, dtype=DTYPES[args.dtype] if args.dtype else None,
-                      max_shard_bytes=args.max_shard_bytes or DEFAULT_MAX_SHARD_BYTES)
-    print(f"wrote {written} checkpoint to {args.dst}")
-    return 0

@@ -57,6 +57,8 @@ def launch(kernel, grid: tuple[int, ...], device: torch.device, *args: Any, **me
     """Run ``kernel[grid](*args, **meta)``: compiled for CUDA tensors, interpreted for CPU ones."""
     if triton is None:
         raise RuntimeError(f"the Triton kernel path needs the triton package: {_IMPORT_ERROR}")
+    if device.type == "meta":  # shapes only: planning runs a kernel's bookkeeping, not its maths (fastllm.train.plan)
+        return
     if device.type == "cuda":
         kernel[grid](*args, **meta)
         return

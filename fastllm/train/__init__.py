@@ -12,6 +12,7 @@ See docs/config.md for every config key.
 from fastllm.train import checkpointing
 from fastllm.train.config import (
     Config,
+    LogSection,
     MeshSection,
     ModelSection,
     OptimSection,
@@ -35,6 +36,7 @@ __all__ = [
     "MeshSection",
     "ZeroSection",
     "SampleSection",
+    "LogSection",
     "TrainState",
     "TrainStep",
     "EvalStep",

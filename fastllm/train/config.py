@@ -3,8 +3,9 @@
 Sections: ``run`` (where and how), ``model`` (a preset plus field overrides), ``data``
 (:class:`fastllm.data.DataConfig`: prepared datasets, blend, packing, validation split), ``train``
 (steps, batch, precision, recomputation, logging/eval/checkpoint cadence), ``optim`` (AdamW and its
-schedule), ``mesh``/``pipe``/``zero`` (parallel layout) and ``sample`` (generation after training and the
-defaults of ``fastllm generate``). docs/config.md lists every key.
+schedule), ``mesh``/``pipe``/``zero`` (parallel layout), ``sample`` (generation after training and the
+defaults of ``fastllm generate``) and ``log`` (TensorBoard, Weights & Biases, profiling).
+docs/config.md lists every key.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "PipeSection",
     "ZeroSection",
     "SampleSection",
+    "LogSection",
     "resolve_model",
 ]
 
@@ -37,9 +39,10 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1"
     resume: bool = True  # continue from the newest checkpoint in dir/checkpoints when there is one
-    progress: Literal["auto", "on", "off"] = "auto"  # progress bar: "auto" = only on a terminal
+    progress: Literal["auto", "on", "off"] = "auto"  # live display: "auto" on a terminal, "off": a line every log_every steps
     export_hf: bool = False  # after training, write a Hugging Face checkpoint to dir/hf
     timeout_s: float = 600.0  # how long a rank waits in a collective for a peer before it names it dead or hung
+    init_from: Optional[str] = None  # start from these weights (any model directory fastllm reads), not from init
 
     def __post_init__(self):
         require(bool(self.dir), "run.dir", "must not be empty")
@@ -239,6 +242,24 @@ class SampleSection:
 
 
 @dataclass(frozen=True)
+class LogSection:
+    """Where metrics go besides ``<run.dir>/metrics.jsonl`` (always written), and profiling."""
+
+    tensorboard: bool = False  # TensorBoard scalars in <run.dir>/tensorboard (needs the tensorboard package)
+    wandb_project: Optional[str] = None  # log to Weights & Biases under this project (needs wandb)
+    wandb_mode: Literal["online", "offline"] = "online"  # offline: write <run.dir>/wandb, sync later
+    wandb_name: Optional[str] = None  # the W&B run's name (default: run.dir's last part)
+    profile_steps: Optional[tuple[int, int]] = None  # torch profiler trace of steps [first, last] to <run.dir>/profile
+
+    def __post_init__(self):
+        require(self.wandb_project is None or bool(self.wandb_project.strip()), "log.wandb_project",
+                "must not be empty (none: no W&B)")
+        p = self.profile_steps
+        require(p is None or 1 <= p[0] <= p[1], "log.profile_steps",
+                f"must be two steps first,last with 1 <= first <= last, got {p}")
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelSection = field(default_factory=ModelSection)
@@ -249,6 +270,7 @@ class Config:
     pipe: PipeSection = field(default_factory=PipeSection)
     zero: ZeroSection = field(default_factory=ZeroSection)
     sample: SampleSection = field(default_factory=SampleSection)
+    log: LogSection = field(default_factory=LogSection)
 
     def __post_init__(self):
         if isinstance(self.model, ModelSection):  # a recipe's own model config checks itself

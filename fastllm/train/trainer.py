@@ -1,7 +1,8 @@
 """The Trainer: runs a config's training loop around the pure ``train_step``.
 
 Everything with side effects lives here and nowhere in the step: reading data, moving batches to
-the device, logging ``metrics.jsonl`` and the progress bar, validation, checkpoints and resume.
+the device, reporting (:class:`fastllm.train.reporting.RunLog`: the start-up block, ``metrics.jsonl``,
+the console, TensorBoard, W&B, the profiler), validation, checkpoints and resume.
 A checkpoint holds the full :class:`TrainState` (params, optimizer state, step, key), the data
 loaders' positions and the config, so a resumed run continues bit for bit (on CPU, in fp32) where
 an uninterrupted one would have been.
@@ -34,10 +35,10 @@ from fastllm.train import checkpointing, resume
 from fastllm.train.config import Config
 from fastllm.train.control import BadSteps, StepControl, control_group
 from fastllm.train.data import build_loaders, tokenizer_path
-from fastllm.train.metrics import MetricsLog, Throughput, mfu
+from fastllm.train.metrics import Throughput, mfu
 from fastllm.train.optimizer import build_optimizer
 from fastllm.train.lifecycle import Stopped, signal_stop
-from fastllm.train.progress import ProgressBar
+from fastllm.train.reporting import RunLog
 from fastllm.train.saver import CheckpointWriter
 from fastllm.train.signals import StopSignals
 from fastllm.train.state import TrainState
@@ -69,6 +70,9 @@ def default_model(config: Config) -> nn.Model:
 def mesh_from_config(config: Config) -> Mesh:
     """``config.mesh``'s grid over the processes torchrun started (one process: a mesh of one on
     ``run.device``)."""
+    from fastllm.train.launch import check_launch
+
+    check_launch(config)  # versions, world size against the mesh, GPUs per node: one line each
     m = config.mesh
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if m.data * m.tensor * m.pipe != world:
@@ -136,6 +140,7 @@ class Trainer:
         # Validation always reads the same batches, from the validation loader's starting position.
         self._val_start = None if val_data is None else val_data.state_dict()
         self.signals = signals
+        self._log: Optional[RunLog] = None  # the running loop's
         self._group = control_group(self.mesh.world_size)  # CPU flags and the resume choice (collective)
         self._writer = CheckpointWriter(self._write, asynchronous=t.async_checkpoint,
                                         group=control_group(self.mesh.world_size) if t.async_checkpoint else None)
@@ -147,6 +152,16 @@ class Trainer:
         if t.precision == "fp16":
             loss_scale = optim.dynamic_loss_scale(t.loss_scale, t.loss_scale_growth_interval, device=self.device)
         return self.train_step.init_state(random.key(self.config.run.seed), loss_scale=loss_scale)
+
+    def fresh_state(self) -> TrainState:
+        """The state a run without a checkpoint starts from: initialised, with ``run.init_from``'s
+        weights when the config names a model to start from."""
+        state = self.init_state()
+        if self.config.run.init_from:
+            from fastllm.train.warm_start import copy_initial_params
+
+            copy_initial_params(state.params, self.config.run.init_from, self.train_step.plan, self.mesh)
+        return state
 
     def restore(self) -> Optional[TrainState]:
         """The state of the newest checkpoint that verifies (loaders repositioned), or ``None`` when
@@ -200,8 +215,8 @@ class Trainer:
         return {"specs": specs, "mesh": self.mesh}
 
     def _say(self, text: str) -> None:
-        if self.is_main:
-            print(text)
+        if self.is_main:  # through the run's console while it runs (a live line stays below)
+            (print if self._log is None else self._log.console.say)(text)
 
     # -- loop --------------------------------------------------------------------------------
     def _batch(self, source: Iterator) -> dict:
@@ -232,13 +247,11 @@ class Trainer:
         cfg = self.config
         state = self.restore() if cfg.run.resume else None  # a checkpoint that does not fit: refused before run.dir changes
         resumed = state is not None
-        state = state if resumed else self.init_state()
+        state = state if resumed else self.fresh_state()
         self._prepare_run_dir()
-        log_name = "metrics.jsonl" if self.is_main else f"metrics.rank{self.mesh.global_rank}.jsonl"
-        log = MetricsLog(self.run_dir / log_name, start_step=state.step)
+        log = self._log = RunLog(self, state.step, resumed)
         last = cfg.train.steps if stop_at is None else min(stop_at, cfg.train.steps)
-        result = TrainResult(state, earlier=log.kept)
-        bar = ProgressBar(cfg.train.steps, start=state.step, enabled=_progress_enabled(cfg.run.progress) if self.is_main else False)
+        result = TrainResult(state, earlier=log.metrics.kept)
         flops = self.model.flops_per_token(cfg.data.seq_len) if self.model.flops_per_token else None
         meter = Throughput(self.device)
         saved_at = state.step if resumed else None
@@ -246,11 +259,13 @@ class Trainer:
         with contextlib.ExitStack() as stack:
             signals = self.signals or stack.enter_context(StopSignals())
             control = stack.enter_context(_closing(StepControl(self._group, signals, cfg.train.checkpoint_minutes * 60),
-                                                   self._writer, self.train_data, self.val_data, bar))
+                                                   self._writer, self.train_data, self.val_data, log))
             decision = None
             while state.step < last:
+                log.before_step(state.step + 1)
                 batch = self._batch(self.train_data)
                 state, metrics = self.train_step(state, batch)
+                log.after_step(state.step)
                 bad.add(metrics.pop("nonfinite"), state.step)
                 meter.add(batch["tokens"].numel())
                 step = state.step
@@ -258,7 +273,6 @@ class Trainer:
                     record = self._record(step, metrics, meter.measure(), flops)
                     result.stopped = self._count_bad(bad, record)
                     result.history.append(log.write(record))
-                    bar.update(step, record["loss"], record["tokens_per_s"])
                 if result.stopped is not None:
                     break
                 if self.val_data is not None and _due(step, cfg.train.eval_every, last):
@@ -340,7 +354,4 @@ def _due(step: int, every: int, last: int) -> bool:
     """Periodic events fire every ``every`` steps and always at the last step."""
     return step == last or (every > 0 and step % every == 0)
 
-
-def _progress_enabled(mode: str) -> Optional[bool]:
-    return None if mode == "auto" else mode == "on"
 
