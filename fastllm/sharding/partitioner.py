@@ -204,7 +204,6 @@ class Partitioner:
         declarations = model.declarations
         axes, shapes = nn.axes(declarations), nn.shapes(declarations)
         self._check_rule_names(axes, model.layer_dim)
-        self._check_unsupported(axes)
         compute = resolve(axes, shapes, self.mesh, self.rules)
         storage = resolve(axes, shapes, self.mesh, self.storage_rules)
         flat_axes = tree.flatten(axes, is_leaf=tree.is_axes)
@@ -225,13 +224,6 @@ class Partitioner:
             raise ValueError(f"rules name dims that nothing has: {unknown} (the model's parameter dims: "
                              f"{sorted(known - COMPUTE_RULES.names) or 'only standard ones'}; standard dims: "
                              f"{sorted(COMPUTE_RULES.names)})")
-
-    def _check_unsupported(self, axes: Any) -> None:
-        for path, names in tree.leaves_with_path(axes, is_leaf=tree.is_axes):
-            if "experts" in names and self.mesh.size("tensor") > 1:
-                raise NotImplementedError(
-                    f"{path}: mixture-of-experts layers under tensor parallelism are not supported yet "
-                    "(expert parallelism comes as rules on 'experts'); use mesh.tensor=1 for MoE models")
 
     def _stage(self, part: nn.Part, model: nn.Model) -> int:
         """The pipeline stage of a part, from the rule of the model's ``layers`` dim."""
