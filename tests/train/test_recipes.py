@@ -61,3 +61,17 @@ def test_recipe_layout_is_planned(path):
     assert report.description.totals["params"] > 0
     tensor_moves = [c for c in report.collectives if c.axis == "tensor"]
     assert bool(tensor_moves) == (config.mesh.tensor > 1)  # only tensor parallelism moves activations
+
+
+def test_the_mixtral_recipe_spreads_its_experts_and_moves_tokens_by_all_to_all():
+    """Experts over data=8 (one of each layer's 8 per data rank, its hidden units over tensor=2):
+    every layer's dispatch and combine are all-to-alls over data, forward and backward."""
+    _, config = load_recipe(Path(__file__).parents[2] / "recipes" / "mixtral_8x7b.py")
+    report = plan_layout(config)
+    assert report.plan.flat_compute["layers.0.moe.w_up"] == ("data", "tensor", None)
+    assert report.plan.reduce_axes["layers.0.moe.w_up"] == frozenset()  # each expert sees all its tokens
+    assert report.plan.flat_compute["layers.0.moe.router"] == (None, None)
+    moves = [c for c in report.collectives if c.kind == "all_to_all"]
+    assert {c.axis for c in moves} == {"data"}
+    for op in ("moe dispatch", "moe combine"):
+        assert sum(c.what.startswith(op) for c in moves) == 2 * config.model_config.n_layers, op
