@@ -172,6 +172,7 @@ LAYOUTS = [
     ("data2_tensor2_experts", dict(data=2, tensor=2), 0, EXPERTS_OVER_DATA, (1,), {}),
     ("data2_tensor2_experts_zero3", dict(data=2, tensor=2), 3, EXPERTS_OVER_DATA, (1, 2), {}),
     ("data2_tensor2_experts_sp_sgd", dict(data=2, tensor=2), 2, sp(EXPERTS_OVER_DATA), (1,), dict(optimizer="sgd")),
+    ("data2_tensor2_experts_over_tensor", dict(data=2, tensor=2), 1, EXPERTS_OVER_TENSOR, (1,), {}),
     ("data2_tensor2_experts_over_tensor_sp_zero3", dict(data=2, tensor=2), 3, sp(EXPERTS_OVER_TENSOR), (2,), {}),
     ("data2_tensor2_experts_skewed", dict(data=2, tensor=2), 1, EXPERTS_OVER_DATA, (1,), dict(skew=True)),
     ("data4_experts_capacity", dict(data=4), 0, EXPERTS_OVER_DATA, (1,), dict(skew=True, capacity=1.0)),
