@@ -145,12 +145,12 @@ def _experts(layer: MoE, shards: ops.Shards, xs: ops.Ragged, w_gate: Tensor, w_u
              w_down: Tensor) -> ops.Ragged:
     """The local experts on their rows: ``down(act(gate x) * up x)``, one grouped matmul each."""
     if xs.rows.device.type == "meta":
-        return ops.Ragged(xs.rows.new_empty((xs.rows.shape[0], w_down.shape[1])), xs.counts)
+        return xs.with_rows(xs.rows.new_empty((xs.rows.shape[0], w_down.shape[1])))
     impl = select(layer.kernels, "moe", xs.rows.device)
     offsets = F.pad(torch.cumsum(xs.per_group(), 0), (1, 0))  # [local experts + 1]
     hidden = gated(grouped_matmul(xs.rows, w_gate, offsets, impl=impl),
                    grouped_matmul(xs.rows, w_up, offsets, impl=impl), layer.activation, impl=impl)
-    return ops.Ragged(grouped_matmul(hidden, w_down, offsets, impl=impl), xs.counts)
+    return xs.with_rows(grouped_matmul(hidden, w_down, offsets, impl=impl))
 
 
 def _combine(layer: MoE, shards: ops.Shards, ys: ops.Ragged, logits: Tensor) -> Tensor:

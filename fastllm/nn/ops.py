@@ -65,7 +65,7 @@ Axes = tuple[str, ...]
 STREAM: Axes = ("batch", "seq", "embed")  # the residual stream
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Ragged:
     """Rows grouped into cells of varying size: the tokens routed to each expert.
 
@@ -75,14 +75,21 @@ class Ragged:
     of tokens its cells came from) followed by the dims of one row (``embed``). On one device a
     dispatch makes ``counts`` of shape ``[experts, 1, 1]``: all tokens are one block. A layout moves
     a ragged tensor as it moves a dense one of the same dims, the rows following their cells
-    (:mod:`fastllm.sharding.ragged`)."""
+    (:mod:`fastllm.sharding.ragged`); ``route`` is the layout's note of how it moved them (opaque
+    here), which :meth:`with_rows` keeps so that moving the new rows back costs no second exchange
+    of counts."""
 
     rows: Tensor  # [sum(counts), *row dims]
     counts: Tensor  # [experts, *token blocks]
+    route: tuple = ()
 
     def per_group(self) -> Tensor:
         """Rows of each entry of the first group dim (each expert's rows are contiguous)."""
         return self.counts.reshape(self.counts.shape[0], -1).sum(1)
+
+    def with_rows(self, rows: Tensor) -> "Ragged":
+        """New rows in the same cells (e.g. each row through its expert)."""
+        return Ragged(rows, self.counts, self.route)
 
 
 Value = Union[Tensor, Ragged]

@@ -24,13 +24,20 @@ the dispatched tokens is the all-to-all ``batch -> experts``: expert parallelism
 (GShard, Lepikhin et al. 2020), without padding to a capacity (MegaBlocks, Gale et al. 2023).
 Steps along a row dim are refused (no layout splits a routed row).
 
-Split sizes are host integers (``torch.distributed`` takes lists), so each exchange syncs with the
-host once, after its counts arrive. On an abstract mesh (planning) only shapes change and the rows
-are counted as if routing were balanced.
+Split sizes are host integers (``torch.distributed`` takes lists), so an exchange of counts waits
+on the host once. A ragged tensor keeps a note of the steps that moved it (``route``: what each
+exchanged), and the inverse of the last one (the combine after the dispatch, and every move in
+backward) takes its counts and sizes from the note: one exchange of counts and one host wait per
+round trip, not four. What can overlap does: the counts travel while the rows are put in peer
+order, and the rows travel while the receiving order is computed.
+
+On an abstract mesh (planning) only shapes change and the rows are counted as if routing were
+balanced.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -50,74 +57,118 @@ def _numbers(shape: torch.Size, device: torch.device) -> Tensor:
     return torch.arange(shape.numel(), device=device).view(shape)
 
 
-def _rows_of(counts: Tensor, cells: Tensor, total: Optional[int] = None) -> Tensor:
+def _rows_of(counts: Tensor, cells: Tensor, total: int) -> Tensor:
     """Indices of the rows of ``cells`` (numbers into the flattened ``counts``, whose rows lie cell
-    after cell), cell after cell: the gather that puts the cells in that order. ``total``: their
-    number of rows when known (saves a host sync)."""
+    after cell), cell after cell, ``total`` rows: the gather that puts the cells in that order."""
     counts = counts.reshape(-1)
     starts = torch.cumsum(counts, 0) - counts
     lengths = counts.index_select(0, cells)
     offsets = torch.cumsum(lengths, 0) - lengths
-    total = int(lengths.sum()) if total is None else total
     shift = torch.repeat_interleave(starts.index_select(0, cells) - offsets, lengths, output_size=total)
     return shift + torch.arange(total, device=counts.device)
 
 
-def _received(blocks: Tensor, rows: Tensor, dim: int) -> Ragged:
-    """Rows received from every peer (peer after peer, each peer's cells ``blocks[peer]`` in
-    row-major order) as the ragged tensor of the blocks concatenated along ``dim``."""
+def _in_order(blocks: Tensor, dim: int, total: int) -> tuple[Tensor, Tensor]:
+    """(the counts of peer-major ``blocks`` concatenated along ``dim``, the gather that puts their
+    ``total`` rows, received peer after peer, in that counts' row-major order)."""
     order = torch.cat(_numbers(blocks.shape, blocks.device).unbind(0), dim=dim).reshape(-1)
-    counts = torch.cat(blocks.unbind(0), dim=dim)
-    return Ragged(rows.index_select(0, _rows_of(blocks, order, rows.shape[0])), counts)
+    return torch.cat(blocks.unbind(0), dim=dim), _rows_of(blocks, order, total)
 
 
-def _exchange(rows: Tensor, send: list[int], receive: list[int], axis: str, mesh: Mesh) -> Tensor:
-    """All-to-all with variable splits along dim 0 (``send[j]`` rows to peer ``j``)."""
+def _sizes(blocks: Tensor) -> tuple[int, ...]:
+    """Rows of each peer's block (a host wait)."""
+    return tuple(blocks.reshape(blocks.shape[0], -1).sum(1).tolist())
+
+
+def _exchange(rows: Tensor, send: tuple[int, ...], receive: tuple[int, ...], axis: str, mesh: Mesh):
+    """Start the all-to-all with variable splits along dim 0 (``send[j]`` rows to peer ``j``):
+    (the buffer it fills, its work)."""
     out = rows.new_empty((sum(receive), *rows.shape[1:]))
-    dist.all_to_all_single(out, rows.contiguous(), receive, send, group=mesh.group(axis))
-    return out
+    work = dist.all_to_all_single(out, rows.contiguous(), list(receive), list(send), group=mesh.group(axis),
+                                  async_op=True)
+    return out, work
 
 
 # --- the steps ---------------------------------------------------------------------------------------
-def _split(x: Ragged, dim: int, axis: str, mesh: Mesh) -> Ragged:
-    n, me = mesh.size(axis), mesh.rank(axis)
-    cells = _numbers(x.counts.shape, x.counts.device).chunk(n, dim)[me].reshape(-1)
-    return Ragged(x.rows.index_select(0, _rows_of(x.counts, cells)), x.counts.chunk(n, dim)[me].contiguous())
+@dataclass(frozen=True)
+class _Record:
+    """A step a ragged tensor took and what it exchanged: enough for the inverse step to run without
+    exchanging counts (nor waiting on the host for their sizes)."""
+
+    step: object  # fastllm.sharding.placement.Step
+    sent: Optional[Tensor]  # counts blocks to each peer [peers, *block] (a split: every peer's block)
+    received: Optional[Tensor]  # counts blocks from each peer [peers, *block] (planning: None)
+    send: tuple[int, ...]  # rows to each peer (a split: each peer's rows)
+    receive: tuple[int, ...]  # rows from each peer
 
 
-def _all_gather(x: Ragged, dim: int, axis: str, mesh: Mesh) -> Ragged:
-    n = mesh.size(axis)
-    blocks = C._gather(x.counts.unsqueeze(0), 0, axis, mesh)  # [peers, *counts]
-    receive = blocks.reshape(n, -1).sum(1).tolist()
+def _undoes(step, done) -> bool:
+    """Whether ``step`` is the inverse of ``done`` (each a lowering step)."""
+    if step.axis != done.axis:
+        return False
+    if step.kind == "all_to_all" and done.kind == "all_to_all":
+        return (step.dim, step.to_dim) == (done.to_dim, done.dim)
+    if step.kind == "all_gather" and done.kind in ("split", "reduce_scatter"):
+        return step.dim == done.dim
+    return step.kind in ("split", "reduce_scatter") and done.kind == "all_gather" and step.dim == done.dim
+
+
+def _split(x: Ragged, step, mesh: Mesh, undo: Optional[_Record]) -> tuple[Ragged, _Record]:
+    n, me = mesh.size(step.axis), mesh.rank(step.axis)
+    blocks = torch.stack(x.counts.chunk(n, step.dim))
+    sizes = undo.receive if undo is not None else _sizes(blocks)  # after a gather: what each peer had
+    cells = _numbers(x.counts.shape, x.counts.device).chunk(n, step.dim)[me].reshape(-1)
+    rows = x.rows.index_select(0, _rows_of(x.counts, cells, sizes[me]))
+    return Ragged(rows, blocks[me].contiguous()), _Record(step, blocks, blocks, sizes, sizes)
+
+
+def _all_gather(x: Ragged, step, mesh: Mesh, undo: Optional[_Record]) -> tuple[Ragged, _Record]:
+    n = mesh.size(step.axis)
+    if undo is None:  # the counts first
+        blocks = C._gather(x.counts.unsqueeze(0), 0, step.axis, mesh)  # [peers, *counts]
+        receive = _sizes(blocks)
+    else:  # after a split: every peer's block is known
+        blocks, receive = undo.sent, undo.send
+    send = (x.rows.shape[0],) * n
     sent = x.rows.expand(n, *x.rows.shape).reshape(-1, *x.rows.shape[1:])  # every row to every peer
-    return _received(blocks, _exchange(sent, [x.rows.shape[0]] * n, receive, axis, mesh), dim)
+    out, work = _exchange(sent, send, receive, step.axis, mesh)
+    counts, order = _in_order(blocks, step.dim, sum(receive))  # while the rows travel
+    work.wait()
+    return Ragged(out.index_select(0, order), counts), _Record(step, blocks, blocks, send, receive)
 
 
-def _all_to_all(x: Ragged, dim: int, to_dim: int, axis: str, mesh: Mesh) -> Ragged:
-    """``dim`` becomes whole, ``to_dim`` split: peer ``j`` gets the cells of block ``j`` of ``to_dim``."""
-    n = mesh.size(axis)
+def _all_to_all(x: Ragged, step, mesh: Mesh, undo: Optional[_Record]) -> tuple[Ragged, _Record]:
+    """``step.dim`` becomes whole, ``step.to_dim`` split: peer ``j`` gets the cells of block ``j``."""
+    n, to_dim = mesh.size(step.axis), step.to_dim
     outgoing = torch.stack(x.counts.chunk(n, to_dim))  # [peers, *block]
-    blocks = C._all_to_all0(outgoing.contiguous(), mesh.group(axis), n)  # the counts first: [peers, *block]
-    sizes = torch.stack([outgoing.reshape(n, -1).sum(1), blocks.reshape(n, -1).sum(1)]).tolist()
+    if undo is None:  # the counts first, travelling while the rows are put in peer order
+        blocks = torch.empty_like(outgoing)
+        counts_work = dist.all_to_all_single(blocks, outgoing, group=mesh.group(step.axis), async_op=True)
     cells = torch.cat([c.reshape(-1) for c in _numbers(x.counts.shape, x.counts.device).chunk(n, to_dim)])
     sent = x.rows.index_select(0, _rows_of(x.counts, cells, x.rows.shape[0]))  # peer after peer
-    return _received(blocks, _exchange(sent, sizes[0], sizes[1], axis, mesh), dim)
+    if undo is None:
+        counts_work.wait()
+        sizes = torch.stack([outgoing.reshape(n, -1).sum(1), blocks.reshape(n, -1).sum(1)]).tolist()
+        send, receive = tuple(sizes[0]), tuple(sizes[1])
+    else:  # the inverse of an earlier all-to-all: what it sent comes back
+        blocks, send, receive = undo.sent, undo.receive, undo.send
+    out, work = _exchange(sent, send, receive, step.axis, mesh)
+    counts, order = _in_order(blocks, step.dim, sum(receive))  # while the rows travel
+    work.wait()
+    return Ragged(out.index_select(0, order), counts), _Record(step, outgoing, blocks, send, receive)
 
 
-def _all_reduce(x: Ragged, axis: str, mesh: Mesh) -> Ragged:
-    return Ragged(C._all_reduce(x.rows, axis, mesh), x.counts)
-
-
-def _run_one(x: Ragged, step, mesh: Mesh) -> Ragged:
-    if step.kind == "all_reduce":
-        return _all_reduce(x, step.axis, mesh)
+def _run_one(x: Ragged, step, mesh: Mesh, undo: Optional[_Record]) -> tuple[Ragged, Optional[_Record]]:
+    if step.kind == "all_reduce":  # the same cells on every rank: the counts stay, and so does the route
+        return Ragged(C._all_reduce(x.rows, step.axis, mesh), x.counts), None
     if step.kind == "reduce_scatter":
-        return _split(_all_reduce(x, step.axis, mesh), step.dim, step.axis, mesh)
-    if step.kind == "all_gather":
-        return _all_gather(x, step.dim, step.axis, mesh)
+        x = Ragged(C._all_reduce(x.rows, step.axis, mesh), x.counts)
+        return _split(x, step, mesh, undo)
     if step.kind == "split":
-        return _split(x, step.dim, step.axis, mesh)
-    return _all_to_all(x, step.dim, step.to_dim, step.axis, mesh)
+        return _split(x, step, mesh, undo)
+    if step.kind == "all_gather":
+        return _all_gather(x, step, mesh, undo)
+    return _all_to_all(x, step, mesh, undo)
 
 
 def _planned(x: Ragged, step, n: int) -> Ragged:
@@ -148,41 +199,60 @@ def _check(x: Ragged, step, n: int, what: str) -> None:
                          "split where the rows were made split")
 
 
-def run(x: Ragged, steps: tuple, mesh: Mesh, trace: Optional[list] = None, what: str = "") -> Ragged:
-    """Apply the lowering ``steps`` to ``x`` (no autograd); on an abstract mesh only the shapes."""
+def _run(x: Ragged, steps: tuple, mesh: Mesh, trace: Optional[list], what: str) -> tuple[Ragged, list[_Record]]:
+    """``x`` after ``steps`` (its route updated: the inverse of the last step noted is taken from the
+    note, and popped; any other exchange is pushed), and the record of every step run."""
     from fastllm.sharding.placement import Collective
 
+    route, done = tuple(x.route), []
     for step in steps:
         n = mesh.size(step.axis)
         _check(x, step, n, what or "relayout")
+        undo = route[-1] if route and _undoes(step, route[-1].step) else None
         if trace is not None and step.kind != "split":
+            exchanged = step.kind in ("all_to_all", "all_gather") and undo is None
             trace.append(Collective(step.kind, step.axis, x.rows.numel() * x.rows.element_size(),
-                                    f"{what} (ragged: counts, then rows)"))
-        x = _planned(x, step, n) if mesh.is_abstract else _run_one(x, step, mesh)
-    return x
+                                    f"{what} (ragged: {'counts, then rows' if exchanged else 'rows'})"))
+        if mesh.is_abstract:  # shapes only; the route as it would be
+            x, record = _planned(x, step, n), (None if step.kind == "all_reduce" else _Record(step, None, None, (), ()))
+        else:
+            x, record = _run_one(x, step, mesh, undo)
+        if record is not None:
+            done.append(record)
+            route = route[:-1] if undo is not None else (*route, record)
+    return Ragged(x.rows, x.counts, route), done
+
+
+def run(x: Ragged, steps: tuple, mesh: Mesh, trace: Optional[list] = None, what: str = "") -> Ragged:
+    """Apply the lowering ``steps`` to ``x`` (no autograd); on an abstract mesh only the shapes."""
+    return _run(x, steps, mesh, trace, what)[0]
 
 
 class _Relayout(torch.autograd.Function):
     """The rows' gradient comes back placed as the result, with its counts, and goes back by the
-    backward steps (derived, as for dense tensors, by :func:`transitions`)."""
+    backward steps (derived, as for dense tensors, by :func:`transitions`): each undoes a forward
+    step, whose record it takes instead of exchanging counts."""
 
     @staticmethod
-    def forward(rows, counts, mesh, forward_steps, backward_steps, trace, what):
-        out = run(Ragged(rows, counts), forward_steps, mesh, trace, what)
+    def forward(rows, counts, route, mesh, forward_steps, backward_steps, trace, what, box):
+        out, done = _run(Ragged(rows, counts, route), forward_steps, mesh, trace, what)
+        box.extend((out.route, tuple(done)))
         # autograd saves no input returned as it is (an all-reduce keeps the counts): a view of it
         return out.rows, out.counts.view_as(out.counts) if out.counts is counts else out.counts
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, _, ctx.mesh, _, ctx.backward_steps, _, ctx.what = inputs
+        ctx.mesh, ctx.backward_steps, ctx.what, box = inputs[3], inputs[5], inputs[7], inputs[8]
+        ctx.done = box[1]
         ctx.save_for_backward(output[1])
         ctx.mark_non_differentiable(output[1])
 
     @staticmethod
     def backward(ctx, grad, _):
         (counts,) = ctx.saved_tensors
-        back = run(Ragged(grad.contiguous(), counts), ctx.backward_steps, ctx.mesh, None, f"{ctx.what}, backward")
-        return back.rows, None, None, None, None, None, None
+        back = run(Ragged(grad.contiguous(), counts, ctx.done), ctx.backward_steps, ctx.mesh, None,
+                   f"{ctx.what}, backward")
+        return (back.rows,) + (None,) * 8
 
 
 def relayout(x: Ragged, forward: tuple, backward: tuple, mesh: Mesh, trace: Optional[list], what: str) -> Ragged:
@@ -193,4 +263,6 @@ def relayout(x: Ragged, forward: tuple, backward: tuple, mesh: Mesh, trace: Opti
         return out
     if not x.rows.requires_grad:
         return run(x, forward, mesh, trace, what)
-    return Ragged(*_Relayout.apply(x.rows, x.counts, mesh, forward, backward, trace, what))
+    box: list = []
+    rows, counts = _Relayout.apply(x.rows, x.counts, x.route, mesh, forward, backward, trace, what, box)
+    return Ragged(rows, counts, box[0])

@@ -30,7 +30,7 @@ from fastllm import models, nn, optim, random, tree
 from fastllm.models import serialize
 from fastllm.models.config import MoEConfig
 from fastllm.nn.loss import IGNORE_INDEX
-from fastllm.sharding import COMPUTE_RULES, Mesh, Partitioner, shard, zero
+from fastllm.sharding import COMPUTE_RULES, Mesh, MeshLayout, Partitioner, shard, zero
 from fastllm.sharding import checkpoint as sharded
 from fastllm.sharding.spec import is_spec
 from fastllm.train.state import TrainState
@@ -228,9 +228,27 @@ def resume_run(mesh: Mesh, stage: int, rules, path: str, *, resume: bool) -> lis
     return losses
 
 
+def counts_exchanged_once_per_layer() -> None:
+    """A round trip of the routed tokens exchanges counts once: the combine's all-to-all (and every
+    move in backward) takes them from the dispatch's note. The layout's trace says which moved."""
+    cfg, mesh, trace = config(), Mesh(data=4), []
+    params = Partitioner(mesh, rules=EXPERTS_OVER_DATA).init_params(models.model(cfg), random.key(0))
+    batch = pc.local_rows(pc.batches(cfg)[0], mesh)
+    nn.run(models.model(cfg), params, batch, layout=MeshLayout(mesh, EXPERTS_OVER_DATA, trace=trace))
+    moves = [(c.what.split(":")[0], c.what.split("(ragged: ")[1]) for c in trace if "ragged" in c.what]
+    expected = [("moe dispatch", "counts, then rows)"), ("moe combine", "rows)")] * cfg.n_layers
+    if moves != expected:
+        raise AssertionError(f"ragged moves of a forward: {moves}")
+
+
 def world_4(path: str) -> dict:
     """The layouts of a 4-rank world; then a run with experts over data=4 (ZeRO-1) saving a checkpoint."""
     report = layout_checks(LAYOUTS)
+    try:
+        counts_exchanged_once_per_layer()
+        report["counts exchanged once per layer"] = "ok"
+    except Exception:  # noqa: BLE001 - reported like the layouts
+        report["counts exchanged once per layer"] = traceback.format_exc()
     report["losses"] = resume_run(Mesh(data=4), 1, EXPERTS_OVER_DATA, path, resume=False)
     dist.barrier()
     return report
