@@ -258,8 +258,8 @@ class _Relayout(torch.autograd.Function):
 def relayout(x: Ragged, forward: tuple, backward: tuple, mesh: Mesh, trace: Optional[list], what: str) -> Ragged:
     """:func:`fastllm.sharding.placement.relayout` of a ragged tensor (its steps already lowered)."""
     if trace is not None and mesh.is_abstract:  # planning: the forward's collectives, then the backward's
-        out = run(x, forward, mesh, trace, what)
-        run(out, backward, mesh, trace, f"{what}, backward")
+        out, done = _run(x, forward, mesh, trace, what)
+        run(Ragged(out.rows, out.counts, tuple(done)), backward, mesh, trace, f"{what}, backward")
         return out
     if not x.rows.requires_grad:
         return run(x, forward, mesh, trace, what)
