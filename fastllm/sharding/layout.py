@@ -40,7 +40,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-from torch import Tensor
 
 from fastllm.nn import ops
 from fastllm.sharding.mesh import AXES, Mesh

@@ -185,8 +185,8 @@ def layout_checks(layouts: list) -> dict[str, str]:
     (config, routing, micro-batches, optimizer) is computed once, when first needed."""
     key, refs, report = random.key(7), {}, {}
     for name, sizes, stage, rules, accums, options in layouts:
-        options = dict(options)
-        optimizer, skew, capacity = options.pop("optimizer", "adamw"), options.pop("skew", False), options.pop("capacity", None)
+        optimizer, skew, capacity = (options.get(name, default) for name, default in
+                                     (("optimizer", "adamw"), ("skew", False), ("capacity", None)))
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
         cfg = config(capacity)
         for accum in accums:
