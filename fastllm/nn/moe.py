@@ -50,7 +50,7 @@ from fastllm.nn import ops
 from fastllm.nn.mlp import Activation, activation
 from fastllm.nn.param import Param, normal
 
-__all__ = ["MoE", "AXES", "params", "apply", "route", "over_capacity", "token_statistics", "aux_losses",
+__all__ = ["MoE", "AXES", "STATISTICS", "params", "apply", "route", "over_capacity", "token_statistics", "aux_losses",
            "losses_from_statistics", "load_balancing_loss", "router_z_loss"]
 
 # The weights' logical dims, declared once: params() uses them, and so do the operations in apply().
