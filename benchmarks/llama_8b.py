@@ -217,7 +217,11 @@ def _random_like(path: str, meta: torch.Tensor, std: float, device: torch.device
 
 
 # --- measuring --------------------------------------------------------------------------------
-def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.device) -> dict:
+def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.device, *,
+            batch: Callable[[int], dict] | None = None, ranks_per_batch: int = 1) -> dict:
+    """``batch(step)``: this rank's rows (default :func:`batch_for`, one batch per rank);
+    ``ranks_per_batch``: ranks that share one batch (tensor parallelism), for tokens per GPU."""
+    batch = batch or (lambda i: batch_for(i, args, config.vocab_size, device))
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -229,7 +233,7 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
     groups += [list(range(start, start + args.sync_every))
                for start in range(args.warmup, args.warmup + args.steps, args.sync_every)]
     for group in groups:
-        batches = [batch_for(i, args, config.vocab_size, device) for i in group]
+        batches = [batch(i) for i in group]
         _sync(device)
         begin = time.perf_counter()
         group_losses = [step(batch) for batch in batches]
@@ -242,11 +246,11 @@ def measure(name: str, build: Callable[[], StepFn], args, config, device: torch.
         log(f"{name}: step {last}/{args.warmup + args.steps} {'warmup' if last <= args.warmup else ''} "
             f"{elapsed:.3f} s{' each' if len(group) > 1 else ''} loss {losses[-1]:.4f}")
     if args.profile:
-        profile_step(name, step, batch_for(args.warmup + args.steps, args, config.vocab_size, device), args, device)
+        profile_step(name, step, batch(args.warmup + args.steps), args, device)
     slowest = torch.tensor(times, dtype=torch.float64, device=device)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     step_time = statistics.median(slowest.tolist())
-    tokens_per_gpu = args.micro_batch * args.seq_len / step_time
+    tokens_per_gpu = args.micro_batch * args.seq_len / step_time / ranks_per_batch
     return {"system": name, "step_time_s": round(step_time, 4), "tokens_per_s_per_gpu": round(tokens_per_gpu, 1),
             "mfu": round(tokens_per_gpu * flops_per_token(config, args) / PEAK_FLOPS, 4),
             "peak_memory_gib": _peak_memory_gib(device), "losses": [round(x, 4) for x in losses]}

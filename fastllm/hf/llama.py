@@ -84,6 +84,7 @@ def _check_exportable(config: ModelConfig) -> None:
         if config.moe is None:
             raise unsupported(family, "moe", None, "Mixtral needs a MoEConfig")
         require_equal(config, "moe.normalize_top_k", True)
+        require_equal(config, "moe.capacity_factor", None)  # Mixtral is dropless
     else:
         require_equal(config, "moe", None)
     if family == "llama":

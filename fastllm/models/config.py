@@ -48,6 +48,9 @@ class MoEConfig:
     normalize_top_k: bool = True  # renormalise the k routing weights to sum to one (Mixtral)
     aux_loss_coef: float = 0.01  # load-balancing loss (Switch Transformer, Fedus et al. 2021)
     z_loss_coef: float = 0.0  # router z-loss (ST-MoE, Zoph et al. 2022)
+    # None: dropless (Mixtral); else each expert takes at most capacity_factor * seq * top_k /
+    # n_experts picks of a sequence and the rest are dropped (GShard, Lepikhin et al. 2020)
+    capacity_factor: Optional[float] = None
 
     def __post_init__(self):
         _require(self.n_experts >= 1, "moe.n_experts", f"must be >= 1, got {self.n_experts}")
@@ -55,6 +58,8 @@ class MoEConfig:
                  f"must be in [1, n_experts={self.n_experts}], got {self.top_k}")
         _require(self.aux_loss_coef >= 0, "moe.aux_loss_coef", "must be >= 0")
         _require(self.z_loss_coef >= 0, "moe.z_loss_coef", "must be >= 0")
+        _require(self.capacity_factor is None or self.capacity_factor > 0, "moe.capacity_factor",
+                 f"must be > 0 or None, got {self.capacity_factor}")
 
 
 @dataclass(frozen=True)

@@ -88,7 +88,7 @@ def block_layer(config: ModelConfig, index: int) -> nn.Block:
             embed_dim=config.embed_dim, mlp_dim=config.mlp_dim, n_experts=config.moe.n_experts,
             top_k=config.moe.top_k, normalize_top_k=config.moe.normalize_top_k,
             activation=config.activation, std=config.init_std, out_std=_out_std(config),
-            kernels=config.kernels,
+            capacity_factor=config.moe.capacity_factor, kernels=config.kernels,
         )
     else:
         ffn = nn.MLP(
@@ -158,7 +158,13 @@ def _head(config: ModelConfig, params: dict) -> Tensor:
 
 
 # --- the parts ------------------------------------------------------------------------------------
-_MOE_STATS = ("moe_tokens_per_expert", "moe_probs", "moe_lse_squared", "moe_rows")
+def _moe_statistics(config: ModelConfig, h: Tensor) -> dict[str, Tensor]:
+    """Per-token router statistics, summed over the layers as they run (zeros before the first):
+    token-shaped like the stream, so they are laid out as it is."""
+    tokens = h.shape[:-1]
+    per_expert = h.new_zeros((*tokens, config.moe.n_experts), dtype=torch.float32)
+    per_token = h.new_zeros(tokens, dtype=torch.float32)
+    return dict(zip(nn.moe.STATISTICS, (per_expert, per_expert, per_token, per_token)))
 
 
 def _embed_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, layout) -> dict:
@@ -169,22 +175,23 @@ def _embed_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, la
     rope = _rope(config, positions, h.dtype)
     if rope is not None:
         carry["cos"], carry["sin"] = rope
-    if config.moe is not None:  # running sums of the router statistics over the layers
-        zeros = h.new_zeros((config.moe.n_experts,), dtype=torch.float32)
-        carry.update(moe_tokens_per_expert=zeros, moe_probs=zeros, moe_lse_squared=zeros.new_zeros(()),
-                     moe_rows=zeros.new_zeros(()))
+    if config.moe is not None:
+        carry.update(_moe_statistics(config, h))
     return carry
+
+
+def _add_statistics(block: nn.Block, carry: dict, router_logits: Optional[Tensor]) -> dict:
+    if router_logits is None:
+        return carry
+    stats = nn.moe.token_statistics(block.ffn, router_logits)
+    return {**carry, **{name: carry[name] + value for name, value in stats.items()}}
 
 
 def _block_part(block: nn.Block, params: tuple, carry: dict, batch: dict, layout) -> dict:
     rope = (carry["cos"], carry["sin"]) if "cos" in carry else None
     h, router_logits = nn.block.apply(block, params[0], carry["h"], rope=rope,
                                       segment_ids=batch.get("segment_ids"), layout=layout)
-    carry = {**carry, "h": h}
-    if router_logits is not None:
-        for name, value in zip(_MOE_STATS, nn.moe.router_statistics(router_logits, block.ffn.top_k)):
-            carry[name] = carry[name] + value
-    return carry
+    return _add_statistics(block, {**carry, "h": h}, router_logits)
 
 
 def _head_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, layout) -> dict:
@@ -193,19 +200,22 @@ def _head_part(config: ModelConfig, params: tuple, carry: dict, batch: dict, lay
     # the LM head and the loss together: the fused kernel never materialises the logits
     ce, valid = ops.linear_cross_entropy(layout, h, ops.STREAM, head, HEAD_AXES, batch["targets"],
                                          batch.get("loss_mask"), impl=config.kernels.cross_entropy)
-    aux = _aux_losses(config, carry, h)
+    aux = _aux_losses(config, carry, h, layout)
     total = ce
     if config.moe is not None:
         total = total + config.moe.aux_loss_coef * aux["moe_aux_loss"] + config.moe.z_loss_coef * aux["router_z_loss"]
     return {"loss": total, "cross_entropy": ce, "valid_tokens": valid, **aux}
 
 
-def _aux_losses(config: ModelConfig, carry: dict, h: Tensor) -> dict[str, Tensor]:
+def _aux_losses(config: ModelConfig, carry: dict, h: Tensor, layout: Optional[Layout]) -> dict[str, Tensor]:
+    """The MoE auxiliary losses over every token of the (global) batch; zeros for a dense model."""
     if config.moe is None:
         zero = torch.zeros((), device=h.device, dtype=torch.float32)
         return {"moe_aux_loss": zero, "router_z_loss": zero}
-    stats = [carry[name] for name in _MOE_STATS]
-    return nn.moe.losses_from_statistics(*stats, n_experts=config.moe.n_experts)
+    m = config.moe
+    aux = nn.moe.aux_losses(layout, {name: carry[name] for name in nn.moe.STATISTICS}, n_experts=m.n_experts,
+                            top_k=m.top_k, n_layers=config.n_layers)
+    return aux if m.capacity_factor is not None else {k: v for k, v in aux.items() if k != "moe_dropped_fraction"}
 
 
 @functools.lru_cache(maxsize=64)
@@ -272,19 +282,16 @@ def hidden_states(
     positions = _positions(tokens, positions, 0 if not cache else cache[0].length)
     h = _embed(config, params["embed"], tokens, positions, layout)  # [batch, seq, embed]
     rope = _rope(config, positions, h.dtype)
-    stats, new_cache = None, []
+    carry, new_cache = ({} if config.moe is None else _moe_statistics(config, h)), []
     for index, layer_params in enumerate(params["layers"]):
         block = block_layer(config, index)
         out = nn.block.apply(block, layer_params, h, rope=rope, segment_ids=segment_ids, layout=layout,
                              cache=None if cache is None else cache[index])
         h, router_logits, *extended = out
         new_cache += extended
-        if router_logits is not None:
-            layer_stats = nn.moe.router_statistics(router_logits, block.ffn.top_k)
-            stats = layer_stats if stats is None else [a + b for a, b in zip(stats, layer_stats)]
+        carry = _add_statistics(block, carry, router_logits)
     h = nn.norm.apply(params["final_norm"], h, eps=config.norm_eps, kernels=config.kernels)
-    carry = {} if stats is None else dict(zip(_MOE_STATS, stats))
-    aux = _aux_losses(config, carry, h)
+    aux = _aux_losses(config, carry, h, layout)
     return (h, aux) if cache is None else (h, aux, new_cache)
 
 

@@ -73,7 +73,7 @@ def apply(
     x = x + out
     h = norm.apply(p["mlp_norm"], x, eps=layer.norm_eps, kernels=layer.kernels)
     if layer.ffn_name == "moe":
-        out, router_logits = moe.apply(layer.ffn, p["moe"], h)
+        out, router_logits = moe.apply(layer.ffn, p["moe"], h, layout=layout)
     else:
         out, router_logits = mlp.apply(layer.ffn, p["mlp"], h, layout=layout), None
     return (x + out, router_logits) if cache is None else (x + out, router_logits, cache)

@@ -21,14 +21,17 @@ function                          computes
 
 Three kinds of operands: *activations* (laid out by the rules), *parameters* (the step hands them
 over laid out by the rules; an operation never moves them) and *inputs* (the batch: split over
-``data`` by rows like every batch-sized tensor, whole along every other dim).
+``data`` by rows like every batch-sized tensor, whole along every other dim). An activation may be
+:class:`Ragged`: rows grouped into cells of varying size (tokens routed to experts), which a layout
+moves cell by cell like a dense tensor of its group dims.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, Optional, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Optional, Protocol, Union, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +45,7 @@ from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
 __all__ = [
     "Axes",
     "STREAM",
+    "Ragged",
     "Arg",
     "activation",
     "param",
@@ -61,15 +65,45 @@ Axes = tuple[str, ...]
 STREAM: Axes = ("batch", "seq", "embed")  # the residual stream
 
 
-class Arg(NamedTuple):
-    """One operand: its tensor, the logical name of each dim, and its kind (see the module docstring)."""
+@dataclass(frozen=True, eq=False)
+class Ragged:
+    """Rows grouped into cells of varying size: the tokens routed to each expert.
 
-    value: Tensor
+    ``counts`` (int64) holds the number of rows of each cell and ``rows`` the cells' rows one cell
+    after another, cells in row-major order of ``counts``. Its logical dims are ``counts``' dims
+    (the *group* dims: ``experts``, then the token dims the rows came from, each holding the blocks
+    of tokens its cells came from) followed by the dims of one row (``embed``). On one device a
+    dispatch makes ``counts`` of shape ``[experts, 1, 1]``: all tokens are one block. A layout moves
+    a ragged tensor as it moves a dense one of the same dims, the rows following their cells
+    (:mod:`fastllm.sharding.ragged`); ``route`` is the layout's note of how it moved them (opaque
+    here), which :meth:`with_rows` keeps so that moving the new rows back costs no second exchange
+    of counts."""
+
+    rows: Tensor  # [sum(counts), *row dims]
+    counts: Tensor  # [experts, *token blocks]
+    route: tuple = ()
+
+    def per_group(self) -> Tensor:
+        """Rows of each entry of the first group dim (each expert's rows are contiguous)."""
+        return self.counts.reshape(self.counts.shape[0], -1).sum(1)
+
+    def with_rows(self, rows: Tensor) -> "Ragged":
+        """New rows in the same cells (e.g. each row through its expert)."""
+        return Ragged(rows, self.counts, self.route)
+
+
+Value = Union[Tensor, Ragged]
+
+
+class Arg(NamedTuple):
+    """One operand: its value, the logical name of each dim, and its kind (see the module docstring)."""
+
+    value: Value
     axes: Axes
     kind: str  # "activation" | "param" | "input"
 
 
-def activation(value: Tensor, axes: Axes) -> Arg:
+def activation(value: Value, axes: Axes) -> Arg:
     return Arg(value, tuple(axes), "activation")
 
 
@@ -107,13 +141,13 @@ class Layout(Protocol):
 
     def local(self, fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
               reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (),
-              name: str = "op") -> list[Tensor]: ...
+              name: str = "op") -> list[Value]: ...
 
 
 def local(
     layout: Optional[Layout], fn: Callable[..., Any], args: Sequence[Arg], out_axes: Sequence[Axes], *,
     reduced: Axes = (), whole: Axes = (), inner: Sequence[Axes] = (), keep: Axes = (), name: str = "op",
-) -> list[Tensor]:
+) -> list[Value]:
     """``fn(shards, *tensors)`` on every rank's blocks: the outputs named ``out_axes`` (a list).
 
     Every logical dim gets one split for the whole operation, so ``fn`` sees matching blocks of all

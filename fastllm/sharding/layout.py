@@ -11,13 +11,19 @@ For one operation (a local function and its named operands and results) the layo
    broadcast along those blocks), which the backward of that move adds up;
 3. runs the local function on the blocks;
 4. moves each result from where it was computed (partial sums over the axes of the dims it summed
-   away) to its own placement.
+   away) to its own placement. The train step sums the ranks' losses over the axes that split
+   ``batch``, so a result that is whole along those axes (a statistic of the global batch, such as
+   a mixture of experts' router load) gets gradients that are partial sums over them: its move's
+   backward adds them up.
 
 Parameters are never moved: their placement must already be the operation's (else the rules
 disagree with themselves, an error naming the operand), and their gradients stay partial sums
 over the batch (and, where the stream's ``seq`` is split, the sequence) for the train step to
-reduce with the others, as :meth:`MeshLayout.param_reduce_axes` predicts. Inputs (the batch) are
-split over what ``batch`` maps to and whole elsewhere.
+reduce with the others, as :meth:`MeshLayout.param_reduce_axes` predicts. A parameter may share a
+mesh axis with the tokens when its rule comes first in the table: ``experts`` before ``batch``
+puts each expert's weights on one ``data`` rank, the routed tokens come to them whole, and their
+gradients need no sum over ``data`` (expert parallelism). Inputs (the batch) are split over what
+``batch`` maps to and whole elsewhere.
 
 Applied to a transformer with ``heads``, ``mlp`` and ``vocab`` on ``tensor`` these steps give
 Megatron-LM's tensor parallelism (Shoeybi et al. 2019): the projections' input is an identity
@@ -33,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from torch import Tensor
+import torch
 
 from fastllm.nn import ops
 from fastllm.sharding.mesh import AXES, Mesh
@@ -63,12 +69,24 @@ class _Shards(ops.Shards):
         return self.mesh.group(axes[0]) if axes else None
 
 
+def _cached(cache: dict, key: Any, make: Callable[[], Any]) -> Any:
+    """``cache[key]``, made on first use. While dynamo traces (a compiled part) the value is made
+    afresh and becomes the graph's constants: reading a cache that later grows would guard on its
+    keys and recompile the part once per new entry."""
+    if torch.compiler.is_compiling():
+        return make()
+    found = cache.get(key)
+    if found is None:
+        found = cache[key] = make()
+    return found
+
+
 @dataclass(frozen=True)
 class _OpPlan:
     """How one operation signature runs: where each operand goes, where each result comes back."""
 
     moves: tuple[Optional[tuple[Placement, Placement, frozenset]], ...]  # per operand (None: stays)
-    results: tuple[tuple[Placement, Placement], ...]  # per result: (computed, own placement)
+    results: tuple[Optional[tuple[Placement, Placement, frozenset]], ...]  # per result: (computed, own, grad partial)
     shards: _Shards
 
 
@@ -96,25 +114,44 @@ class MeshLayout:
 
     def placement(self, axes: tuple[str, ...]) -> Placement:
         """Where a tensor with these dims lives between operations (the rules on its dims alone)."""
-        found = self._placements.get(axes)
-        if found is None:
-            if len(set(axes)) != len(axes):
-                raise ValueError(f"a tensor's dims must have distinct names, got {axes}")
-            dims = self.dims_of([axes], what=f"tensor {axes}")
-            found = self._placements[axes] = Placement(tuple(dims[name] for name in axes))
-        return found
+        return _cached(self._placements, axes, lambda: self._placement(axes))
+
+    def _placement(self, axes: tuple[str, ...]) -> Placement:
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"a tensor's dims must have distinct names, got {axes}")
+        dims = self.dims_of([axes], what=f"tensor {axes}")
+        return Placement(tuple(dims[name] for name in axes))
 
     def input_placement(self, axes: tuple[str, ...]) -> Placement:
         """Where an input (batch data) lives: split as ``batch`` is, whole along every other dim."""
         batch = self.placement(("batch",)).dims[0] if "batch" in axes else ()
         return Placement(tuple(batch if name == "batch" else () for name in axes))
 
+    @property
+    def summed(self) -> frozenset[str]:
+        """The axes over which the train step sums the ranks' losses: those splitting ``batch``."""
+        return frozenset(self.placement(("batch",)).dims[0])
+
+    def _with_tokens(self, axes: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+        """The split of an operation using a parameter with these dims: its dims and the token dims."""
+        stream = tuple(name for name in STREAM_DIMS if name not in axes)
+        return self.dims_of([(*axes, *stream)], what=f"parameter {axes}")
+
     def param_reduce_axes(self, axes: tuple[str, ...]) -> frozenset[str]:
         """The mesh axes over which a parameter with these dims gets partial gradients: those that
         split the operations it is used in (its dims and the token dims) and not the parameter."""
-        stream = tuple(name for name in STREAM_DIMS if name not in axes)
-        dims = self.dims_of([(*axes, *stream)], what=f"parameter {axes}")
-        return frozenset(a for d in dims.values() for a in d) - self.placement(axes).axes
+        return frozenset(a for d in self._with_tokens(axes).values() for a in d) - self.placement(axes).axes
+
+    def check_param(self, axes: tuple[str, ...], path: str = "a parameter") -> None:
+        """The rules must split a parameter in its operations (beside the token dims) as they split it
+        alone: a dim whose rule takes a mesh axis that ``batch`` takes first cannot hold it there."""
+        there = self._with_tokens(axes)
+        own = self.placement(axes)
+        if tuple(there[name] for name in axes) != own.dims:
+            taken = sorted(set(own.axes) - {a for name in axes for a in there[name]})
+            raise ValueError(f"{path}: the rules split it over {taken} ({own}), but its operations split the tokens "
+                             f"over {taken} first; put the rule of its dim before 'batch' in the table (as "
+                             "'experts' for expert parallelism), or leave the split over 'data' to ZeRO's storage")
 
     # --- operations ----------------------------------------------------------------------------
     def _plan(self, signature: tuple, options: tuple) -> _OpPlan:
@@ -140,7 +177,10 @@ class MeshLayout:
             dims_axes = tuple(dims[name] for name in axes)
             computed = Placement(dims_axes, used - inside - frozenset(a for d in dims_axes for a in d))
             own = self.placement(axes)
-            results.append((computed, Placement(own.dims, computed.partial & kept)))
+            own = Placement(own.dims, computed.partial & kept)
+            grad_partial = self.summed - own.axes  # whole over the summed losses' axes (see the docstring)
+            moved = computed != own or grad_partial  # else no collective either way: no call (nor graph break)
+            results.append((computed, own, grad_partial) if moved else None)
         return _OpPlan(tuple(moves), tuple(results), _Shards(self.mesh, dims))
 
     def _check_param(self, axes: tuple[str, ...], there: Placement, used: frozenset) -> None:
@@ -155,14 +195,11 @@ class MeshLayout:
 
     def local(self, fn: Callable[..., Any], args: Sequence[ops.Arg], out_axes: Sequence[tuple[str, ...]], *,
               reduced: tuple[str, ...] = (), whole: tuple[str, ...] = (), inner: Sequence[tuple[str, ...]] = (),
-              keep: tuple[str, ...] = (), name: str = "op") -> list[Tensor]:
+              keep: tuple[str, ...] = (), name: str = "op") -> list[ops.Value]:
         """:func:`fastllm.nn.ops.local` on this rank's blocks (``name``: for traces)."""
         signature = (tuple((arg.axes, arg.kind) for arg in args), tuple(tuple(a) for a in out_axes))
         options = (tuple(reduced), tuple(whole), tuple(tuple(a) for a in inner), tuple(keep))
-        key = (signature, options)
-        plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plans[key] = self._plan(signature, options)
+        plan = _cached(self._plans, (signature, options), lambda: self._plan(signature, options))
         values = []
         for arg, move in zip(args, plan.moves):
             if move is None:
@@ -173,5 +210,7 @@ class MeshLayout:
                                        trace=self.trace, what=f"{name}: its input {' '.join(arg.axes)}"))
         out = fn(plan.shards, *values)
         out = list(out) if isinstance(out, tuple) else [out]
-        return [relayout(y, computed, own, self.mesh, trace=self.trace, what=f"{name}: its result {' '.join(axes)}")
-                for y, (computed, own), axes in zip(out, plan.results, out_axes)]
+        return [y if result is None else
+                relayout(y, result[0], result[1], self.mesh, grad_partial=result[2], trace=self.trace,
+                         what=f"{name}: its result {' '.join(axes)}")
+                for y, result, axes in zip(out, plan.results, out_axes)]

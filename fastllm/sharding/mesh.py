@@ -151,8 +151,11 @@ class Mesh:
 
     def size(self, axis: str | tuple[str, ...]) -> int:
         """Number of ranks along an axis (or the product over a tuple of axes)."""
-        if isinstance(axis, tuple):
-            return math.prod(self.size(a) for a in axis)
+        if isinstance(axis, tuple):  # a loop, not math.prod of a generator: dynamo traces it inside a layout
+            size = 1
+            for a in axis:
+                size *= self.size(a)
+            return size
         return self.shape[_check_axis(axis)]
 
     def rank(self, axis: str | tuple[str, ...]) -> int:

@@ -21,10 +21,11 @@ stage      params      gradients   optimizer state
 =========  ==========  ==========  ================
 
 Each parameter's gradient is a partial sum over the mesh axes that split the operations using it
-and not the parameter (:meth:`MeshLayout.param_reduce_axes`): ``data`` always, ``tensor`` too for
-parameters replicated over it when the token stream's ``seq`` is split. The model's parts order
-the ZeRO-3 gathers and the gradient buckets; the repeated parts (along ``layers``) are what the
-``layers`` rule deals to pipeline stages.
+and not the parameter (:meth:`MeshLayout.param_reduce_axes`): ``data`` (but for experts the rules
+spread over ``data``: each sees all its tokens), ``tensor`` too for parameters replicated over it
+when the token stream's ``seq`` is split. The model's parts order the ZeRO-3 gathers and the
+gradient buckets; the repeated parts (along ``layers``) are what the ``layers`` rule deals to
+pipeline stages.
 
 A rank initialises only its shards, each drawn exactly as :func:`fastllm.nn.init` draws the whole
 tensor and then sliced, so the values are the slice of the unsharded init, bit for bit.
@@ -227,14 +228,11 @@ class Partitioner:
         declarations = model.declarations
         axes, shapes = nn.axes(declarations), nn.shapes(declarations)
         self._check_rule_names(axes, model.layer_dim)
-        self._check_unsupported(axes)
         compute = resolve(axes, shapes, self.mesh, self.rules)
         storage = resolve(axes, shapes, self.mesh, self.storage_rules)
-        for path, spec in tree.flatten(compute, is_leaf=is_spec).items():
-            if "data" in spec.used_axes:
-                raise ValueError(f"{path}: the rules split it over 'data' ({spec!r}); parameters may only "
-                                 "be split over 'data' in storage (ZeRO)")
         flat_axes = tree.flatten(axes, is_leaf=tree.is_axes)
+        for path, names in flat_axes.items():  # split over 'data' in compute only where the tokens are not
+            self._layout.check_param(names, path)
         reduce_axes = {path: self._layout.param_reduce_axes(names) for path, names in flat_axes.items()}
         chunks = self._chunks(model)
         pipe = self.mesh.size("pipe")
@@ -252,13 +250,6 @@ class Partitioner:
             raise ValueError(f"rules name dims that nothing has: {unknown} (the model's parameter dims: "
                              f"{sorted(known - COMPUTE_RULES.names) or 'only standard ones'}; standard dims: "
                              f"{sorted(COMPUTE_RULES.names)})")
-
-    def _check_unsupported(self, axes: Any) -> None:
-        for path, names in tree.leaves_with_path(axes, is_leaf=tree.is_axes):
-            if "experts" in names and self.mesh.size("tensor") > 1:
-                raise NotImplementedError(
-                    f"{path}: mixture-of-experts layers under tensor parallelism are not supported yet "
-                    "(expert parallelism comes as rules on 'experts'); use mesh.tensor=1 for MoE models")
 
     def _chunks(self, model: nn.Model) -> list[int]:
         """The pipeline chunk of each part: the ``layers`` rule's axes (``pipe``) times the virtual
@@ -316,10 +307,11 @@ class Partitioner:
 
     # --- what a step runs ----------------------------------------------------------------------
     def layout(self, *, trace: Optional[list] = None) -> Optional[MeshLayout]:
-        """The activation layout to run models under; ``None`` when every operation is local (one
-        rank, or only ``data`` has several: the batch is split the same way everywhere)."""
+        """The activation layout to run models under; ``None`` on one rank (every operation is local).
+        With ``data`` alone most operations need no move, but a statistic over the global batch (a
+        mixture of experts' router load) or experts spread over ``data`` do."""
         if trace is None:
-            return None if self._layout.active <= {"data"} else self._layout
+            return None if not self._layout.active else self._layout
         return MeshLayout(self.mesh, self.rules, trace=trace)
 
     def gather(self, plan: Plan) -> Optional[PartGather]:

@@ -23,6 +23,9 @@ and by a split when it arrives whole: the backward is derived, not paired by han
 
 On an abstract mesh (planning) no collective runs: tensors are ``meta`` and only their shapes
 change, and each collective is appended to a trace (kind, mesh axis, bytes) instead.
+
+A :class:`fastllm.nn.ops.Ragged` value (tokens routed to experts) takes the same steps, run cell
+by cell with variable sizes by :mod:`fastllm.sharding.ragged`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastllm.nn.ops import Ragged
 from fastllm.sharding import collectives as C
+from fastllm.sharding import ragged
 from fastllm.sharding.mesh import Mesh
 
 __all__ = ["Placement", "Step", "Collective", "transitions", "run", "relayout"]
@@ -145,9 +150,12 @@ def _run_one(x: Tensor, step: Step, mesh: Mesh) -> Tensor:
     return C._all_to_all(x, step.to_dim, step.dim, step.axis, mesh)
 
 
-def run(x: Tensor, steps: tuple[Step, ...], mesh: Mesh, trace: Optional[list] = None, what: str = "") -> Tensor:
+def run(x: Tensor | Ragged, steps: tuple[Step, ...], mesh: Mesh, trace: Optional[list] = None,
+        what: str = "") -> Tensor | Ragged:
     """Apply ``steps`` to ``x`` (no autograd). On an abstract mesh only the shape changes (meta) and
     each collective is appended to ``trace``."""
+    if isinstance(x, Ragged):
+        return ragged.run(x, steps, mesh, trace, what)
     for step in steps:
         n = mesh.size(step.axis)
         if step.dim is not None and step.kind in ("reduce_scatter", "split") and x.shape[step.dim] % n:
@@ -178,7 +186,7 @@ class _Relayout(torch.autograd.Function):
 
 @torch.compiler.disable
 def relayout(
-    x: Tensor,
+    x: Tensor | Ragged,
     src: Placement,
     dst: Placement,
     mesh: Mesh,
@@ -186,12 +194,14 @@ def relayout(
     grad_partial: frozenset[str] = frozenset(),
     trace: Optional[list] = None,
     what: str = "",
-) -> Tensor:
+) -> Tensor | Ragged:
     """``x`` (placed as ``src``) placed as ``dst``; its gradient arrives placed as ``dst`` with partial
     sums over ``grad_partial`` and leaves placed as ``src``'s dims (whole values: the gradient of a
     partial sum is the gradient of each summand)."""
     forward = transitions(src, dst)
     backward = transitions(Placement(dst.dims, frozenset(grad_partial)), Placement(src.dims))
+    if isinstance(x, Ragged):
+        return ragged.relayout(x, forward, backward, mesh, trace, what)
     if trace is not None and mesh.is_abstract:  # planning: the forward's collectives, then the backward's
         out = run(x, forward, mesh, trace, what)
         if x.is_floating_point():

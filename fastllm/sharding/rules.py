@@ -97,15 +97,19 @@ class Rules:
 # activations' batch over ``data``, the model's layers over ``pipe``. ``seq`` is the residual
 # stream's sequence dim: ``("seq", "tensor")`` in its place is sequence parallelism (heads, mlp and
 # vocab take ``tensor`` first wherever they meet ``seq``, so the attention and MLP cores keep the
-# whole sequence). Experts are replicated: expert parallelism is a later rule.
+# whole sequence). ``experts`` comes first: ``("experts", "data")`` in its place is expert
+# parallelism (where routed tokens meet their experts, the experts take ``data`` and the tokens
+# come whole; ``("experts", "tensor")`` spreads them over ``tensor``). ``router`` is the router's
+# output, a score per expert, which every token needs whole.
 COMPUTE_RULES = Rules(
     (
+        ("experts", None),
         ("batch", "data"),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
         ("mlp", "tensor"),
         ("vocab", "tensor"),
-        ("experts", None),
+        ("router", None),
         ("layers", "pipe"),
         ("embed", None),
         ("head_dim", None),

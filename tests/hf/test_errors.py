@@ -126,3 +126,13 @@ def test_save_refuses_what_the_architecture_cannot_express(llama_dir, tmp_path):
     with pytest.raises(FileExistsError):
         fastllm.hf.save(config, params, tmp_path / "d")
     assert (tmp_path / "d" / "notes.txt").read_text() == "keep me"
+
+
+def test_save_refuses_a_mixtral_that_drops_tokens(tmp_path):
+    """Mixtral is dropless: a capacity factor has no Hugging Face counterpart."""
+    from fastllm import models, random
+    from fastllm.models import MoEConfig
+
+    config = models.preset("tiny-mixtral", moe=MoEConfig(n_experts=4, top_k=2, capacity_factor=1.25))
+    with pytest.raises(UnsupportedConfig, match="moe.capacity_factor = None"):
+        fastllm.hf.save(config, models.init(config, random.key(0)), tmp_path / "m")

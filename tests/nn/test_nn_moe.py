@@ -15,9 +15,11 @@ def _params(seed=0):
 
 
 def test_moe_axes_follow_the_contract():
+    """The router's output is a score per expert that every token needs whole (``router``), apart
+    from the experts' own dim, which a rule may spread over ranks."""
     axes = nn.axes(nn.moe.params(LAYER))
     assert axes == {
-        "router": ("experts", "embed"),
+        "router": ("router", "embed"),
         "w_up": ("experts", "mlp", "embed"),
         "w_gate": ("experts", "mlp", "embed"),
         "w_down": ("experts", "embed", "mlp"),
@@ -36,7 +38,7 @@ def test_moe_matches_transformers_mixtral_block():
     x = torch.randn(3, 5, 16)
     out, router_logits = nn.moe.apply(LAYER, p, x)
     torch.testing.assert_close(out, block(x), atol=1e-6, rtol=1e-5)
-    assert router_logits.shape == (15, 4)
+    assert router_logits.shape == (3, 5, 4)
 
 
 def test_moe_equals_dense_loop_over_tokens():
@@ -77,3 +79,44 @@ def test_router_z_loss_is_mean_squared_logsumexp():
 def test_moe_top_k_out_of_range_is_an_error():
     with pytest.raises(ValueError, match="top_k"):
         nn.MoE(embed_dim=8, mlp_dim=8, n_experts=2, top_k=3)
+
+
+def _skewed_params(seed=2):
+    """Every token with positive features picks experts 0 and 1 (their router rows point along them)."""
+    p = _params(seed)
+    p["router"] = torch.cat([torch.ones(2, 16), -torch.ones(2, 16)])
+    return p
+
+
+def _dense(p, x, experts, weights):
+    """Each token through its experts one by one: the meaning of dropless."""
+    rows = []
+    for t in range(x.shape[0]):
+        terms = [w * (torch.nn.functional.silu(p["w_gate"][e] @ x[t]) * (p["w_up"][e] @ x[t])) @ p["w_down"][e].T
+                 for w, e in zip(weights[t], experts[t].tolist())]
+        rows.append(sum(terms))
+    return torch.stack(rows)
+
+
+def test_skewed_routing_drops_nothing():
+    p, x = _skewed_params(), torch.rand(9, 16) + 0.1
+    out, logits = nn.moe.apply(LAYER, p, x)
+    weights, experts = nn.moe.route(LAYER, logits)
+    assert (experts.sort(-1).values == torch.tensor([0, 1])).all()  # every pick goes to experts 0 and 1
+    torch.testing.assert_close(out, _dense(p, x, experts, weights), atol=1e-6, rtol=1e-5)
+
+
+def test_capacity_drops_a_sequences_latest_picks_and_reports_them():
+    """Capacity ceil(1.0 * 8 tokens * 2 / 4 experts) = 4 picks per expert and sequence: tokens 4-7 of
+    each sequence lose both picks (zero output), half of all picks are dropped."""
+    layer = nn.MoE(embed_dim=16, mlp_dim=24, n_experts=4, top_k=2, capacity_factor=1.0)
+    p, x = _skewed_params(), torch.rand(2, 8, 16) + 0.1
+    out, logits = nn.moe.apply(layer, p, x)
+    weights, experts = nn.moe.route(layer, logits)
+    kept = _dense(p, x[:, :4].reshape(-1, 16), experts[:, :4].reshape(-1, 2), weights[:, :4].reshape(-1, 2))
+    torch.testing.assert_close(out[:, :4].reshape(-1, 16), kept, atol=1e-6, rtol=1e-5)
+    assert torch.equal(out[:, 4:], torch.zeros_like(out[:, 4:]))
+    stats = nn.moe.token_statistics(layer, logits)
+    assert stats["moe_dropped"].tolist() == [[0.0] * 4 + [2.0] * 4] * 2
+    aux = nn.moe.aux_losses(None, stats, n_experts=4, top_k=2, n_layers=1)
+    assert aux["moe_dropped_fraction"].item() == 0.5

@@ -67,10 +67,9 @@ def test_errors_name_the_problem():
         Partitioner(Mesh.abstract(pipe=2)).plan(MODEL)
     with pytest.raises(ValueError, match="zero_stage"):
         Partitioner(Mesh.abstract(data=2), zero_stage=4)
-    with pytest.raises(NotImplementedError, match="experts.*tensor=1"):
-        Partitioner(Mesh.abstract(tensor=2)).plan(models.model(models.preset("tiny-mixtral")))
-    over_data = Rules((("heads", "data"),)) + COMPUTE_RULES
-    with pytest.raises(ValueError, match=r"layers\.0\.attention\.b?q: the rules split it over 'data'"):
+    # embed after batch: where weights meet tokens, batch takes data first, so a weight cannot hold it
+    over_data = COMPUTE_RULES.replace("embed", "data")
+    with pytest.raises(ValueError, match=r"embed\.tokens: the rules split it over \['data'\].*before 'batch'"):
         Partitioner(Mesh.abstract(data=2, tensor=2), rules=over_data).plan(MODEL)
     with pytest.raises(TypeError, match=r"fastllm.models.model\(config\)"):
         Partitioner(Mesh.abstract(data=2)).plan(CONFIG)
@@ -111,3 +110,39 @@ def test_zero3_blocks_are_whole_rows_so_gathers_and_scatters_need_no_copy():
     assert back.data_ptr() == rows.data_ptr() and torch.equal(back, full)  # a view: nothing unpacked
     other = from_rows(to_rows(full, 1, 3), 1, torch.Size((8, 1, 5)))  # another dim still works, by copy
     assert torch.equal(other, full)
+
+
+MIXTRAL = models.model(models.preset("tiny-mixtral"))  # 4 experts
+
+
+def test_experts_over_data_sit_on_one_rank_each_and_sum_no_gradient_over_data():
+    """('experts', 'data') before 'batch': each expert's weights on one data rank, its hidden units over
+    tensor (expert tensor parallelism), no ZeRO split (no other rank holds it), no gradient sum over
+    data (every token routed to it comes to it); the router stays whole and ZeRO-split over data."""
+    plan = Partitioner(Mesh.abstract(data=2, tensor=2), rules=COMPUTE_RULES.replace("experts", "data"),
+                       zero_stage=3).plan(MIXTRAL)
+    assert plan.flat_compute["layers.0.moe.w_up"] == ("data", "tensor", None)
+    assert plan.flat_compute["layers.0.moe.w_down"] == ("data", None, "tensor")
+    assert plan.flat_storage["layers.0.moe.w_up"] == ("data", "tensor", None)
+    assert plan.reduce_axes["layers.0.moe.w_up"] == frozenset()
+    assert plan.flat_compute["layers.0.moe.router"] == (None, None)
+    assert plan.flat_storage["layers.0.moe.router"] == ("data", None)
+    assert plan.reduce_axes["layers.0.moe.router"] == {"data"}
+    sp = Partitioner(Mesh.abstract(data=2, tensor=2), rules=COMPUTE_RULES.replace("experts", "data").replace(
+        "seq", "tensor")).plan(MIXTRAL)
+    assert sp.reduce_axes["layers.0.moe.w_up"] == frozenset()  # the routed rows come whole over tensor too
+    assert sp.reduce_axes["layers.0.moe.router"] == {"data", "tensor"}
+
+
+def test_experts_over_tensor_are_zero_split_over_the_data_ranks_that_share_them():
+    plan = Partitioner(Mesh.abstract(data=2, tensor=2), rules=COMPUTE_RULES.replace("experts", "tensor"),
+                       zero_stage=3).plan(MIXTRAL)
+    assert plan.flat_compute["layers.0.moe.w_up"] == ("tensor", None, None)  # experts took tensor first
+    assert plan.flat_storage["layers.0.moe.w_up"] == (("tensor", "data"), None, None)
+    assert plan.reduce_axes["layers.0.moe.w_up"] == {"data"}
+
+
+def test_an_experts_rule_after_batch_is_an_error_naming_the_fix():
+    table = tuple(rule for rule in COMPUTE_RULES.table if rule[0] != "experts") + (("experts", "data"),)
+    with pytest.raises(ValueError, match=r"layers\.0\.moe\.w_down: .*put the rule of its dim before 'batch'"):
+        Partitioner(Mesh.abstract(data=2), rules=Rules(table)).plan(MIXTRAL)

@@ -74,3 +74,17 @@ def test_a_pipelined_layout_plans_with_its_schedule_and_bubble():
     text = str(report)
     assert "pipe 3: " in text and f"bubble {report.timeline.bubble:.1%}" in text
     assert 0 < report.timeline.bubble < 3 / (16 + 3)  # interleaving beats 1F1B's (P - 1) / (M + P - 1)
+
+
+def test_the_mixtral_recipe_spreads_its_experts_and_moves_tokens_by_all_to_all():
+    """Experts over data=8 (one of each layer's 8 per data rank, its hidden units over tensor=2):
+    every layer's dispatch and combine are all-to-alls over data, forward and backward."""
+    _, config = load_recipe(Path(__file__).parents[2] / "recipes" / "mixtral_8x7b.py")
+    report = plan_layout(config)
+    assert report.plan.flat_compute["layers.0.moe.w_up"] == ("data", "tensor", None)
+    assert report.plan.reduce_axes["layers.0.moe.w_up"] == frozenset()  # each expert sees all its tokens
+    assert report.plan.flat_compute["layers.0.moe.router"] == (None, None)
+    moves = [c for c in report.collectives if c.kind == "all_to_all"]
+    assert {c.axis for c in moves} == {"data"}
+    for op in ("moe dispatch", "moe combine"):
+        assert sum(c.what.startswith(op) for c in moves) == 2 * config.model_config.n_layers, op
