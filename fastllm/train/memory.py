@@ -115,7 +115,7 @@ def _whole_numels(config: Config, report: LayoutReport) -> dict[str, int]:
 def _part_bytes(config: Config, report: LayoutReport, dtype_size: int) -> list[int]:
     """Gathered compute bytes of each part's parameters."""
     numels = _whole_numels(config, report)
-    return [sum(numels[leaf] for leaf in part.leaves) * dtype_size for part in report.plan.parts]
+    return [sum(numels[leaf] for leaf in part.leaves) * dtype_size for part in report.plan.parts if part.stage == 0]
 
 
 def _temporaries(config: Config, report: LayoutReport) -> int:
@@ -136,6 +136,8 @@ def _communication(config: Config, report: LayoutReport) -> dict[str, int]:
     out: dict[str, int] = {}
     for (kind, axis), nbytes in sorted(report.traffic().items()):
         out[f"{kind} over {axis} (activations)"] = nbytes * report.grad_accum
+    if report.pipe_sends:
+        out["send/recv over pipe (activations)"] = report.pipe_sends * report.grad_accum
     n = report.mesh.size("data")
     if n == 1:
         return out
@@ -171,7 +173,7 @@ class LayoutChoice:
     @property
     def overrides(self) -> str:
         c = self.plan.config
-        return (f"mesh.data={c.mesh.data} mesh.tensor={c.mesh.tensor} zero.stage={c.zero.stage} "
+        return (f"mesh.data={c.mesh.data} mesh.tensor={c.mesh.tensor} mesh.pipe={c.mesh.pipe} zero.stage={c.zero.stage} "
                 f"train.remat={c.train.remat} train.micro_batch_size={c.train.micro_batch(c.mesh.data)}")
 
 
@@ -203,6 +205,8 @@ def _step_seconds(plan: MemoryPlan, model: nn.Model) -> float:
     tokens = c.train.batch_size * c.data.seq_len / c.mesh.size  # per GPU: the model's FLOPs split evenly
     flops = model.flops_per_token(c.data.seq_len) if model.flops_per_token else 6 * _param_count(model)
     compute = tokens * flops / (ASSUMED_MFU * PEAK_FLOPS) * (4 / 3 if plan.remat else 1.0)
+    if plan.report.timeline is not None:  # the pipeline's idle share stretches the step
+        compute /= 1.0 - plan.report.timeline.bubble
     return compute + plan.step_bytes / ASSUMED_BUS_BYTES_PER_S
 
 
@@ -211,10 +215,12 @@ def _param_count(model: nn.Model) -> int:
 
 
 def candidate_overrides(config: Config, gpus: int) -> list[list[str]]:
-    """Every data x tensor split of ``gpus`` with each ZeRO stage, with and without recomputation."""
+    """Every data x tensor x pipe split of ``gpus`` (tensor and pipe up to 8) with each ZeRO stage,
+    with and without recomputation."""
     out, t = [], config.train
-    for tensor in [size for size in (1, 2, 4, 8) if gpus % size == 0]:
-        data = gpus // tensor
+    splits = [(tensor, pipe) for tensor in (1, 2, 4, 8) for pipe in (1, 2, 4, 8) if gpus % (tensor * pipe) == 0]
+    for tensor, pipe in splits:
+        data = gpus // (tensor * pipe)
         micro = t.micro_batch_size  # the recipe's, unless the batch cannot take it on this many data ranks
         if micro is None or t.batch_size % (micro * data):
             micro = t.batch_size // data if t.batch_size % data == 0 else None
@@ -222,7 +228,7 @@ def candidate_overrides(config: Config, gpus: int) -> list[list[str]]:
             continue
         for stage in (0, 1, 2, 3):
             for remat in ("none", "block"):
-                out.append([f"mesh.data={data}", f"mesh.tensor={tensor}", "mesh.pipe=1", f"zero.stage={stage}",
+                out.append([f"mesh.data={data}", f"mesh.tensor={tensor}", f"mesh.pipe={pipe}", f"zero.stage={stage}",
                             f"train.remat={remat}", f"train.micro_batch_size={micro}"])
     return out
 

@@ -58,10 +58,17 @@ class Activations:
     its largest saved tensor being formed. The peak is the largest of these phases."""
 
     parts: tuple[PartActivations, ...]
+    # Micro-batches whose activations a pipeline rank holds at once, in units of all its parts: the
+    # schedule's peak of forwards not yet backwarded on rank 0, over its virtual stages (1: no pipe).
+    in_flight: float = 1.0
+
+    def _kept(self, remat: bool) -> int:
+        """What one micro-batch leaves for the backward through all the parts."""
+        return sum(q.input_bytes if remat and q.repeated else q.saved_bytes for q in self.parts)
 
     def _phases(self, remat: bool) -> list[tuple[int, int]]:
         """(saved bytes alive, working bytes) while each part's backward runs."""
-        phases = []
+        phases, others = [], round((self.in_flight - 1) * self._kept(remat))  # the other micro-batches in flight
         for i, part in enumerate(self.parts):
             earlier = self.parts[:i]
             if remat:
@@ -69,6 +76,7 @@ class Activations:
                 alive += part.saved_bytes + (part.input_bytes if part.repeated else 0)
             else:
                 alive = sum(q.saved_bytes for q in earlier) + part.saved_bytes
+            alive += others
             grad_out = self.parts[i + 1].input_bytes if i + 1 < len(self.parts) else 0
             phases.append((alive, grad_out + part.largest_bytes))
         return phases or [(0, 0)]
@@ -94,6 +102,7 @@ class LayoutReport:
     collectives: tuple[Collective, ...]  # of the operations in one micro-batch, forward and backward
     activations: Activations  # saved for the backward of one micro-batch, part by part
     timeline: Optional[pipeline.Timeline] = None  # the pipeline schedule of one step, when pipe > 1
+    pipe_sends: int = 0  # bytes rank 0 sends its pipeline neighbours per micro-batch (carries and their gradients)
 
     def traffic(self) -> dict[tuple[str, str], int]:
         """Bytes per (collective, mesh axis) over one micro-batch's operations."""
@@ -226,11 +235,43 @@ def plan_layout(config: Config, model: Optional[nn.Model] = None, *, target: str
     saved = SavedTensors(params)
     # the step's own layout: none when every operation is local (one rank, or data ranks only)
     layout = None if partitioner.layout() is None else MeshLayout(mesh, partitioner.rules, trace=trace)
+    traced: list[tuple[int, int]] = []  # each part's span of the trace
+
+    def call(index, part, params, carry, batch, layout):
+        start = len(trace)
+        out = saved(index, part, params, carry, batch, layout)
+        traced.append((start, len(trace)))
+        return out
+
     with _FusedAttention():
-        nn.run(model, params, dry_batch(micro, config.data.seq_len), layout=layout, call=saved)
-    timeline = None
-    if m.pipe > 1:
-        timeline = pipeline.simulate(pipeline.schedule(config.pipe.schedule, m.pipe, accum, config.pipe.virtual_stages),
-                                     backward_cost=2)
-    return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace),
-                        Activations(tuple(saved.parts)), timeline)
+        nn.run(model, params, dry_batch(micro, config.data.seq_len), layout=layout, call=call)
+    if m.pipe == 1:
+        return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace),
+                            Activations(tuple(saved.parts)))
+    # Every part ran (the carry has to flow through them); rank 0 keeps its own stage's figures.
+    actions = pipeline.schedule(config.pipe.schedule, m.pipe, accum, config.pipe.virtual_stages)
+    mine = [i for i, part in enumerate(plan.parts) if part.stage == 0]
+    trace = [c for i in mine for c in trace[slice(*traced[i])]]
+    activations = Activations(tuple(saved.parts[i] for i in mine), _in_flight(actions[0]) / config.pipe.virtual_stages)
+    return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace), activations,
+                        pipeline.simulate(actions, backward_cost=2), _pipe_sends(plan, saved.parts))
+
+
+def _in_flight(actions: list[pipeline.Action]) -> int:
+    """The most chunk-micro-batches whose forward ran and whose backward did not yet, at once."""
+    held = peak = 0
+    for action in actions:
+        held += 1 if action.kind == "F" else -1
+        peak = max(peak, held)
+    return peak
+
+
+def _pipe_sends(plan: Plan, parts: list[PartActivations]) -> int:
+    """Bytes pipeline rank 0 sends per micro-batch: each of its chunks' output carry to the next
+    chunk, and the gradient of each of its chunks' input carry back to the previous one."""
+    sent = 0
+    for i in range(1, len(plan.parts)):
+        before, after = plan.parts[i - 1].chunk, plan.parts[i].chunk
+        if before != after:
+            sent += parts[i].input_bytes * ((plan.parts[i - 1].stage == 0) + (plan.parts[i].stage == 0))
+    return sent

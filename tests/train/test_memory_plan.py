@@ -26,7 +26,7 @@ from fastllm.sharding import Mesh
 from fastllm.train.config import Config, ModelSection, TrainSection
 from fastllm.train.memory import plan_memory, search_layouts
 from fastllm.train.optimizer import build_optimizer
-from fastllm.train.plan import SavedTensors, dry_batch, plan_layout
+from fastllm.train.plan import Activations, SavedTensors, plan_layout
 from fastllm.train.step import TrainStep
 from fastllm.train.trainer import default_model, partitioner_from_config
 
@@ -139,6 +139,8 @@ def test_search_ranks_layouts_that_fit():
     tensor_splits = {c.plan.config.mesh.tensor for c in ranking.fits}
     assert tensor_splits == {1, 2}  # 4 heads / 2 kv heads: tensor=4 is refused
     assert any("mesh.tensor=4" in reason for reason in ranking.refused)
+    assert {c.plan.config.mesh.pipe for c in ranking.fits} == {1, 2}  # 2 layers: pipe=4 is refused
+    assert any("mesh.pipe=4" in reason for reason in ranking.refused)
     tiny = search_layouts(BASE, None, gpus=1, gpu_bytes=2**20)
     assert not tiny.fits and tiny.too_big and "none fits" in tiny.table()
 
@@ -169,3 +171,21 @@ def test_communication_per_step():
     traffic = tensor.report.traffic()
     assert traffic and tensor.communication == {f"{kind} over {axis} (activations)": nbytes * 2
                                                 for (kind, axis), nbytes in sorted(traffic.items())}
+
+
+def test_a_pipeline_rank_plans_its_stage_and_the_micro_batches_it_holds():
+    """At pipe=2, rank 0 runs the embedding and the first block: it keeps 1F1B's ``P - r = 2``
+    micro-batches' activations (GPipe: all 4 of the step), and sends each micro-batch's carry on."""
+    overrides = ["train.micro_batch_size=1", "mesh.pipe=2"]
+    whole = plan_layout(apply_overrides(BASE, overrides[:1]), target="cpu").activations
+    plans = {name: plan_memory(apply_overrides(BASE, [*overrides, f"pipe.schedule={name}"]), target="cpu")
+             for name in ("1f1b", "gpipe")}
+    stage = plans["1f1b"].report.activations
+    assert [p.name for p in stage.parts] == [p.name for p in whole.parts[:2]]
+    kept = sum(p.saved_bytes for p in stage.parts)
+    alone = Activations(stage.parts).bytes(False)
+    assert (stage.in_flight, plans["gpipe"].report.activations.in_flight) == (2, 4)
+    assert plans["1f1b"].activations(False) == alone + kept
+    assert plans["gpipe"].activations(False) == alone + 3 * kept
+    assert plans["1f1b"].communication == {"send/recv over pipe (activations)": whole.parts[2].input_bytes * 4}
+    assert plans["1f1b"].report.description.totals["params"] < plan_memory(BASE).report.description.totals["params"]
