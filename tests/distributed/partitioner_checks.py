@@ -77,6 +77,21 @@ def run_steps(step: TrainStep, state, data: list[dict], mesh: Mesh):
     return state, losses, norms
 
 
+def check_tied_copies(params, plan, mesh: Mesh) -> None:
+    """A leaf two pipeline stages hold (a tied embedding) has the same bits on both after the steps."""
+    shared = sorted(path for path, stages in plan.stages_of.items() if len(stages) > 1)
+    if mesh.size("pipe") == 1 or not shared:
+        return
+    flat = tree.flatten(params)
+    mine = {path: flat[path] if path in flat else None for path in shared}
+    copies: list = [None] * mesh.size("pipe")
+    dist.all_gather_object(copies, mine, group=mesh.group("pipe"))
+    for path in shared:
+        held = [copy[path] for copy in copies if copy[path] is not None]
+        if len(held) != len(plan.stages_of[path]) or not all(torch.equal(held[0], t) for t in held[1:]):
+            raise AssertionError(f"the copies of tied {path} on stages {plan.stages_of[path]} differ")
+
+
 def _torch_optimizer(optimizer: str, leaves: dict[str, torch.Tensor]) -> torch.optim.Optimizer:
     """The same optimizer from ``torch.optim``: the reference shares no optimizer code with the step."""
     if optimizer == "sgd":
@@ -202,6 +217,7 @@ def check_layout(config, ref: dict, key, mesh: Mesh, zero_stage: int, rules, gra
             if value != totals[name]:
                 raise AssertionError(f"describe says {totals[name]} bytes of {name} per rank, rank holds {value}")
     state, losses, norms = run_steps(step, state, ref["data"], mesh)
+    check_tied_copies(state.params, plan, mesh)
     close_numbers(losses, ref["losses"], "loss")
     close_numbers(norms, ref["norms"], "grad_norm")
     compare_tree(state.params, plan.params, ref["final"], mesh, "final param")

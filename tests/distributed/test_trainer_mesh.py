@@ -6,9 +6,12 @@ import dataclasses
 import shutil
 
 import pytest
+import torch
 
 import trainer_checks
+from fastllm import tree
 from fastllm.data import DataConfig
+from fastllm.train import checkpointing
 from fastllm.sharding import testing
 from fastllm.train.config import Config, ModelSection, OptimSection, RunConfig, TrainSection
 from fastllm.train.quickstart import prepare_quickstart
@@ -76,3 +79,8 @@ def test_pipeline_trainer_matches_one_process_and_resumes_on_other_pipe_sizes(tm
                            timeout_s=300.0)
     assert resumed1 == pytest.approx(pipe2[0], rel=1e-5)
     assert resumed4[0] == pytest.approx(pipe2[0], rel=1e-5)
+    # What `run.export_hf` exports: the pipelined run's checkpoint assembled in one process.
+    exported = checkpointing.load_model(tmp_path / "pipe2")[1]
+    reference = checkpointing.load_model(tmp_path / "one")[1]
+    for path, value in tree.flatten(reference).items():
+        assert torch.allclose(tree.flatten(exported)[path], value, rtol=1e-5, atol=1e-6), path

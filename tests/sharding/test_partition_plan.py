@@ -63,8 +63,8 @@ def test_describe_table_names_every_parameter():
 
 
 def test_errors_name_the_problem():
-    with pytest.raises(NotImplementedError, match="pipeline parallelism.*not supported yet"):
-        Partitioner(Mesh.abstract(pipe=2)).plan(MODEL)
+    with pytest.raises(ValueError, match=r"repeated parts \(layers\) cannot fill 8 pipeline chunks"):
+        Partitioner(Mesh.abstract(pipe=8)).plan(MODEL)
     with pytest.raises(ValueError, match="zero_stage"):
         Partitioner(Mesh.abstract(data=2), zero_stage=4)
     # embed after batch: where weights meet tokens, batch takes data first, so a weight cannot hold it
