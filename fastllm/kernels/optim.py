@@ -62,6 +62,10 @@ def adamw_step_reference(params, grads, exp_avgs, exp_avg_sqs, master, *, lr, be
     if not params:
         return
     master = params if master is None else master
+    if apply is not None and apply.device.type == "cpu":  # reading the verdict costs no sync here
+        if not bool(apply):
+            return
+        apply = None  # no copies of what a skipped step would keep (4 of the largest leaf at the peak)
     hyper = _hyperparameters(lr, step, grad_scale, beta1, beta2, weight_decay, master[0].device)
     scale, rate, decay, bias1, bias2, _ = hyper.unbind()
     for p, g, m, v, w in zip(params, grads, exp_avgs, exp_avg_sqs, master):
