@@ -79,29 +79,17 @@ def _weight(batch: dict) -> torch.Tensor:
 
 
 def reference(cfg, params: dict, data: int, accum: int, optimizer: str) -> dict:
-    """One process in plain PyTorch (partitioner_checks.reference) on the layout's micro-batches."""
-    _, clip = pc.OPTIMIZERS[optimizer]
-    leaves = {path: t.clone().requires_grad_(True) for path, t in tree.flatten(params).items()}
-    current = tree.unflatten(leaves)
-    opt = pc._torch_optimizer(optimizer, leaves)
+    """One process in plain PyTorch (partitioner_checks.torch_steps) on the layout's micro-batches."""
     batches = pc.batches(cfg)
-    losses, norms, first_grads = [], [], None
-    for batch in batches:
-        opt.zero_grad()
+
+    def loss_of(current: dict, batch: dict) -> torch.Tensor:
         micros = micro_batches(batch, data, accum)
         total = sum(_weight(m) for m in micros)
-        loss = sum(_weight(m) / total * models.loss(cfg, current, m)[0] for m in micros)
-        loss.backward()
-        if first_grads is None:
-            first_grads = tree.unflatten({path: t.grad.clone() for path, t in leaves.items()})
-        norm = torch.nn.utils.clip_grad_norm_(list(leaves.values()), clip if clip is not None else float("inf"))
-        opt.step()
-        losses.append(float(loss.detach()))
-        norms.append(float(norm))
-    final = tree.unflatten({path: t.detach().clone() for path, t in leaves.items()})
-    return {"params": params, "grads": first_grads, "losses": losses, "norms": norms, "final": final,
-            "moments": pc._moments(optimizer, opt.state, leaves), "data": batches,
-            "aux": [aux_of(cfg, p, batches[0]) for p in (params, final)]}
+        return sum(_weight(m) / total * models.loss(cfg, current, m)[0] for m in micros)
+
+    out = pc.torch_steps(params, optimizer, batches, loss_of)
+    return {"params": params, **out, "data": batches,
+            "aux": [aux_of(cfg, p, batches[0]) for p in (params, out["final"])]}
 
 
 def aux_of(cfg, params: dict, batch: dict) -> dict[str, float]:

@@ -112,16 +112,24 @@ def reference(config, key, optimizer: str, device: torch.device | str = "cpu") -
     """One process on ``device``, in plain PyTorch: the model's loss, ``backward``,
     ``clip_grad_norm_`` and ``torch.optim`` (AdamW with per-group decay, or SGD). Params at init,
     gradients of step 1, losses, grad norms, final params and optimizer moments."""
-    _, clip = OPTIMIZERS[optimizer]
     init = models.init(config, random.fold_in(key, "params"), device=device)
+    data = batches(config, device=device)
+    return {"params": init, **torch_steps(init, optimizer, data, lambda params, batch: models.loss(config, params, batch)[0]),
+            "data": data}
+
+
+def torch_steps(init: dict, optimizer: str, data: list[dict], loss_of) -> dict:
+    """A step per batch of ``data`` from the params ``init``: ``loss_of(params, batch)``, backward,
+    ``clip_grad_norm_`` and ``torch.optim``. Gradients of step 1, losses, grad norms, final params
+    and optimizer moments."""
+    _, clip = OPTIMIZERS[optimizer]
     leaves = {path: t.clone().requires_grad_(True) for path, t in tree.flatten(init).items()}
     params = tree.unflatten(leaves)
     opt = _torch_optimizer(optimizer, leaves)
-    data = batches(config, device=device)
     losses, norms, first_grads = [], [], None
     for batch in data:
         opt.zero_grad()
-        loss, _ = models.loss(config, params, batch)
+        loss = loss_of(params, batch)
         loss.backward()
         if first_grads is None:
             first_grads = tree.unflatten({path: t.grad.clone() for path, t in leaves.items()})
@@ -130,8 +138,8 @@ def reference(config, key, optimizer: str, device: torch.device | str = "cpu") -
         losses.append(float(loss.detach()))
         norms.append(float(norm))
     final = tree.unflatten({path: t.detach().clone() for path, t in leaves.items()})
-    return {"params": init, "grads": first_grads, "losses": losses, "norms": norms, "final": final,
-            "moments": _moments(optimizer, opt.state, leaves), "data": data}
+    return {"grads": first_grads, "losses": losses, "norms": norms, "final": final,
+            "moments": _moments(optimizer, opt.state, leaves)}
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
