@@ -307,6 +307,20 @@ def layout_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2), device: to
     return report
 
 
+# Accumulation is one code path for every layout: these run it again at 2 micro-batches, where it
+# meets overlap (ZeRO-2/3 buckets across micro-batches, synchronous too) and sequence parallelism.
+ACCUMULATED = ("data4_zero2", "data4_zero3", "data4_zero3_sync", "tensor4_sp", "data2_tensor2_zero3_sp")
+# Tiny Qwen2's tied table and biases under each way the table or the heads are split.
+TIED = ("data4_zero1", "data4_zero3", "tensor4", "tensor4_sp", "data2_tensor2_zero3_sp")
+
+
+def matrix_checks(preset: str, names: tuple[str, ...], accumulated: tuple[str, ...] = ()) -> dict[str, str]:
+    """The LAYOUTS named ``names`` without accumulation, and those named ``accumulated`` with 2."""
+    report = layout_checks(preset, (1,), layouts=[layout for layout in LAYOUTS if layout[0] in names])
+    report.update(layout_checks(preset, (2,), layouts=[layout for layout in LAYOUTS if layout[0] in accumulated]))
+    return report
+
+
 def pipeline_checks(preset: str, grad_accums: tuple[int, ...] = (1, 2)) -> dict[str, str]:
     """The pipeline layouts of this world's size (see PIPELINE_LAYOUTS)."""
     return layout_checks(preset, grad_accums, layouts=PIPELINE_LAYOUTS[dist.get_world_size()])

@@ -2,8 +2,9 @@
 
 Per layout (data=4 at ZeRO 1/2/3; tensor=4 with and without sequence parallelism; data=2 x
 tensor=2 at ZeRO 3, with and without sequence parallelism; communication overlapped with compute,
-as by default, and some layouts again synchronous and with remat), without and (Llama) with
-gradient accumulation:
+as by default, and some layouts again synchronous and with remat), without gradient accumulation
+and (five layouts of tiny Llama) with it; tiny Qwen2 (tied table, biases) on the five layouts that
+split its table or heads differently:
 sharded init equals the slice of the full init bitwise, gradients after step 1 and the losses of 5
 AdamW steps (with clipping) match one process within 1e-5 relative, and each rank holds the bytes
 ``describe`` predicts. See partitioner_checks.py.
@@ -17,11 +18,14 @@ from fastllm.sharding import testing
 pytestmark = pytest.mark.distributed
 
 
-# Tiny Qwen2 (tied embeddings, biases) without accumulation: accumulation is the same code for both.
-@pytest.mark.parametrize("preset, grad_accums", [("tiny-llama", (1, 2)), ("tiny-qwen2", (1,))])
-def test_every_layout_matches_one_process(preset, grad_accums):
-    reports = testing.run(partitioner_checks.layout_checks, 4, preset, grad_accums, timeout_s=400.0)
-    expected = len(partitioner_checks.LAYOUTS) * len(grad_accums)
+EVERY = tuple(layout[0] for layout in partitioner_checks.LAYOUTS)
+
+
+@pytest.mark.parametrize("preset, names, accumulated", [
+    ("tiny-llama", EVERY, partitioner_checks.ACCUMULATED), ("tiny-qwen2", partitioner_checks.TIED, ())])
+def test_every_layout_matches_one_process(preset, names, accumulated):
+    reports = testing.run(partitioner_checks.matrix_checks, 4, preset, names, accumulated, timeout_s=400.0)
+    expected = len(names) + len(accumulated)
     assert all(len(report) == expected for report in reports), "checks did not run"
     assert_all_ok_small(reports)
 

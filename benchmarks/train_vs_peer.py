@@ -1,0 +1,135 @@
+"""One GPU: ``fastllm train RECIPE [overrides]`` beside a peer of the same shape; one JSON line each.
+
+    python benchmarks/train_vs_peer.py recipes/smollm2_135m.py --data DIR train.compile=true
+    python benchmarks/train_vs_peer.py recipes/llama3_8b.py --data DIR model.n_layers=4 mesh.data=1 zero.stage=0 train.batch_size=2
+    python benchmarks/train_vs_peer.py recipes/llama3_8b.py --data DIR model.preset=tiny-llama model.vocab_size=8192 \
+        data.seq_len=128 train.batch_size=4 mesh.data=1 zero.stage=0 optim.warmup_steps=1 --steps 4 --log-every 2 --warmup 1
+                                                                        # CPU smoke test (DIR of vocabulary <= 8192)
+
+``DIR``: tokens prepared by ``fastllm prepare`` (the recipe's tokenizer vocabulary or smaller).
+
+* **fastllm** is the user's path, unchanged: ``python -m fastllm train`` in a subprocess on the
+  recipe with the overrides, ``data.datasets=DIR``, ``--steps`` steps, a metrics line every
+  ``--log-every`` steps, no validation, no sample, no HF export, a fresh run directory. Its numbers
+  are what the Trainer logs (``metrics.jsonl``): tokens/s over each logged window (the first window,
+  which compiles, is left out), MFU, peak memory, losses.
+* **peer** is benchmarks/llama_8b.py's (or, for a mixture of experts, benchmarks/mixtral.py's):
+  transformers' model of the recipe's shape, each decoder layer ``torch.compile``d, FSDP2 with bf16
+  parameters and fp32 reduction, fused AdamW, SDPA; the recipe's micro-batch and sequence length on
+  random tokens, timed by ``llama_8b.measure`` (median of ``--steps`` after ``--warmup``).
+
+Both print tokens/s/GPU, step time, MFU (``fastllm.models.flops_per_token``, DESIGN.md, against
+989 TFLOP/s), peak memory and first and last loss, so that one call compares them on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+# Python put this script's folder first on sys.path: benchmarks/kernels.py would then stand for the
+# ``kernels`` package that transformers looks for.
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+
+QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_every=0", "train.checkpoint_minutes=0",
+         "run.progress=off", "run.resume=false", "run.export_hf=false", "sample.prompt=", "sample.max_new_tokens=0"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value, as fastllm train takes them")
+    parser.add_argument("--data", required=True, help="prepared tokens (fastllm prepare)")
+    parser.add_argument("--system", choices=("fastllm", "peer", "both"), default="both")
+    parser.add_argument("--steps", type=int, default=40, help="steps of each system (fastllm: in all)")
+    parser.add_argument("--log-every", type=int, default=10, help="fastllm's metrics window")
+    parser.add_argument("--warmup", type=int, default=3, help="the peer's unmeasured first steps")
+    return parser.parse_args(argv)
+
+
+def fastllm_run(args) -> dict:
+    """``fastllm train`` as a user runs it; the numbers its metrics log holds."""
+    run_dir = Path(tempfile.mkdtemp(prefix="train_vs_peer-"))
+    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *args.overrides, f"data.datasets={args.data}",
+               f"train.steps={args.steps}", f"train.log_every={args.log_every}", *QUIET, f"run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    logged = [r for r in records if "tokens_per_s" in r]
+    timed = logged[1:] or logged  # the first window compiles
+    tokens_per_s = statistics.median(r["tokens_per_s"] for r in timed)
+    config = json.loads((run_dir / "config.json").read_text())
+    world = config["mesh"]["data"] * config["mesh"]["tensor"] * config["mesh"]["pipe"]
+    step_tokens = config["train"]["batch_size"] * config["data"]["seq_len"]
+    out = {"tokens_per_s_per_gpu": round(tokens_per_s / world, 1), "step_time_s": round(step_tokens / tokens_per_s, 4),
+           "mfu": round(statistics.median(r["mfu"] for r in timed), 4) if "mfu" in timed[0] else None,
+           "peak_memory_gib": round(max((r.get("memory_gib") or 0) for r in logged), 2) or None,
+           "first_loss": logged[0]["loss"], "last_loss": logged[-1]["loss"], "windows": len(timed),
+           "command": " ".join(command[1:])}
+    return out
+
+
+def _sibling(name: str):
+    """benchmarks/<name>.py as a module (its folder is not on sys.path, see above)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", HERE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def peer_run(args) -> dict:
+    """The peer of the recipe's shape (one process)."""
+    import torch.distributed as dist
+
+    from fastllm.config import load_recipe
+
+    llama_8b = _sibling("llama_8b")
+
+    _, config = load_recipe(args.recipe, args.overrides)
+    model_config, seq_len = config.model_config, config.data.seq_len
+    bench = SimpleNamespace(micro_batch=config.train.micro_batch(1), seq_len=seq_len, steps=args.steps,
+                            warmup=args.warmup, sync_every=1, lr=config.optim.lr, compile=True, peer_ac=False,
+                            profile=None)
+    device = llama_8b.setup()
+    try:
+        if model_config.moe is not None:
+            mixtral = _sibling("mixtral")
+            build = lambda: mixtral.build_peer(bench, config, device)[0]  # noqa: E731
+        elif model_config.family == "llama":
+            build = lambda: llama_8b.build_peer_step(bench, model_config, device)  # noqa: E731
+        else:
+            raise ValueError(f"no peer here for the {model_config.family} family (llama and mixtral shapes)")
+        out = llama_8b.measure("peer", build, bench, model_config, device)
+    finally:
+        dist.destroy_process_group()
+    losses = out.pop("losses")
+    return {**out, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("FASTLLM_TYPECHECK", "0")
+    failed = False
+    for system in ("fastllm", "peer") if args.system == "both" else (args.system,):
+        try:
+            fields = fastllm_run(args) if system == "fastllm" else peer_run(args)
+        except Exception as error:  # noqa: BLE001 - report, go on with the other system
+            fields = {"error": f"{type(error).__name__}: {error}"}
+        failed |= "error" in fields
+        print(json.dumps({"system": system, "recipe": args.recipe, "overrides": args.overrides, **fields}), flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
