@@ -71,13 +71,15 @@ def test_pipeline_trainer_matches_one_process_and_resumes_on_other_pipe_sizes(tm
     testing.run(trainer_checks.train, 2, base, [f"run.dir={stopped}", "mesh.pipe=2"], 2, timeout_s=300.0)
     for name in ("resumed2", "resumed1", "resumed4"):
         shutil.copytree(stopped, tmp_path / name)
-    resumed2 = testing.run(trainer_checks.train, 2, base, [f"run.dir={tmp_path}/resumed2", "mesh.pipe=2"],
-                           timeout_s=300.0)
+    resumed2 = testing.run(trainer_checks.resume, 2, base, [f"run.dir={tmp_path}/resumed2", "mesh.pipe=2"],
+                           timeout_s=300.0)[0]
+    resumed1 = trainer_checks.resume(base, [f"run.dir={tmp_path}/resumed1"])
+    resumed4 = testing.run(trainer_checks.resume, 4, base, [f"run.dir={tmp_path}/resumed4", "mesh.pipe=4"],
+                           timeout_s=300.0)[0]
+    for losses, trained in (resumed2, resumed1, resumed4):
+        assert trained == [3, 4]  # restored step 2, not trained afresh
     assert resumed2[0] == pipe2[0]
-    resumed1 = trainer_checks.train(base, [f"run.dir={tmp_path}/resumed1"])
-    resumed4 = testing.run(trainer_checks.train, 4, base, [f"run.dir={tmp_path}/resumed4", "mesh.pipe=4"],
-                           timeout_s=300.0)
-    assert resumed1 == pytest.approx(pipe2[0], rel=1e-5)
+    assert resumed1[0] == pytest.approx(pipe2[0], rel=1e-5)
     assert resumed4[0] == pytest.approx(pipe2[0], rel=1e-5)
     # What `run.export_hf` exports: the pipelined run's checkpoint assembled in one process.
     exported = checkpointing.load_model(tmp_path / "pipe2")[1]

@@ -19,6 +19,13 @@ def train(config, overrides: list[str], stop_at=None) -> list[float]:
     return losses(Path(config.run.dir)) if (Path(config.run.dir) / "metrics.jsonl").exists() else []
 
 
+def resume(config, overrides: list[str]) -> tuple[list[float], list[int]]:
+    """(the losses of the run's whole log, the steps this run trained: those after its checkpoint)."""
+    config = apply_overrides(config, overrides)
+    result = Trainer(config).run()
+    return losses(Path(config.run.dir)), [r["step"] for r in result.history if "loss" in r]
+
+
 def interrupted_and_resumed(config, overrides: list[str]) -> tuple[list[float], list[float], list[int]]:
     """(losses of an uninterrupted run, losses of a run stopped after step 2 and resumed, the steps
     the resumed run trained: those after the checkpoint it restored)."""
