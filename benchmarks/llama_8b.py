@@ -348,21 +348,33 @@ def main(argv=None) -> int:
             fields.update(zero_stage=args.zero_stage, overlap=args.overlap, transport=args.transport, bucket_mib=args.bucket_mib,
                           remat=args.remat, compile_blocks=args.compile_blocks)
         fields["sdpa"] = args.sdpa
-        try:
+
+        def run(name=name) -> dict:
             with sdpa_preference(args.sdpa):
-                fields.update(measure(name, builders[name], args, config, device))
-        except Exception as error:  # noqa: BLE001 - report and go on with the other system
-            failed = True
-            fields["error"] = f"{type(error).__name__}: {error}"
-            if dist.get_rank() == 0:
-                traceback.print_exc()
-        if dist.get_rank() == 0:
-            print(json.dumps(fields), flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+                return measure(name, builders[name], args, config, device)
+
+        failed |= not report(fields, run, device)
     dist.destroy_process_group()
     return 1 if failed else 0
+
+
+def report(fields: dict, run: Callable[[], dict], device: torch.device, *, every_rank_traceback: bool = False) -> bool:
+    """``fields`` plus what ``run()`` measured (or its error) as one JSON line from rank 0, then the
+    memory freed for the next system; False when it failed."""
+    ok = True
+    try:
+        fields.update(run())
+    except Exception as error:  # noqa: BLE001 - report and go on with the other system
+        ok = False
+        fields["error"] = f"{type(error).__name__}: {error}"
+        if every_rank_traceback or dist.get_rank() == 0:
+            traceback.print_exc()
+    if dist.get_rank() == 0:
+        print(json.dumps(fields), flush=True)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return ok
 
 
 if __name__ == "__main__":

@@ -27,11 +27,8 @@ per data rank (fastllm's tensor ranks share theirs: tokens/s/GPU divides by the 
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
-import json
 import sys
-import traceback
 from pathlib import Path
 
 import torch
@@ -182,20 +179,13 @@ def main(argv=None) -> int:
                 args, config, device)
             return step
 
-        try:
-            ranks_per_batch = config.mesh.tensor if name == "fastllm" else 1
-            fields.update(common.measure(
-                name, build, args, model_config, device, ranks_per_batch=ranks_per_batch,
-                batch=lambda i: rows_for(i, built["data_rank"], args, model_config.vocab_size, device)))
-        except Exception as error:  # noqa: BLE001 - report and go on with the other system
-            failed = True
-            fields["error"] = f"{type(error).__name__}: {error}"
-            traceback.print_exc()  # every rank: the first to fail is the one to read
-        if dist.get_rank() == 0:
-            print(json.dumps(fields), flush=True)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        def run(name=name, build=build) -> dict:
+            return common.measure(
+                name, build, args, model_config, device, ranks_per_batch=config.mesh.tensor if name == "fastllm" else 1,
+                batch=lambda i: rows_for(i, built["data_rank"], args, model_config.vocab_size, device))
+
+        # every rank's traceback: the first to fail is the one to read
+        failed |= not common.report(fields, run, device, every_rank_traceback=True)
     dist.destroy_process_group()
     return 1 if failed else 0
 

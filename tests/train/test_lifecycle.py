@@ -12,7 +12,6 @@ import signal
 import threading
 import time
 
-import pytest
 import torch
 import torch.distributed as dist
 
