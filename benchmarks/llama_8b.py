@@ -65,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="peer without torch.compile")
     parser.add_argument("--peer-ac", action="store_true", help="activation checkpointing per peer layer")
+    parser.add_argument("--peer-loss", choices=("ce", "flce"), default="ce",
+                        help="the peer's loss: logits then cross-entropy, or Liger's fused linear cross-entropy")
     parser.add_argument("--zero-stage", type=int, default=3, help="fastllm ZeRO stage (default 3)")
     parser.add_argument("--no-overlap", dest="overlap", action="store_false",
                         help="fastllm with synchronous collectives (default: reduction overlapped with "
@@ -132,6 +134,12 @@ def build_peer_step(args, config, device: torch.device) -> StepFn:
 
     fields = by_family(config.family).mapping.config_to_hf(config)
     hf_config = LlamaConfig(**fields, use_cache=False, attn_implementation="sdpa")
+    fused_loss = getattr(args, "peer_loss", "ce") == "flce"
+    if fused_loss:  # Liger patches LlamaForCausalLM's forward: the loss from hidden states, no logits
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+        apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,
+                                    fused_linear_cross_entropy=True)
     with torch.device("meta"):
         model = LlamaForCausalLM(hf_config)
     layers = model.model.layers
@@ -154,8 +162,11 @@ def build_peer_step(args, config, device: torch.device) -> StepFn:
                                   fused=device.type == "cuda")
 
     def step(batch: dict) -> torch.Tensor:
-        logits = model(input_ids=batch["tokens"]).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
+        if fused_loss:
+            loss = model(input_ids=batch["tokens"], shift_labels=batch["targets"]).loss
+        else:
+            logits = model(input_ids=batch["tokens"]).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["targets"].flatten())
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -343,7 +354,7 @@ def main(argv=None) -> int:
     for name in systems:
         fields = {**common_fields(args, config, device), "system": name}
         if name == "peer":
-            fields.update(compile=args.compile, activation_checkpointing=args.peer_ac)
+            fields.update(compile=args.compile, activation_checkpointing=args.peer_ac, loss=args.peer_loss)
         else:
             fields.update(zero_stage=args.zero_stage, overlap=args.overlap, transport=args.transport, bucket_mib=args.bucket_mib,
                           remat=args.remat, compile_blocks=args.compile_blocks)

@@ -13,8 +13,9 @@ Mixtral recipe, its experts spread over ranks, beside a transformers-Mixtral pee
   here feeds the peer's tokens and skips the run's final checkpoint, ~37 GB at this size).
   Parameters are random normals drawn on the GPU (an exact init draws on the CPU: minutes here).
   ``--compile-blocks`` compiles each decoder block.
-* **peer**: transformers' ``MixtralForCausalLM`` of the same config (its experts a loop over the
-  experts present, every expert on every rank), each decoder layer ``torch.compile``d and then
+* **peer**: transformers' ``MixtralForCausalLM`` of the same config (its experts one grouped
+  matmul, ``experts_implementation="grouped_mm"``, or with ``--peer-experts eager`` its loop over
+  the experts present; every expert on every rank), each decoder layer ``torch.compile``d and then
   FSDP2-sharded over the world (torchtitan's order) with bf16 compute and fp32 reduction, SDPA
   attention, ``torch.optim.AdamW`` (fused on GPU), its router load-balancing loss
   (``output_router_logits``) added with the recipe's coefficient as fastllm adds its own.
@@ -59,6 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sync-every", type=int, default=1, metavar="K")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="peer without torch.compile")
+    parser.add_argument("--peer-experts", choices=("grouped_mm", "eager"), default="grouped_mm",
+                        help="the peer's expert forward: transformers' grouped matmul, or its loop over experts")
     parser.add_argument("--no-remat", dest="remat", action="store_false", help="fastllm without recomputation")
     parser.add_argument("--compile-blocks", action="store_true", help="fastllm compiles each decoder block")
     parser.add_argument("--profile", default=None, metavar="DIR")
@@ -132,7 +135,8 @@ def build_peer(args, config, device: torch.device):
 
     model_config = config.model_config
     fields = by_family("mixtral").mapping.config_to_hf(model_config)
-    hf_config = MixtralConfig(**fields, use_cache=False, attn_implementation="sdpa")
+    hf_config = MixtralConfig(**fields, use_cache=False, attn_implementation="sdpa",
+                              experts_implementation=args.peer_experts)
     with torch.device("meta"):
         model = MixtralForCausalLM(hf_config)
     layers = model.model.layers
@@ -169,7 +173,7 @@ def main(argv=None) -> int:
     for name in systems:
         fields = {**common.common_fields(args, model_config, device), "preset": "tiny-mixtral" if args.tiny else
                   "mixtral-8x7b", "system": name}
-        fields.update(compile=args.compile) if name == "peer" else fields.update(
+        fields.update(compile=args.compile, experts=args.peer_experts) if name == "peer" else fields.update(
             mesh={"data": config.mesh.data, "tensor": config.mesh.tensor}, experts=config.mesh.rules["experts"],
             zero_stage=config.zero.stage, remat=args.remat, compile_blocks=args.compile_blocks)
         built = {}

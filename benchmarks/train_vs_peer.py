@@ -54,7 +54,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=40, help="steps of each system (fastllm: in all)")
     parser.add_argument("--log-every", type=int, default=10, help="fastllm's metrics window")
     parser.add_argument("--warmup", type=int, default=3, help="the peer's unmeasured first steps")
-    return parser.parse_args(argv)
+    parser.add_argument("--peer-loss", default="ce", help="the dense peer's losses, comma-separated: ce (logits, "
+                        "then cross-entropy), flce (Liger's fused linear cross-entropy); each is one peer run")
+    return parser.parse_intermixed_args(argv)
 
 
 def fastllm_run(args) -> dict:
@@ -88,8 +90,8 @@ def _sibling(name: str):
     return module
 
 
-def peer_run(args) -> dict:
-    """The peer of the recipe's shape (one process)."""
+def peer_run(args, loss: str = "ce") -> dict:
+    """The peer of the recipe's shape (one process); ``loss`` as ``--peer-loss`` names it."""
     import torch.distributed as dist
 
     from fastllm.config import load_recipe
@@ -100,7 +102,7 @@ def peer_run(args) -> dict:
     model_config, seq_len = config.model_config, config.data.seq_len
     bench = SimpleNamespace(micro_batch=config.train.micro_batch(1), seq_len=seq_len, steps=args.steps,
                             warmup=args.warmup, sync_every=1, lr=config.optim.lr, compile=True, peer_ac=False,
-                            profile=None)
+                            peer_loss=loss, peer_experts="grouped_mm", profile=None)
     device = llama_8b.setup()
     try:
         if model_config.moe is not None:
@@ -121,9 +123,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("FASTLLM_TYPECHECK", "0")
     failed = False
-    for system in ("fastllm", "peer") if args.system == "both" else (args.system,):
+    peers = [("peer", loss) for loss in args.peer_loss.split(",")]
+    for system, loss in [("fastllm", None), *peers] if args.system == "both" else (
+            peers if args.system == "peer" else [("fastllm", None)]):
         try:
-            fields = fastllm_run(args) if system == "fastllm" else peer_run(args)
+            fields = fastllm_run(args) if system == "fastllm" else {"loss": loss, **peer_run(args, loss)}
         except Exception as error:  # noqa: BLE001 - report, go on with the other system
             fields = {"error": f"{type(error).__name__}: {error}"}
         failed |= "error" in fields

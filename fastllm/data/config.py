@@ -72,6 +72,10 @@ class DataConfig:
     split_seed: int = 0
     split_long_documents: bool = True  # False: truncate documents to seq_len tokens
     mask_cross_document_loss: bool = False  # ignore the target that crosses into the next document
+    # True: a token attends only within its document (segment ids; positions restart at each one;
+    # FlexAttention). False: a row is one stream, plain causal attention over all of it (the fused
+    # SDPA kernel; what Megatron does by default and what the peers of benchmarks/ do).
+    document_attention: bool = True
     prefetch: int = 4  # micro-batches prepared ahead by a background thread; 0: none
     pin_memory: bool = False  # page-locked batches (faster host-to-GPU copies), CUDA only
     vocab_size: Optional[int] = None  # the model's: datasets tokenized with a larger vocabulary are refused

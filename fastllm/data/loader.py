@@ -58,7 +58,8 @@ def build_split(config: DataConfig, split: str = "train") -> tuple[list[PackedSe
             docs = train if split == "train" else validation
         packed.append(PackedSequences(dataset, docs, config.seq_len, random.fold_in(root, "dataset", index),
                                       split_long_documents=config.split_long_documents,
-                                      mask_cross_document_loss=config.mask_cross_document_loss))
+                                      mask_cross_document_loss=config.mask_cross_document_loss,
+                                      document_attention=config.document_attention))
     return packed, Blend([s.weight for s in specs], root, config.blend_block_size)
 
 

@@ -10,7 +10,8 @@ read any row without reading what came before.
 Document boundaries are kept: ``segment_ids`` numbers the documents inside a row from 0 and
 ``positions`` restarts at 0 where each one starts, so attention can be restricted to a document
 (varlen attention) and, with ``mask_cross_document_loss``, the target that crosses from one
-document's EOS into the next document is ignored. Long documents are split across rows, or with
+document's EOS into the next document is ignored. With ``document_attention=False`` a row is one
+stream: no ``segment_ids`` or ``positions`` (plain causal attention, positions 0..L-1). Long documents are split across rows, or with
 ``split_long_documents=False`` truncated to L tokens before packing. A dataset prepared with a loss
 mask (SFT) ignores targets whose token is outside the mask, i.e. prompt tokens.
 """
@@ -40,12 +41,14 @@ class PackedSequences:
     """Rows of ``seq_len`` tokens packed from the documents ``doc_ids`` of ``dataset``."""
 
     def __init__(self, dataset: TokenDataset, doc_ids: np.ndarray, seq_len: int, key: random.Key, *,
-                 split_long_documents: bool = True, mask_cross_document_loss: bool = False):
+                 split_long_documents: bool = True, mask_cross_document_loss: bool = False,
+                 document_attention: bool = True):
         self.dataset = dataset
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.seq_len = seq_len
         self.key = key
         self.mask_cross_document_loss = mask_cross_document_loss
+        self.document_attention = document_attention
         lengths = dataset.lengths[self.doc_ids]
         self.lengths = lengths if split_long_documents else np.minimum(lengths, seq_len)
         total = int(self.lengths.sum())
@@ -101,5 +104,7 @@ class PackedSequences:
         loss_mask: Optional[np.ndarray] = np.concatenate(masks) if masks[0] is not None else None
         if loss_mask is not None:
             targets[loss_mask[1:] == 0] = IGNORE_INDEX  # prompt tokens are never targets
+        if not self.document_attention:
+            return {"tokens": stream[:-1], "targets": targets}
         return {"tokens": stream[:-1], "targets": targets, "positions": positions[:-1],
                 "segment_ids": segments[:-1]}

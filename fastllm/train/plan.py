@@ -192,10 +192,12 @@ class _FlashSaved(torch.autograd.Function):
         raise NotImplementedError
 
 
-def dry_batch(micro: int, seq_len: int, device: str | torch.device = "meta") -> dict[str, torch.Tensor]:
-    """A micro-batch of token ids (zeros) of the shape one forward takes."""
+def dry_batch(micro: int, seq_len: int, device: str | torch.device = "meta",
+              documents: bool = True) -> dict[str, torch.Tensor]:
+    """A micro-batch of token ids (zeros) of the shape one forward takes (``documents``: with
+    segment ids, as ``data.document_attention`` sends them)."""
     tokens = torch.zeros((micro, seq_len), dtype=torch.long, device=device)
-    return {"tokens": tokens, "targets": tokens, "segment_ids": tokens}
+    return {"tokens": tokens, "targets": tokens, **({"segment_ids": tokens} if documents else {})}
 
 
 # Ops whose Triton kernels run on meta tensors: their outputs are allocated before the launch, which
@@ -243,8 +245,9 @@ def plan_layout(config: Config, model: Optional[nn.Model] = None, *, target: str
         traced.append((start, len(trace)))
         return out
 
+    sample = dry_batch(micro, config.data.seq_len, documents=config.data.document_attention)
     with _FusedAttention():
-        nn.run(model, params, dry_batch(micro, config.data.seq_len), layout=layout, call=call)
+        nn.run(model, params, sample, layout=layout, call=call)
     if m.pipe == 1:
         return LayoutReport(mesh, plan, partitioner.describe(model), micro, accum, tuple(trace),
                             Activations(tuple(saved.parts)))

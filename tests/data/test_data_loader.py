@@ -36,6 +36,18 @@ def test_batch_layout(prepared_datasets):
                        batch["tokens"][:, 1:][batch["targets"][:, :-1] != -100])
 
 
+def test_rows_are_one_stream_without_document_attention(prepared_datasets):
+    """``document_attention=False``: the same tokens and targets, no segment ids or positions, so the
+    model attends causally over the whole row (the plain SDPA path) with positions 0..L-1."""
+    documents, stream = (make_loader(config(prepared_datasets, document_attention=flag), micro_batch_size=3)
+                         for flag in (True, False))
+    a, b = next(documents), next(stream)
+    documents.close(), stream.close()
+    assert set(b) == {"tokens", "targets"}
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["targets"], b["targets"])
+    assert int(a["segment_ids"].max()) > 0  # the rows do cross documents: the flag changes attention
+
+
 @pytest.mark.parametrize("dp_size", [2, 4])
 def test_ranks_partition_the_single_rank_stream(prepared_datasets, dp_size):
     global_batch, micro = 8, 2
