@@ -77,7 +77,9 @@ class DataConfig:
     # SDPA kernel; what Megatron does by default and what the peers of benchmarks/ do).
     document_attention: bool = True
     prefetch: int = 4  # micro-batches prepared ahead by a background thread; 0: none
-    pin_memory: bool = False  # page-locked batches (faster host-to-GPU copies), CUDA only
+    # page-locked batches where CUDA is present: a copy from pageable memory first waits for the
+    # GPU to drain its stream, so each step's batch copy would stall the host once per step
+    pin_memory: bool = True
     vocab_size: Optional[int] = None  # the model's: datasets tokenized with a larger vocabulary are refused
     verify: bool = False  # re-hash shards and check every id when opening (slow on large data)
     blend_block_size: int = 4096

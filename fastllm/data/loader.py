@@ -85,8 +85,9 @@ class Loader:
         return np.arange(start, start + self.micro_batch_size, dtype=np.int64)
 
     def batch(self, step: int, micro_step: int = 0) -> Batch:
-        """Random access to any micro-batch: {"tokens", "targets", "positions", "segment_ids"},
-        int64 [micro_batch_size, seq_len]; targets hold -100 where the loss must skip."""
+        """Random access to any micro-batch: {"tokens", "targets", "positions", "segment_ids"} (the
+        last two with ``document_attention`` only), int64 [micro_batch_size, seq_len]; targets hold
+        -100 where the loss must skip."""
         datasets, within = self.blend.locate(self.sample_indices(step, micro_step))
         rows = [self.packed[d].row(int(i)) for d, i in zip(datasets, within)]
         batch = {name: torch.from_numpy(np.stack([row[name] for row in rows])) for name in rows[0]}
