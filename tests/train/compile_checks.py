@@ -84,12 +84,14 @@ def single_device() -> dict:
 
 def distributed_rank() -> dict:
     """On 2 gloo ranks, compiled blocks under remat and grad_accum=2 give the eager gradients:
-    data=2 at ZeRO-3 (gathers and prefetch stay eager around the compiled block) and tensor=2 with
-    sequence parallelism (the collectives run eagerly between compiled pieces: graph breaks)."""
+    data=2 at ZeRO-3 (gathers and prefetch stay eager around the compiled block), tensor=2 with
+    sequence parallelism (the collectives run eagerly between compiled pieces: graph breaks) and
+    pipe=2 under 1F1B (each stage compiles its own block; sends and receives stay outside)."""
     config = models.preset("tiny-llama")
     report = {}
     for name, sizes, options in (("data2_zero3", dict(data=2), dict(zero_stage=3)),
-                                 ("tensor2_sp", dict(tensor=2), dict(rules=COMPUTE_RULES.replace("seq", "tensor")))):
+                                 ("tensor2_sp", dict(tensor=2), dict(rules=COMPUTE_RULES.replace("seq", "tensor"))),
+                                 ("pipe2", dict(pipe=2), {})):
         mesh = Mesh(**{"data": 1, "tensor": 1, **sizes})
         eager_grads, eager_loss = _gradients(config, mesh, False, True, **options)
         counters.clear()

@@ -40,12 +40,13 @@ def test_a_graph_break_inside_attention_leaves_two_graphs_per_block():
 
 
 @pytest.mark.distributed
-def test_zero3_and_sequence_parallel_gradients_equal_eager():
+def test_zero3_sequence_parallel_and_pipeline_gradients_equal_eager():
     for rank in run_checks("distributed"):
         # ZeRO-3: gathers stay outside, the block is one graph. tensor=2 + SP: the collectives run
         # eagerly, so dynamo splits the block at them (4 moves a block: pieces between them)
         assert rank["data2_zero3"] == {"graph_breaks": 0, "unique_graphs": 1}, rank
         assert rank["tensor2_sp"]["graph_breaks"] >= 4 and rank["tensor2_sp"]["unique_graphs"] >= 5, rank
+        assert rank["pipe2"] == {"graph_breaks": 0, "unique_graphs": 1}, rank  # the stage's one block
 
 
 def test_compiled_parts_refuse_the_typecheck_hook(monkeypatch):
