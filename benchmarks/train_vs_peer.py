@@ -42,6 +42,7 @@ ROOT = HERE.parent
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 
 QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_every=0", "train.checkpoint_minutes=0",
+         "train.final_checkpoint=false",
          "run.progress=off", "run.resume=false", "run.export_hf=false", "sample.prompt=", "sample.max_new_tokens=0"]
 
 

@@ -100,6 +100,7 @@ class TrainSection:
     checkpoint_minutes: float = 10.0  # also checkpoint when this much time passed since the last one; 0: off
     async_checkpoint: bool = False  # write checkpoints in a background thread from a host copy of the state
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    final_checkpoint: bool = True  # checkpoint when the run ends; false: only the ones above (benchmarks)
     max_bad_steps: int = 10  # stop after this many steps in a row with a non-finite loss or gradient (each is skipped)
 
     def __post_init__(self):

@@ -278,13 +278,14 @@ class Trainer:
                 if self.val_data is not None and _due(step, cfg.train.eval_every, last):
                     result.history.append(log.write({"step": step, "val_loss": self.evaluate(state.params)}))
                 decision = control.after_step()
-                if _due(step, cfg.train.checkpoint_every, last) or decision.checkpoint or decision.stop:
+                periodic = _due(step, cfg.train.checkpoint_every, last) and (step != last or cfg.train.final_checkpoint)
+                if periodic or decision.checkpoint or decision.stop:
                     self.save(state)
                     control.saved()
                     saved_at = step
                 if decision.stop:
                     break
-            if result.stopped is None and saved_at != state.step:
+            if result.stopped is None and saved_at != state.step and cfg.train.final_checkpoint:
                 self.save(state)
             path = self._writer.wait()
             if decision is not None and decision.stop:

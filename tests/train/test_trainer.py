@@ -62,6 +62,12 @@ def test_metrics_log_validation_and_final_checkpoint(tmp_path, dataset):
     assert saved["train"]["batch_size"] == 4 and (tmp_path / "tokenizer.json").is_file()
 
 
+def test_no_final_checkpoint_when_asked(tmp_path, dataset):
+    config = make_config(tmp_path, dataset, checkpoint_every=4, checkpoint_minutes=0.0, final_checkpoint=False)
+    Trainer(config).run()
+    assert checkpointing.latest(tmp_path).name == "step-00000004"  # the periodic one, not step 6
+
+
 def test_resume_is_bitwise_exact(tmp_path, dataset):
     whole = tmp_path / "whole"
     Trainer(make_config(whole, dataset)).run()
