@@ -134,8 +134,9 @@ def build_peer_step(args, config, device: torch.device) -> StepFn:
 
     fields = by_family(config.family).mapping.config_to_hf(config)
     hf_config = LlamaConfig(**fields, use_cache=False, attn_implementation="sdpa")
-    fused_loss = getattr(args, "peer_loss", "ce") == "flce"
-    if fused_loss:  # Liger patches LlamaForCausalLM's forward: the loss from hidden states, no logits
+    fused_loss = args.peer_loss == "flce"
+    if fused_loss:  # Liger patches LlamaForCausalLM's forward (for the whole process): the loss from
+        # hidden states, no logits; called without labels (a "ce" peer after it) it still gives logits
         from liger_kernel.transformers import apply_liger_kernel_to_llama
 
         apply_liger_kernel_to_llama(rope=False, rms_norm=False, swiglu=False, cross_entropy=False,

@@ -11,9 +11,10 @@ Document boundaries are kept: ``segment_ids`` numbers the documents inside a row
 ``positions`` restarts at 0 where each one starts, so attention can be restricted to a document
 (varlen attention) and, with ``mask_cross_document_loss``, the target that crosses from one
 document's EOS into the next document is ignored. With ``document_attention=False`` a row is one
-stream: no ``segment_ids`` or ``positions`` (plain causal attention, positions 0..L-1). Long documents are split across rows, or with
-``split_long_documents=False`` truncated to L tokens before packing. A dataset prepared with a loss
-mask (SFT) ignores targets whose token is outside the mask, i.e. prompt tokens.
+stream: no ``segment_ids`` or ``positions`` (plain causal attention, positions 0..L-1). Long
+documents are split across rows, or with ``split_long_documents=False`` truncated to L tokens
+before packing. A dataset prepared with a loss mask (SFT) ignores targets whose token is outside
+the mask, i.e. prompt tokens.
 """
 
 from __future__ import annotations
@@ -97,14 +98,14 @@ class PackedSequences:
             raise ShardError(f"{self.dataset.path}: row {index} holds token id {int(stream.max())}, but the "
                              f"model's vocab_size is {limit}; the data changed after prepare (corrupt shard?)")
         segments = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-        positions = np.arange(len(stream), dtype=np.int64) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
         targets = stream[1:].copy()
         if self.mask_cross_document_loss:
             targets[segments[1:] != segments[:-1]] = IGNORE_INDEX
         loss_mask: Optional[np.ndarray] = np.concatenate(masks) if masks[0] is not None else None
         if loss_mask is not None:
             targets[loss_mask[1:] == 0] = IGNORE_INDEX  # prompt tokens are never targets
-        if not self.document_attention:
-            return {"tokens": stream[:-1], "targets": targets}
-        return {"tokens": stream[:-1], "targets": targets, "positions": positions[:-1],
-                "segment_ids": segments[:-1]}
+        arrays = {"tokens": stream[:-1], "targets": targets}
+        if self.document_attention:
+            positions = np.arange(len(stream), dtype=np.int64) - np.repeat(np.cumsum([0] + sizes[:-1]), sizes)
+            arrays.update(positions=positions[:-1], segment_ids=segments[:-1])
+        return arrays
