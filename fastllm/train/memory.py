@@ -12,9 +12,10 @@ axis' gradient reduction and ZeRO gathers, which run outside the model's operati
 
 Temporary buffers are what a step needs beyond the saved activations at its peak: the backward's
 working buffers (:meth:`fastllm.train.plan.Activations.peak_bytes`), the compute-dtype copy of
-the parameters under bf16/fp16, a micro-batch's fresh gradients before they are added to the
-accumulated ones (``grad_accum > 1``), and under ZeRO 3 the gathered parameters of the two largest
-parts (one in use, one prefetched). tests/train/test_memory_plan.py checks the total against the
+the parameters under bf16/fp16, under accumulation (``grad_accum > 1``) one fresh fp32 gradient
+as large as the largest parameter (autograd adds each leaf's fresh gradient into the accumulated one
+as soon as it is computed, so no more than one is alive at a time), and under ZeRO 3 the gathered
+parameters of the two largest parts (one in use, one prefetched). tests/train/test_memory_plan.py checks the total against the
 peak of the CPU allocations of real steps (torch's memory profiler).
 
 The ranking of layouts is by an estimated step time: model FLOPs at ``ASSUMED_MFU`` of the peak
@@ -125,8 +126,8 @@ def _temporaries(config: Config, report: LayoutReport) -> int:
     params = report.description.totals["params"]
     if config.train.precision != "fp32":
         temp += params // 4 * dtype_size  # fp32 masters cast to the compute dtype
-    if report.grad_accum > 1:
-        temp += report.description.totals["grads"]  # a micro-batch's gradients before they are accumulated
+    if report.grad_accum > 1:  # one leaf's fresh gradient at a time, added in place (module docstring)
+        temp += max(_whole_numels(config, report).values()) * 4
     if config.zero.stage == 3 and report.mesh.size("data") > 1:
         temp += sum(sorted(_part_bytes(config, report, dtype_size))[-2:])
     return temp

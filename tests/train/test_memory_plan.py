@@ -79,25 +79,32 @@ def _config(overrides: tuple[str, ...]) -> Config:
 
 
 ACCUMULATION = ("train.batch_size=8", "train.micro_batch_size=4")
+# Weights dominate: a plan that kept a whole micro-batch's gradients beside the accumulated ones
+# (autograd adds each leaf's fresh gradient in place, one at a time) is 10% over here.
+WIDE_ACCUMULATION = ("train.batch_size=4", "train.micro_batch_size=2")
 
 
 @pytest.mark.parametrize("overrides", [
     (), ("train.remat=block",), ("train.precision=bf16",), ACCUMULATION,
-    tuple(WIDE), (*WIDE, "train.precision=bf16"), (*WIDE, "train.remat=block"),
-], ids=["fp32", "remat", "bf16", "accumulation", "wide", "wide-bf16", "wide-remat"])
+    tuple(WIDE), (*WIDE, "train.precision=bf16"), (*WIDE, "train.remat=block"), (*WIDE, *WIDE_ACCUMULATION),
+], ids=["fp32", "remat", "bf16", "accumulation", "wide", "wide-bf16", "wide-remat", "wide-accumulation"])
 def test_plan_matches_cpu_allocations_of_a_step(overrides):
     plan = plan_memory(_config(overrides), target="cpu")
     measured = measured_step_peak(overrides)
     assert abs(plan.total - measured) <= 0.08 * measured, f"planned {plan.total:,} B {plan.rows()}, measured {measured:,} B"
 
 
-@pytest.mark.parametrize("change", [("train.precision=bf16",), ACCUMULATION], ids=["bf16", "accumulation"])
-def test_what_a_setting_adds_matches_the_measurement(change):
-    """bf16 halves the activations and adds a compute copy of the weights; accumulation keeps a
-    micro-batch's gradients beside the accumulated ones: the plan's difference is the CPU's."""
-    planned = plan_memory(_config(change), target="cpu").total - plan_memory(BASE, target="cpu").total
-    measured = measured_step_peak(change) - measured_step_peak(())
-    assert abs(planned - measured) <= 0.03 * measured_step_peak(()), f"planned {planned:+,} B, measured {measured:+,} B"
+@pytest.mark.parametrize("base, change", [((), ("train.precision=bf16",)), (tuple(WIDE), WIDE_ACCUMULATION)],
+                         ids=["bf16", "accumulation"])
+def test_what_a_setting_adds_matches_the_measurement(base, change):
+    """bf16 halves the activations and adds a compute copy of the weights; accumulation adds one
+    leaf's fresh gradient at a time into the accumulated ones: the plan's difference is the CPU's.
+    Accumulation is checked where the weights dominate: where activations do, the step without it
+    peaks early in the backward, before most gradients exist, and the plan's sum of rows (gradients
+    included) is an upper bound of that peak, so the difference says nothing of the new term."""
+    planned = plan_memory(_config((*base, *change)), target="cpu").total - plan_memory(_config(base), target="cpu").total
+    measured = measured_step_peak((*base, *change)) - measured_step_peak(base)
+    assert abs(planned - measured) <= 0.03 * measured_step_peak(base), f"planned {planned:+,} B, measured {measured:+,} B"
 
 
 def test_meta_dry_run_saves_what_autograd_saves_on_cpu():
