@@ -3,14 +3,15 @@
     python benchmarks/train_vs_peer.py recipes/smollm2_135m.py --data DIR train.compile=true
     python benchmarks/train_vs_peer.py recipes/llama3_8b.py --data DIR model.n_layers=4 mesh.data=1 zero.stage=0 train.batch_size=2
     python benchmarks/train_vs_peer.py recipes/llama3_8b.py --data DIR model.preset=tiny-llama model.vocab_size=8192 \
-        data.seq_len=128 train.batch_size=4 mesh.data=1 zero.stage=0 optim.warmup_steps=1 --steps 4 --log-every 2 --warmup 1
+        data.seq_len=128 train.batch_size=4 mesh.data=1 zero.stage=0 --steps 4 --log-every 2 --warmup 1
                                                                         # CPU smoke test (DIR of vocabulary <= 8192)
 
 ``DIR``: tokens prepared by ``fastllm prepare`` (the recipe's tokenizer vocabulary or smaller).
 
 * **fastllm** is the user's path, unchanged: ``python -m fastllm train`` in a subprocess on the
   recipe with the overrides, ``data.datasets=DIR``, ``--steps`` steps, a metrics line every
-  ``--log-every`` steps, no validation, no sample, no HF export, a fresh run directory. Its numbers
+  ``--log-every`` steps, no validation, no sample, no HF export, no final checkpoint, a fresh run
+  directory; a recipe's warmup that would outlast the run is cut to a quarter of it. Its numbers
   are what the Trainer logs (``metrics.jsonl``): tokens/s over each logged window (the first window,
   which compiles, is left out), MFU, peak memory, losses.
 * **peer** is benchmarks/llama_8b.py's (or, for a mixture of experts, benchmarks/mixtral.py's):
@@ -62,8 +63,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def fastllm_run(args) -> dict:
     """``fastllm train`` as a user runs it; the numbers its metrics log holds."""
+    from fastllm.config import load_recipe
+
     run_dir = Path(tempfile.mkdtemp(prefix="train_vs_peer-"))
-    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *args.overrides, f"data.datasets={args.data}",
+    overrides = list(args.overrides)
+    if load_recipe(args.recipe, overrides)[1].optim.warmup_steps >= args.steps:  # a recipe's warmup outlasts the run
+        overrides.append(f"optim.warmup_steps={max(1, args.steps // 4)}")
+    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *overrides, f"data.datasets={args.data}",
                f"train.steps={args.steps}", f"train.log_every={args.log_every}", *QUIET, f"run.dir={run_dir}"]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
