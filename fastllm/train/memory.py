@@ -13,10 +13,11 @@ axis' gradient reduction and ZeRO gathers, which run outside the model's operati
 Temporary buffers are what a step needs beyond the saved activations at its peak: the backward's
 working buffers (:meth:`fastllm.train.plan.Activations.peak_bytes`), the compute-dtype copy of
 the parameters under bf16/fp16, under accumulation (``grad_accum > 1``) one fresh fp32 gradient
-as large as the largest parameter (autograd adds each leaf's fresh gradient into the accumulated one
-as soon as it is computed, so no more than one is alive at a time), and under ZeRO 3 the gathered
-parameters of the two largest parts (one in use, one prefetched). tests/train/test_memory_plan.py checks the total against the
-peak of the CPU allocations of real steps (torch's memory profiler).
+as large as the largest parameter (autograd adds each leaf's fresh gradient into the accumulated
+one as soon as it is computed, so no more than one is alive at a time), and under ZeRO 3 the
+gathered parameters of the two largest parts (one in use, one prefetched).
+tests/train/test_memory_plan.py checks the total against the peak of the CPU allocations of real
+steps (torch's memory profiler).
 
 The ranking of layouts is by an estimated step time: model FLOPs at ``ASSUMED_MFU`` of the peak
 (``x 4/3`` with recomputation) plus communication at ``ASSUMED_BUS_BYTES_PER_S``. Both constants
