@@ -1,0 +1,229 @@
+"""Where a step of ``fastllm train RECIPE [overrides]`` spends its device time, and how far its
+matmuls are from the matmul ceiling measured on the same device in the same call.
+
+    python benchmarks/profile_train.py recipes/smollm2_135m.py --data DIR train.compile=true
+    python benchmarks/profile_train.py recipes/llama3_8b.py --data DIR model.n_layers=4 mesh.data=1 zero.stage=0 \
+        train.batch_size=2 data.seq_len=4096 train.compile=true train.remat=none
+    python benchmarks/profile_train.py recipes/llama3_8b.py --data DIR model.preset=tiny-llama model.vocab_size=8192 \
+        data.seq_len=128 train.batch_size=4 mesh.data=1 zero.stage=0 --steps 4 --profile 3-4   # CPU smoke test
+
+* The step profiled is the user's: ``python -m fastllm train`` with ``log.profile_steps=FIRST,LAST``
+  (the Trainer's torch profiler writes a Chrome trace of those steps to the run directory).
+* Device kernels are grouped by name (ms and calls per step, share of the busy time) and by kind:
+  matmul, attention, optimizer, Triton (compiled or hand-written fused kernels), copy, communication,
+  other. ``busy`` is the kernels' time per step; ``span`` the profiled wall time per step.
+* The matmul ceiling: every ``aten::mm/addmm/bmm/baddbmm`` of the trace with its input dims, strides
+  and dtype (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (median of
+  CUDA-event timings), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
+  same matmuls take in isolation; ``dense_tflops`` is an 8192^3 bf16 matmul's rate, the device's
+  practical peak.
+
+Prints the top kernels as a markdown table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]  # see train_vs_peer.py
+
+QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_every=0", "train.checkpoint_minutes=0",
+         "train.final_checkpoint=false", "run.progress=off", "run.resume=false", "run.export_hf=false",
+         "sample.prompt=", "sample.max_new_tokens=0"]
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+# Checked in order: the first kind whose pattern a kernel's lowercased name matches.
+KINDS = (("communication", r"nccl"),
+         ("attention", r"flash|fmha|sdpa|attention|attn"),
+         ("optimizer", r"adam|multi_tensor|_optim|optimizer"),
+         ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|splitk"),
+         ("copy", r"memcpy|memset"),
+         ("triton", r"^triton|^_"),
+         ("other", r""))
+DTYPES = {"float": "float32", "c10::BFloat16": "bfloat16", "c10::Half": "float16", "double": "float64"}
+
+
+def kind_of(kernel: str) -> str:
+    name = kernel.lower()
+    return next(kind for kind, pattern in KINDS if re.search(pattern, name))
+
+
+def summarize(trace: dict, steps: int) -> dict:
+    """The per-step kernel table, per-kind totals and the matmul ops of a Chrome trace of ``steps`` steps."""
+    events = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    kernels: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for event in events:
+        if event.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            entry = kernels[event["name"]]
+            entry[0] += 1
+            entry[1] += event["dur"]
+    by_kind: dict[str, float] = defaultdict(float)
+    for name, (_, total) in kernels.items():
+        by_kind[kind_of(name)] += total / steps / 1e3
+    busy = sum(by_kind.values())
+    cpu = [e for e in events if e.get("cat") in ("cpu_op", "user_annotation", "python_function")]
+    span = (max(e["ts"] + e["dur"] for e in cpu) - min(e["ts"] for e in cpu)) / steps / 1e3 if cpu else 0.0
+    table = sorted(((name, calls / steps, total / steps / 1e3) for name, (calls, total) in kernels.items()),
+                   key=lambda row: -row[2])
+    return {"busy_ms": busy, "span_ms": span, "by_kind_ms": dict(sorted(by_kind.items(), key=lambda kv: -kv[1])),
+            "kernels": table, "matmuls": matmul_ops(events, steps)}
+
+
+def matmul_ops(events: list[dict], steps: int) -> dict[tuple, float]:
+    """``{(op, dims, strides, dtype): calls per step}`` of the trace's matmul ops."""
+    ops: dict[tuple, float] = defaultdict(float)
+    for event in events:
+        if event.get("cat") == "cpu_op" and event["name"] in MATMUL_OPS:
+            args = event.get("args", {})
+            dims = args.get("Input Dims")
+            if not dims:
+                continue
+            strides = args.get("Input Strides") or [None] * len(dims)
+            types = args.get("Input type") or ["float"] * len(dims)
+            dtype = DTYPES.get(types[1 if event["name"] in ("aten::addmm", "aten::baddbmm") else 0], "float32")
+            key = (event["name"], json.dumps(dims), json.dumps(strides), dtype)
+            ops[key] += 1 / steps
+    return dict(ops)
+
+
+def operands(op: str, dims: list) -> tuple[list, list]:
+    """The two multiplied operands' dims (addmm/baddbmm carry the added tensor first)."""
+    return (dims[1], dims[2]) if op in ("aten::addmm", "aten::baddbmm") else (dims[0], dims[1])
+
+
+def flops(op: str, dims: list) -> float:
+    a, b = operands(op, dims)
+    batch = a[0] if len(a) == 3 else 1
+    return 2.0 * batch * a[-2] * a[-1] * b[-1]
+
+
+def time_alone(op: str, dims: list, strides: list, dtype: str, device, repeats: int = 10) -> float:
+    """Median seconds of one such matmul on its own (inputs with the trace's strides)."""
+    import torch
+
+    def tensor(shape, stride):
+        if stride is None or len(stride) != len(shape):
+            return torch.randn(shape, dtype=getattr(torch, dtype), device=device)
+        size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
+        return torch.randn(size, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
+
+    (a_dims, b_dims), index = operands(op, dims), (1, 2) if op in ("aten::addmm", "aten::baddbmm") else (0, 1)
+    a, b = tensor(a_dims, strides[index[0]]), tensor(b_dims, strides[index[1]])
+    run = {"aten::mm": torch.mm, "aten::bmm": torch.bmm}.get(op)
+    if run is None:  # addmm/baddbmm: the bias as the trace had it
+        bias = tensor(dims[0], strides[0])
+        run = (lambda x, y: torch.addmm(bias, x, y)) if op == "aten::addmm" else (lambda x, y: torch.baddbmm(bias, x, y))
+    return _median_seconds(lambda: run(a, b), device, repeats)
+
+
+def _median_seconds(fn, device, repeats: int) -> float:
+    import time
+
+    import torch
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            begin = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - begin)
+    return statistics.median(times)
+
+
+def ceiling(matmuls: dict[tuple, float], device) -> dict:
+    """FLOPs per step of the step's matmuls and the seconds they take one at a time, alone."""
+    total_flops = alone_s = 0.0
+    for (op, dims, strides, dtype), calls in matmuls.items():
+        dims, strides = json.loads(dims), json.loads(strides)
+        total_flops += calls * flops(op, dims)
+        alone_s += calls * time_alone(op, dims, strides, dtype, device)
+    return {"matmul_flops": total_flops, "matmul_alone_ms": alone_s * 1e3, "distinct_matmuls": len(matmuls)}
+
+
+def dense_tflops(device) -> float:
+    import torch
+
+    n = 8192 if device.type == "cuda" else 512
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
+    return 2 * n**3 / _median_seconds(lambda: a @ b, device, 10) / 1e12
+
+
+def profile_run(args) -> tuple[dict, Path]:
+    """``fastllm train`` with the profiler over ``--profile`` steps; the trace and its run directory."""
+    first, last = (int(x) for x in args.profile.split("-"))
+    run_dir = Path(tempfile.mkdtemp(prefix="profile_train-"))
+    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *args.overrides, f"data.datasets={args.data}",
+               f"train.steps={args.steps}", f"train.log_every={args.steps}", f"log.profile_steps=[{first},{last}]",
+               f"optim.warmup_steps={max(1, args.steps // 4)}", *QUIET, f"run.dir={run_dir}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
+        raise SystemExit(f"profile_train: fastllm train failed (exit {done.returncode}): {tail}")
+    trace = json.loads((run_dir / "profile" / f"steps-{first}-{last}.json").read_text())
+    return trace, run_dir
+
+
+def markdown(summary: dict, top: int) -> str:
+    busy = summary["busy_ms"] or 1.0
+    lines = ["| kernel | kind | calls/step | ms/step | share |", "|---|---|---:|---:|---:|"]
+    for name, calls, ms in summary["kernels"][:top]:
+        short = name if len(name) <= 70 else name[:67] + "..."
+        lines.append(f"| `{short}` | {kind_of(name)} | {calls:g} | {ms:.2f} | {100 * ms / busy:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="key=value, as fastllm train takes them")
+    parser.add_argument("--data", required=True, help="prepared tokens (fastllm prepare)")
+    parser.add_argument("--steps", type=int, default=13, help="steps in all (the first ones compile)")
+    parser.add_argument("--profile", default="11-13", help="FIRST-LAST steps under the profiler (1-based)")
+    parser.add_argument("--top", type=int, default=15, help="kernels in the table")
+    args = parser.parse_intermixed_args(argv)
+    if not re.fullmatch(r"\d+-\d+", args.profile) or not 1 <= int(args.profile.split("-")[0]) <= int(
+            args.profile.split("-")[1]) <= args.steps:
+        parser.error(f"--profile {args.profile}: want FIRST-LAST with 1 <= FIRST <= LAST <= --steps")
+    import torch
+
+    trace, run_dir = profile_run(args)
+    first, last = (int(x) for x in args.profile.split("-"))
+    summary = summarize(trace, last - first + 1)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    matmul_ms = summary["by_kind_ms"].get("matmul", 0.0)
+    measured = ceiling(summary["matmuls"], device)
+    out = {"recipe": args.recipe, "overrides": args.overrides, "device": torch.cuda.get_device_name() if device.type == "cuda"
+           else "cpu", "busy_ms": round(summary["busy_ms"], 2), "span_ms": round(summary["span_ms"], 2),
+           "by_kind_ms": {k: round(v, 2) for k, v in summary["by_kind_ms"].items()},
+           "matmul_tflops": round(measured["matmul_flops"] / matmul_ms / 1e9, 1) if matmul_ms else None,
+           "matmul_alone_ms": round(measured["matmul_alone_ms"], 2),
+           "matmul_vs_alone": round(matmul_ms / measured["matmul_alone_ms"], 3) if matmul_ms else None,
+           "matmul_gflop_per_step": round(measured["matmul_flops"] / 1e9, 6),
+           "distinct_matmuls": measured["distinct_matmuls"], "dense_tflops": round(dense_tflops(device), 1),
+           "trace": str(run_dir / "profile")}
+    print(markdown(summary, args.top), flush=True)
+    print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

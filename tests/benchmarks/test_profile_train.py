@@ -1,0 +1,71 @@
+"""benchmarks/profile_train.py: the trace summary (kinds, per-step division, matmul FLOPs) and its
+CPU run through ``fastllm train``."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def profile_train():
+    spec = importlib.util.spec_from_file_location("benchmarks_profile_train", ROOT / "benchmarks" / "profile_train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trace():
+    kernel = lambda name, dur: {"ph": "X", "cat": "kernel", "name": name, "ts": 0, "dur": dur}  # noqa: E731
+    op = lambda name, dims, types, ts: {"ph": "X", "cat": "cpu_op", "name": name, "ts": ts, "dur": 10,  # noqa: E731
+                                        "args": {"Input Dims": dims, "Input type": types}}
+    return {"traceEvents": [
+        kernel("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", 600), kernel("nvjet_sm90_tst_192x192_64x3_1x2_h_bz_coopB_NNN", 600),
+        kernel("triton_poi_fused_mul_silu_0", 200), kernel("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", 400),
+        kernel("multi_tensor_apply_kernel<adam>", 100), {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 0, "dur": 100},
+        op("aten::mm", [[128, 64], [64, 32]], ["c10::BFloat16", "c10::BFloat16"], 0),
+        op("aten::addmm", [[32], [128, 64], [64, 32], [], []], ["c10::BFloat16"] * 3 + ["Scalar", "Scalar"], 1990),
+        op("aten::linear", [[128, 64], [32, 64]], ["c10::BFloat16"] * 2, 5),  # not a leaf matmul: not counted
+        {"ph": "i", "name": "instant", "ts": 7}]}
+
+
+def test_summary_divides_per_step_and_sorts_kinds(profile_train):
+    summary = profile_train.summarize(_trace(), steps=2)
+    assert summary["by_kind_ms"] == {"matmul": 0.6, "attention": 0.2, "triton": 0.1, "optimizer": 0.05, "copy": 0.05}
+    assert summary["busy_ms"] == pytest.approx(1.0)
+    assert summary["span_ms"] == pytest.approx(2000 / 2 / 1e3)
+    name, calls, ms = summary["kernels"][0]
+    assert name.startswith("nvjet") and calls == 1 and ms == pytest.approx(0.6)
+
+
+def test_matmul_ops_and_flops(profile_train):
+    ops = profile_train.summarize(_trace(), steps=2)["matmuls"]
+    assert sorted(op for op, *_ in ops) == ["aten::addmm", "aten::mm"]
+    assert all(dtype == "bfloat16" and calls == 0.5 for (_, _, _, dtype), calls in ops.items())
+    total = sum(calls * profile_train.flops(op, json.loads(dims)) for (op, dims, _, _), calls in ops.items())
+    assert total == 0.5 * 2 * (2 * 128 * 64 * 32)  # addmm's bias is not an operand
+    assert profile_train.flops("aten::bmm", [[4, 8, 16], [4, 16, 2]]) == 2 * 4 * 8 * 16 * 2
+
+
+def test_cpu_run_counts_the_models_matmuls(profile_train, tmp_path, capsys):
+    """Through ``fastllm train`` on CPU, no recomputation: every weight's three matmuls (forward, both gradients) are
+    found, and at most the attention's score and value products besides."""
+    from fastllm import models
+    from fastllm.config import load_recipe
+    from fastllm.train.quickstart import prepare_quickstart
+
+    data, _ = prepare_quickstart(tmp_path / "data", max_bytes=60_000, vocab_size=320)
+    overrides = ["model.preset=tiny-llama", "model.vocab_size=320", "data.seq_len=32", "train.batch_size=2", "train.remat=none", "mesh.data=1",
+                 "zero.stage=0"]
+    assert profile_train.main(["recipes/llama3_8b.py", "--data", str(data), *overrides, "--steps", "3",
+                               "--profile", "2-3"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config = load_recipe(str(ROOT / "recipes" / "llama3_8b.py"), overrides)[1].model_config
+    tokens = 2 * 32
+    weights = 6 * models.matmul_param_count(config) * tokens
+    attention = 12 * config.n_layers * 32 * config.n_heads * config.head_dim * tokens  # full S x S, both products
+    assert weights <= out["matmul_gflop_per_step"] * 1e9 * (1 + 1e-3) <= (weights + attention) * (1 + 1e-3)
+    assert out["device"] == "cpu" and out["distinct_matmuls"] > 0 and out["matmul_alone_ms"] > 0
