@@ -12,7 +12,7 @@ matmuls are from the matmul ceiling measured on the same device in the same call
 * Device kernels are grouped by name (ms and calls per step, share of the busy time) and by kind:
   matmul, attention, optimizer, Triton (compiled or hand-written fused kernels), copy, communication,
   other. ``busy`` is the kernels' time per step; ``span`` the profiled wall time per step.
-* The matmul ceiling: every ``aten::mm/addmm/bmm/baddbmm`` of the trace with its input dims, strides
+* The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm`` of the trace with its input dims, strides
   and dtype (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (median of
   CUDA-event timings), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
   same matmuls take in isolation; ``dense_tflops`` is an 8192^3 bf16 matmul's rate, the device's
@@ -40,7 +40,8 @@ sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_every=0", "train.checkpoint_minutes=0",
          "train.final_checkpoint=false", "run.progress=off", "run.resume=false", "run.export_hf=false",
          "sample.prompt=", "sample.max_new_tokens=0"]
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+WITH_ADDEND = ("aten::addmm", "aten::addmm_", "aten::baddbmm")  # the added tensor comes first
 # Checked in order: the first kind whose pattern a kernel's lowercased name matches.
 KINDS = (("communication", r"nccl"),
          ("attention", r"flash|fmha|sdpa|attention|attn"),
@@ -89,7 +90,7 @@ def matmul_ops(events: list[dict], steps: int) -> dict[tuple, float]:
                 continue
             strides = args.get("Input Strides") or [None] * len(dims)
             types = args.get("Input type") or ["float"] * len(dims)
-            dtype = DTYPES.get(types[1 if event["name"] in ("aten::addmm", "aten::baddbmm") else 0], "float32")
+            dtype = DTYPES.get(types[1 if event["name"] in WITH_ADDEND else 0], "float32")
             key = (event["name"], json.dumps(dims), json.dumps(strides), dtype)
             ops[key] += 1 / steps
     return dict(ops)
@@ -97,7 +98,7 @@ def matmul_ops(events: list[dict], steps: int) -> dict[tuple, float]:
 
 def operands(op: str, dims: list) -> tuple[list, list]:
     """The two multiplied operands' dims (addmm/baddbmm carry the added tensor first)."""
-    return (dims[1], dims[2]) if op in ("aten::addmm", "aten::baddbmm") else (dims[0], dims[1])
+    return (dims[1], dims[2]) if op in WITH_ADDEND else (dims[0], dims[1])
 
 
 def flops(op: str, dims: list) -> float:
@@ -116,12 +117,12 @@ def time_alone(op: str, dims: list, strides: list, dtype: str, device, repeats: 
         size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
         return torch.randn(size, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
 
-    (a_dims, b_dims), index = operands(op, dims), (1, 2) if op in ("aten::addmm", "aten::baddbmm") else (0, 1)
+    (a_dims, b_dims), index = operands(op, dims), (1, 2) if op in WITH_ADDEND else (0, 1)
     a, b = tensor(a_dims, strides[index[0]]), tensor(b_dims, strides[index[1]])
     run = {"aten::mm": torch.mm, "aten::bmm": torch.bmm}.get(op)
-    if run is None:  # addmm/baddbmm: the bias as the trace had it
-        bias = tensor(dims[0], strides[0])
-        run = (lambda x, y: torch.addmm(bias, x, y)) if op == "aten::addmm" else (lambda x, y: torch.baddbmm(bias, x, y))
+    if run is None:  # addmm(_)/baddbmm: the added tensor as the trace had it
+        addend = tensor(dims[0], strides[0])
+        run = (lambda x, y: torch.baddbmm(addend, x, y)) if op == "aten::baddbmm" else (lambda x, y: torch.addmm(addend, x, y))
     return _median_seconds(lambda: run(a, b), device, repeats)
 
 

@@ -28,6 +28,7 @@ def _trace():
         kernel("multi_tensor_apply_kernel<adam>", 100), {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD", "ts": 0, "dur": 100},
         op("aten::mm", [[128, 64], [64, 32]], ["c10::BFloat16", "c10::BFloat16"], 0),
         op("aten::addmm", [[32], [128, 64], [64, 32], [], []], ["c10::BFloat16"] * 3 + ["Scalar", "Scalar"], 1990),
+        op("aten::addmm_", [[64, 32], [64, 128], [128, 32], [], []], ["c10::BFloat16"] * 3 + ["Scalar", "Scalar"], 3),
         op("aten::linear", [[128, 64], [32, 64]], ["c10::BFloat16"] * 2, 5),  # not a leaf matmul: not counted
         {"ph": "i", "name": "instant", "ts": 7}]}
 
@@ -43,11 +44,15 @@ def test_summary_divides_per_step_and_sorts_kinds(profile_train):
 
 def test_matmul_ops_and_flops(profile_train):
     ops = profile_train.summarize(_trace(), steps=2)["matmuls"]
-    assert sorted(op for op, *_ in ops) == ["aten::addmm", "aten::mm"]
+    assert sorted(op for op, *_ in ops) == ["aten::addmm", "aten::addmm_", "aten::mm"]
     assert all(dtype == "bfloat16" and calls == 0.5 for (_, _, _, dtype), calls in ops.items())
     total = sum(calls * profile_train.flops(op, json.loads(dims)) for (op, dims, _, _), calls in ops.items())
-    assert total == 0.5 * 2 * (2 * 128 * 64 * 32)  # addmm's bias is not an operand
+    assert total == 0.5 * (2 * (2 * 128 * 64 * 32) + 2 * 64 * 128 * 32)  # the added tensor is not an operand
     assert profile_train.flops("aten::bmm", [[4, 8, 16], [4, 16, 2]]) == 2 * 4 * 8 * 16 * 2
+    import torch
+
+    for (op, dims, strides, dtype), _ in ops.items():  # each re-runs alone with its operands in place
+        assert profile_train.time_alone(op, json.loads(dims), json.loads(strides), "float32", torch.device("cpu"), 2) > 0
 
 
 def test_cpu_run_counts_the_models_matmuls(profile_train, tmp_path, capsys):
