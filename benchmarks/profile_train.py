@@ -45,7 +45,7 @@ WITH_ADDEND = ("aten::addmm", "aten::addmm_", "aten::baddbmm")  # the added tens
 # Checked in order: the first kind whose pattern a kernel's lowercased name matches.
 KINDS = (("communication", r"nccl"),
          ("attention", r"flash|fmha|sdpa|attention|attn"),
-         ("optimizer", r"adam|multi_tensor|_optim|optimizer"),
+         ("optimizer", r"adam|multi_tensor|_optim|optimizer|sum_squares"),  # sum_squares: the gradient norm
          ("matmul", r"gemm|nvjet|cutlass|xmma|wgmma|splitk"),
          ("copy", r"memcpy|memset"),
          ("triton", r"^triton|^_"),
