@@ -13,8 +13,8 @@ matmuls are from the matmul ceiling measured on the same device in the same call
   matmul, attention, optimizer, Triton (compiled or hand-written fused kernels), copy, communication,
   other. ``busy`` is the kernels' time per step; ``span`` the profiled wall time per step.
 * The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm`` of the trace with its input dims, strides
-  and dtype (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (median of
-  CUDA-event timings), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
+  and dtype (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (timed as
+  benchmarks/kernels.py times kernels: calls queued back to back), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
   same matmuls take in isolation; ``dense_tflops`` is an 8192^3 bf16 matmul's rate, the device's
   practical peak.
 
@@ -24,9 +24,9 @@ Prints the top kernels as a markdown table and one JSON line.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,12 +34,10 @@ from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]  # see train_vs_peer.py
-
-QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_every=0", "train.checkpoint_minutes=0",
-         "train.final_checkpoint=false", "run.progress=off", "run.resume=false", "run.export_hf=false",
-         "sample.prompt=", "sample.max_new_tokens=0"]
+_spec = importlib.util.spec_from_file_location("benchmarks_train_vs_peer", HERE / "train_vs_peer.py")
+train_vs_peer = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(train_vs_peer)  # its train command and sibling loader
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
 WITH_ADDEND = ("aten::addmm", "aten::addmm_", "aten::baddbmm")  # the added tensor comes first
 # Checked in order: the first kind whose pattern a kernel's lowercased name matches.
@@ -123,30 +121,13 @@ def time_alone(op: str, dims: list, strides: list, dtype: str, device, repeats: 
     if run is None:  # addmm(_)/baddbmm: the added tensor as the trace had it
         addend = tensor(dims[0], strides[0])
         run = (lambda x, y: torch.baddbmm(addend, x, y)) if op == "aten::baddbmm" else (lambda x, y: torch.addmm(addend, x, y))
-    return _median_seconds(lambda: run(a, b), device, repeats)
+    return _seconds(lambda: run(a, b), device, repeats)
 
 
-def _median_seconds(fn, device, repeats: int) -> float:
-    import time
-
-    import torch
-
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            begin = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - begin)
-    return statistics.median(times)
+def _seconds(fn, device, repeats: int) -> float:
+    """benchmarks/kernels.py's device timing: calls queued back to back, as inside a step."""
+    bench = train_vs_peer.sibling("kernels").Bench(device, warmup=3, reps=repeats)
+    return bench.time_ms(fn, batches=repeats) / 1e3
 
 
 def ceiling(matmuls: dict[tuple, float], device) -> dict:
@@ -165,17 +146,16 @@ def dense_tflops(device) -> float:
     n = 8192 if device.type == "cuda" else 512
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     a, b = (torch.randn(n, n, dtype=dtype, device=device) for _ in range(2))
-    return 2 * n**3 / _median_seconds(lambda: a @ b, device, 10) / 1e12
+    return 2 * n**3 / _seconds(lambda: a @ b, device, 10) / 1e12
 
 
 def profile_run(args) -> tuple[dict, Path]:
     """``fastllm train`` with the profiler over ``--profile`` steps; the trace and its run directory."""
     first, last = (int(x) for x in args.profile.split("-"))
     run_dir = Path(tempfile.mkdtemp(prefix="profile_train-"))
-    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *args.overrides, f"data.datasets={args.data}",
-               f"train.steps={args.steps}", f"train.log_every={args.steps}", f"log.profile_steps=[{first},{last}]",
-               f"optim.warmup_steps={max(1, args.steps // 4)}", *QUIET, f"run.dir={run_dir}"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    command = train_vs_peer.train_command(args.recipe, [*args.overrides, f"log.profile_steps=[{first},{last}]"],
+                                          args.data, args.steps, args.steps, run_dir)
+    done = subprocess.run(command, cwd=train_vs_peer.ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
         raise SystemExit(f"profile_train: fastllm train failed (exit {done.returncode}): {tail}")

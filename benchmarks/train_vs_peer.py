@@ -61,16 +61,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_intermixed_args(argv)
 
 
-def fastllm_run(args) -> dict:
-    """``fastllm train`` as a user runs it; the numbers its metrics log holds."""
+def train_command(recipe: str, overrides: list[str], data: str, steps: int, log_every: int, run_dir: Path) -> list[str]:
+    """``python -m fastllm train`` on the recipe for a measurement: ``steps`` steps on ``data``, a
+    metrics line every ``log_every``, nothing else written; a recipe's warmup that would outlast
+    the run is cut to a quarter of it."""
     from fastllm.config import load_recipe
 
+    overrides = list(overrides)
+    if load_recipe(recipe, overrides)[1].optim.warmup_steps >= steps:
+        overrides.append(f"optim.warmup_steps={max(1, steps // 4)}")
+    return [sys.executable, "-m", "fastllm", "train", recipe, *overrides, f"data.datasets={data}",
+            f"train.steps={steps}", f"train.log_every={log_every}", *QUIET, f"run.dir={run_dir}"]
+
+
+def fastllm_run(args) -> dict:
+    """``fastllm train`` as a user runs it; the numbers its metrics log holds."""
     run_dir = Path(tempfile.mkdtemp(prefix="train_vs_peer-"))
-    overrides = list(args.overrides)
-    if load_recipe(args.recipe, overrides)[1].optim.warmup_steps >= args.steps:  # a recipe's warmup outlasts the run
-        overrides.append(f"optim.warmup_steps={max(1, args.steps // 4)}")
-    command = [sys.executable, "-m", "fastllm", "train", args.recipe, *overrides, f"data.datasets={args.data}",
-               f"train.steps={args.steps}", f"train.log_every={args.log_every}", *QUIET, f"run.dir={run_dir}"]
+    command = train_command(args.recipe, args.overrides, args.data, args.steps, args.log_every, run_dir)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
@@ -89,12 +96,19 @@ def fastllm_run(args) -> dict:
     return out
 
 
-def _sibling(name: str):
-    """benchmarks/<name>.py as a module (its folder is not on sys.path, see above)."""
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", HERE / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def sibling(name: str):
+    """benchmarks/<name>.py as a module (its folder is not on sys.path, see above), loaded once and
+    registered in ``sys.modules`` (dataclasses look their module up there)."""
+    key = f"benchmarks_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, HERE / f"{name}.py")
+        sys.modules[key] = module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[key]
+            raise
+    return sys.modules[key]
 
 
 def peer_run(args, loss: str = "ce") -> dict:
@@ -103,7 +117,7 @@ def peer_run(args, loss: str = "ce") -> dict:
 
     from fastllm.config import load_recipe
 
-    llama_8b = _sibling("llama_8b")
+    llama_8b = sibling("llama_8b")
 
     _, config = load_recipe(args.recipe, args.overrides)
     model_config, seq_len = config.model_config, config.data.seq_len
@@ -113,7 +127,7 @@ def peer_run(args, loss: str = "ce") -> dict:
     device = llama_8b.setup()
     try:
         if model_config.moe is not None:
-            mixtral = _sibling("mixtral")
+            mixtral = sibling("mixtral")
             build = lambda: mixtral.build_peer(bench, config, device)[0]  # noqa: E731
         elif model_config.family == "llama":
             build = lambda: llama_8b.build_peer_step(bench, model_config, device)  # noqa: E731

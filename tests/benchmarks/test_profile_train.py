@@ -74,3 +74,14 @@ def test_cpu_run_counts_the_models_matmuls(profile_train, tmp_path, capsys):
     attention = 12 * config.n_layers * 32 * config.n_heads * config.head_dim * tokens  # full S x S, both products
     assert weights <= out["matmul_gflop_per_step"] * 1e9 * (1 + 1e-3) <= (weights + attention) * (1 + 1e-3)
     assert out["device"] == "cpu" and out["distinct_matmuls"] > 0 and out["matmul_alone_ms"] > 0
+
+
+def test_train_command_cuts_only_a_warmup_that_outlasts_the_run(profile_train, tmp_path):
+    """The measured run is the user's command; a recipe's warmup longer than the run (500 steps in
+    recipes/llama3_8b.py) is cut to a quarter of it, a shorter one is left as the recipe has it."""
+    command = profile_train.train_vs_peer.train_command
+    long = command("recipes/llama3_8b.py", [], "DIR", 40, 10, tmp_path)
+    assert long[long.index("train") + 1] == "recipes/llama3_8b.py" and "optim.warmup_steps=10" in long
+    assert {"data.datasets=DIR", "train.steps=40", "train.log_every=10", f"run.dir={tmp_path}"} <= set(long)
+    short = command("recipes/llama3_8b.py", ["optim.warmup_steps=5"], "DIR", 40, 10, tmp_path)
+    assert [arg for arg in short if arg.startswith("optim.warmup_steps")] == ["optim.warmup_steps=5"]
