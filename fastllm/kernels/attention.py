@@ -13,8 +13,10 @@ The reference (``"torch"``, the model's unfused path) repeats k/v per query grou
 the causal flag alone or with the boolean mask of :func:`visible` for windows and segments.
 """
 
+import contextlib
 import functools
 import weakref
+from collections.abc import Iterable, Iterator
 from typing import Optional, no_type_check
 
 import torch
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from fastllm.kernels.registry import Choice, resolve
 
-__all__ = ["attention", "attention_reference", "visible"]
+__all__ = ["attention", "attention_reference", "visible", "prepared_block_masks"]
 
 
 def visible(
@@ -121,12 +123,35 @@ class _SegmentMaskCache:
 
 
 _SEGMENT_MASKS = _SegmentMaskCache()
+# The block masks of the batch a compiled part is running on, by (window, segment_ids' shape): see
+# prepared_block_masks. Empty outside it.
+_PREPARED: dict[tuple, object] = {}
+
+
+@contextlib.contextmanager
+def prepared_block_masks(segment_ids: Int[Tensor, "batch seq"], windows: Iterable[Optional[int]]) -> Iterator[None]:
+    """FlexAttention's block masks of ``segment_ids`` for each of ``windows``, built now (eagerly), for
+    the code that ``torch.compile`` traces inside the ``with``: the masks' lookup in the cache is
+    Python that dynamo cannot trace, so reached from a compiled function it breaks the graph (a
+    fusion barrier and a saved activation in every block); a prepared mask is read as a graph input.
+    Attention inside must use these ``segment_ids`` (any tensor of their shape is taken for them)."""
+    seq = segment_ids.shape[-1]
+    keys = [(window, tuple(segment_ids.shape)) for window in windows]
+    for key in keys:
+        _PREPARED[key] = _SEGMENT_MASKS.get(segment_ids, key[0], seq)
+    try:
+        yield
+    finally:
+        for key in keys:
+            _PREPARED.pop(key, None)
 
 
 def _flex_attention(q, k, v, window, segment_ids):
     seq = q.shape[2]
     if segment_ids is None:
         block_mask = _window_block_mask(seq, window, q.device)
+    elif torch.compiler.is_compiling() and (window, tuple(segment_ids.shape)) in _PREPARED:
+        block_mask = _PREPARED[(window, tuple(segment_ids.shape))]
     else:
         block_mask = _SEGMENT_MASKS.get(segment_ids, window, seq)
     return _flex(q.device.type == "cuda")(q, k, v, block_mask=block_mask, enable_gqa=True)

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 
 from fastllm import nn
-from fastllm.kernels import KernelConfig
+from fastllm.kernels import KernelConfig, select
+from fastllm.kernels.attention import prepared_block_masks
 
 __all__ = ["CompiledParts", "FUSED_BY_COMPILE"]
 
@@ -61,10 +62,11 @@ class CompiledParts:
             fn = functools.partial(_call, part.fn)
             compiled = torch.compile(fn, backend=self.backend, dynamic=False)
             static = _reference_elementwise(part.static)
+            attentions = _instances(static, nn.Attention)
 
-            def run(_static, *args):
-                with _nested_graph_breaks():
-                    return compiled(static, *args)
+            def run(_static, params, carry, batch, layout):
+                with _nested_graph_breaks(), _block_masks(attentions, batch):
+                    return compiled(static, params, carry, batch, layout)
 
             self._compiled[key] = run
         return self._compiled[key]
@@ -80,6 +82,26 @@ def _nested_graph_breaks():
     if hasattr(torch._dynamo.config, "nested_graph_breaks"):
         return torch._dynamo.config.patch(nested_graph_breaks=True)
     return contextlib.nullcontext()
+
+
+def _block_masks(attentions: list, batch: Any):
+    """FlexAttention's block masks of the batch's packed documents, built before the compiled part
+    (see :func:`fastllm.kernels.attention.prepared_block_masks`), so the part stays one graph."""
+    segment_ids = batch.get("segment_ids") if isinstance(batch, dict) else None
+    if segment_ids is None:
+        return contextlib.nullcontext()
+    windows = {layer.window for layer in attentions
+               if select(layer.kernels, "attention", segment_ids.device) == "triton"}
+    return prepared_block_masks(segment_ids, windows)
+
+
+def _instances(static: Any, cls: type) -> list:
+    """The instances of ``cls`` in ``static`` and its nested dataclasses."""
+    if isinstance(static, cls):
+        return [static]
+    if not dataclasses.is_dataclass(static) or isinstance(static, type):
+        return []
+    return [found for f in dataclasses.fields(static) for found in _instances(getattr(static, f.name), cls)]
 
 
 def _call(fn, static, params, carry, batch, layout):

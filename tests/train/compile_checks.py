@@ -103,10 +103,11 @@ def distributed_rank() -> dict:
 
 
 def packed_graphs() -> dict:
-    """Graphs of one compiled block when FlexAttention's block-mask lookup breaks the graph, as it
-    does on CUDA (there the mask is built by a compiled kernel and cached in Python; on CPU dynamo
-    traces the build, so the break is forced here). The forward alone: FlexAttention has no CPU
-    backward."""
+    """Graphs of one compiled block of packed documents, where FlexAttention's block-mask lookup
+    would break the graph (as it does on CUDA: there the mask is built by a compiled kernel and
+    cached in Python; on CPU dynamo traces the build, so the break is forced here): the compiled
+    part builds the masks before the graph, which reads them as inputs. Its output equals eager's.
+    The forward alone: FlexAttention has no CPU backward."""
     import importlib
 
     from fastllm import nn
@@ -121,8 +122,13 @@ def packed_graphs() -> dict:
     counters.clear()
     with torch.no_grad():
         carry = embed.fn(embed.static, nn.model.part_params(embed, params), {}, data, None)
-        CompiledParts(BACKEND)(block)(block.static, nn.model.part_params(block, params), carry, data, None)
-    return graph_counts()
+        block_params = nn.model.part_params(block, params)
+        compiled = CompiledParts(BACKEND)(block)(block.static, block_params, carry, data, None)
+        counts = graph_counts()
+        eager = block.fn(block.static, block_params, carry, data, None)
+    torch.testing.assert_close(compiled["h"], eager["h"], **TOLERANCE)
+    assert not attention._PREPARED, "prepared block masks outlive the compiled call"
+    return counts
 
 
 def main(part: str) -> None:
