@@ -14,7 +14,10 @@ compiled callable per distinct ``(fn, static)``. What stays outside the graph, a
 * the layout's collectives when the ``tensor`` axis has several ranks:
   :func:`fastllm.sharding.placement.relayout` is ``torch.compiler.disable``d, so dynamo compiles
   the compute between them (a graph break at each). With one ``tensor`` rank the layout is
-  ``None`` and nothing breaks the graph.
+  ``None`` and nothing breaks the graph;
+* FlexAttention's block masks of packed documents: built (or found in the kernel's cache) before
+  the part and read inside as graph inputs (:func:`fastllm.kernels.attention.prepared_block_masks`).
+  Looked up from inside, the cache is Python that dynamo cannot trace: a graph break in every block.
 
 Kernels: inside a compiled part the elementwise ops that a compiler fuses into its neighbours
 (RMSNorm/LayerNorm, rotary, the MLP activation) use their pure-torch references rather than the
@@ -74,11 +77,10 @@ class CompiledParts:
 
 def _nested_graph_breaks():
     """Dynamo resumes tracing inside the nested frame where a graph break happens, where the torch
-    version can. The break that matters: FlexAttention's block mask of packed documents is built
-    (and cached) in Python, deep inside the block (part -> block -> attention -> the named-dim
-    ``local`` -> the kernel). Without this, the break bubbles up to the part and every frame on the
-    way is split into its own graph: 7 graphs per block instead of 2, each boundary a fusion
-    barrier and a saved activation (docs/performance.md)."""
+    version can. Breaks happen deep inside a part (part -> block -> attention -> the named-dim
+    ``local`` -> the kernel): the tensor-parallel collectives, run eagerly. Without this, a break
+    bubbles up to the part and every frame on the way is split into its own graph, each boundary a
+    fusion barrier and a saved activation (docs/performance.md)."""
     if hasattr(torch._dynamo.config, "nested_graph_breaks"):
         return torch._dynamo.config.patch(nested_graph_breaks=True)
     return contextlib.nullcontext()
