@@ -29,10 +29,17 @@ def test_single_device_loss_gradients_and_step_equal_eager_in_one_graph():
 
 
 def test_packed_documents_keep_one_graph_per_block():
-    """FlexAttention's block mask of packed documents is built before the compiled block, not looked
-    up inside it (a graph break: a fusion barrier and a saved activation in every block); the
-    compiled block's output equals eager's and the prepared masks are dropped after the call."""
+    """FlexAttention's block mask of packed documents is built before the compiled block, neither
+    looked up inside it (a graph break: a fusion barrier and a saved activation in every block) nor
+    built inside it (every layer again); the compiled block's output equals eager's and the prepared
+    masks are dropped after the call."""
     assert run_checks("packed") == {"graph_breaks": 0, "unique_graphs": 1}
+
+
+def test_packed_documents_compiled_equal_eager_batch_after_batch():
+    """No block mask of an earlier batch is reused: compiled parts and a plain torch.compile of the
+    blocks equal eager on each of four batches of different documents."""
+    assert run_checks("batches") == {"compiled_parts": True, "plain_compile": True}
 
 
 @pytest.mark.distributed
