@@ -87,7 +87,7 @@ def summary(seconds: list[float], window: tuple[int, int], tokens_per_step: int,
     tokens_per_s = tokens_per_step / median
     return {"steps": f"{first}-{last}", "step_ms_median": round(median * 1e3, 2), "step_ms_min": round(min(chosen) * 1e3, 2),
             "tokens_per_s_per_gpu": round(tokens_per_s, 1),
-            "mfu": None if flops_per_token is None else round(mfu(tokens_per_s, flops_per_token), 6)}
+            "mfu": None if flops_per_token is None else float(f"{mfu(tokens_per_s, flops_per_token):.4g}")}
 
 
 def main(argv=None) -> int:
