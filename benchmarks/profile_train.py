@@ -23,7 +23,6 @@ Prints the top kernels as a markdown table and one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import re
@@ -173,17 +172,12 @@ def markdown(summary: dict, top: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="key=value, as fastllm train takes them")
-    parser.add_argument("--data", required=True, help="prepared tokens (fastllm prepare)")
+    parser = train_vs_peer.recipe_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=13, help="steps in all (the first ones compile)")
     parser.add_argument("--profile", default="11-13", help="FIRST-LAST steps under the profiler (1-based)")
     parser.add_argument("--top", type=int, default=15, help="kernels in the table")
     args = parser.parse_intermixed_args(argv)
-    if not re.fullmatch(r"\d+-\d+", args.profile) or not 1 <= int(args.profile.split("-")[0]) <= int(
-            args.profile.split("-")[1]) <= args.steps:
-        parser.error(f"--profile {args.profile}: want FIRST-LAST with 1 <= FIRST <= LAST <= --steps")
+    train_vs_peer.step_range(parser, "--profile", args.profile, args.steps)
     import torch
 
     trace, run_dir = profile_run(args)

@@ -13,9 +13,7 @@ Prints one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
-import re
 import statistics
 import sys
 import tempfile
@@ -91,16 +89,11 @@ def summary(seconds: list[float], window: tuple[int, int], tokens_per_step: int,
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("recipe")
-    parser.add_argument("overrides", nargs="*", help="key=value, as fastllm train takes them")
-    parser.add_argument("--data", required=True, help="prepared tokens (fastllm prepare)")
+    parser = train_vs_peer.recipe_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=30, help="steps in all (the first ones compile)")
     parser.add_argument("--window", default="11-30", help="FIRST-LAST steps timed (1-based)")
     args = parser.parse_intermixed_args(argv)
-    match = re.fullmatch(r"(\d+)-(\d+)", args.window)
-    if not match or not 1 <= int(match[1]) <= int(match[2]) <= args.steps:
-        parser.error(f"--window {args.window}: want FIRST-LAST with 1 <= FIRST <= LAST <= --steps")
+    window = train_vs_peer.step_range(parser, "--window", args.window, args.steps)
     import torch
 
     run_dir = Path(tempfile.mkdtemp(prefix="step_time-"))
@@ -111,7 +104,7 @@ def main(argv=None) -> int:
     flops = trainer.model.flops_per_token(config.data.seq_len) if trainer.model.flops_per_token else None
     out = {"recipe": args.recipe, "overrides": args.overrides,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-           **summary(seconds, (int(match[1]), int(match[2])), tokens_per_step, flops),
+           **summary(seconds, window, tokens_per_step, flops),
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None}
     print(json.dumps(out), flush=True)
     return 0

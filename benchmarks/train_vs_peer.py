@@ -26,6 +26,7 @@ Both print tokens/s/GPU, step time, MFU (``fastllm.models.flops_per_token``, DES
 from __future__ import annotations
 
 import argparse
+import re
 import importlib.util
 import json
 import os
@@ -47,11 +48,25 @@ QUIET = ["train.eval_every=0", "data.validation_fraction=0", "train.checkpoint_e
          "run.progress=off", "run.resume=false", "run.export_hf=false", "sample.prompt=", "sample.max_new_tokens=0"]
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def recipe_parser(description: str) -> argparse.ArgumentParser:
+    """A benchmark's command line over a recipe: the recipe, fastllm train's overrides and ``--data``."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="key=value, as fastllm train takes them")
     parser.add_argument("--data", required=True, help="prepared tokens (fastllm prepare)")
+    return parser
+
+
+def step_range(parser: argparse.ArgumentParser, flag: str, text: str, steps: int) -> tuple[int, int]:
+    """``FIRST-LAST`` (1-based, inclusive) within ``steps``, or the parser's one-line error naming ``flag``."""
+    match = re.fullmatch(r"(\d+)-(\d+)", text)
+    if not match or not 1 <= int(match[1]) <= int(match[2]) <= steps:
+        parser.error(f"{flag} {text}: want FIRST-LAST with 1 <= FIRST <= LAST <= --steps")
+    return int(match[1]), int(match[2])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = recipe_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--system", choices=("fastllm", "peer", "both"), default="both")
     parser.add_argument("--steps", type=int, default=40, help="steps of each system (fastllm: in all)")
     parser.add_argument("--log-every", type=int, default=10, help="fastllm's metrics window")

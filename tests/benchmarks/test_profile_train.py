@@ -1,7 +1,6 @@
 """benchmarks/profile_train.py: the trace summary (kinds, per-step division, matmul FLOPs) and its
 CPU run through ``fastllm train``."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,11 +10,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def profile_train():
-    spec = importlib.util.spec_from_file_location("benchmarks_profile_train", ROOT / "benchmarks" / "profile_train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def profile_train(load_benchmark):
+    return load_benchmark("profile_train")
 
 
 def _trace():

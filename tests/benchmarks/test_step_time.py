@@ -1,21 +1,15 @@
 """benchmarks/step_time.py: the window's statistics, and a CPU run through ``fastllm train`` that times
 every step of the Trainer."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def step_time():
-    spec = importlib.util.spec_from_file_location("benchmarks_step_time", ROOT / "benchmarks" / "step_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def step_time(load_benchmark):
+    return load_benchmark("step_time")
 
 
 def test_window_is_one_based_and_inclusive(step_time):
