@@ -13,6 +13,7 @@ Prints one JSON line.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import sys
@@ -23,7 +24,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]  # see train_vs_peer.py
 sys.path.insert(0, str(HERE.parent))  # this tree's fastllm, not an installed one
-import importlib.util  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location("benchmarks_train_vs_peer", HERE / "train_vs_peer.py")
 train_vs_peer = importlib.util.module_from_spec(_spec)

@@ -26,10 +26,10 @@ Both print tokens/s/GPU, step time, MFU (``fastllm.models.flops_per_token``, DES
 from __future__ import annotations
 
 import argparse
-import re
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
