@@ -12,8 +12,8 @@ matmuls are from the matmul ceiling measured on the same device in the same call
 * Device kernels are grouped by name (ms and calls per step, share of the busy time) and by kind:
   matmul, attention, optimizer, Triton (compiled or hand-written fused kernels), copy, communication,
   other. ``busy`` is the kernels' time per step; ``span`` the profiled wall time per step.
-* The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm`` of the trace with its input dims, strides
-  and dtype (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (timed as
+* The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm/_scaled_mm`` of the trace (FP8 projections
+  call ``_scaled_mm``) with its input dims, strides and dtypes (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (timed as
   benchmarks/kernels.py times kernels: calls queued back to back), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
   same matmuls take in isolation; ``dense_tflops`` is an 8192^3 bf16 matmul's rate, the device's
   practical peak.
@@ -37,7 +37,8 @@ sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 _spec = importlib.util.spec_from_file_location("benchmarks_train_vs_peer", HERE / "train_vs_peer.py")
 train_vs_peer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_vs_peer)  # its train command and sibling loader
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+SCALED = "aten::_scaled_mm"  # FP8 operands, each with its own dtype (e4m3 or e5m2)
 WITH_ADDEND = ("aten::addmm", "aten::addmm_", "aten::baddbmm")  # the added tensor comes first
 # Checked in order: the first kind whose pattern a kernel's lowercased name matches.
 KINDS = (("communication", r"nccl"),
@@ -47,7 +48,8 @@ KINDS = (("communication", r"nccl"),
          ("copy", r"memcpy|memset"),
          ("triton", r"^triton|^_"),
          ("other", r""))
-DTYPES = {"float": "float32", "c10::BFloat16": "bfloat16", "c10::Half": "float16", "double": "float64"}
+DTYPES = {"float": "float32", "c10::BFloat16": "bfloat16", "c10::Half": "float16", "double": "float64",
+          "c10::Float8_e4m3fn": "float8_e4m3fn", "c10::Float8_e5m2": "float8_e5m2"}
 
 
 def kind_of(kernel: str) -> str:
@@ -87,7 +89,10 @@ def matmul_ops(events: list[dict], steps: int) -> dict[tuple, float]:
                 continue
             strides = args.get("Input Strides") or [None] * len(dims)
             types = args.get("Input type") or ["float"] * len(dims)
-            dtype = DTYPES.get(types[1 if event["name"] in WITH_ADDEND else 0], "float32")
+            if event["name"] == SCALED:  # both operands' dtypes: "a_dtype,b_dtype"
+                dtype = ",".join(DTYPES.get(t, "float32") for t in types[:2])
+            else:
+                dtype = DTYPES.get(types[1 if event["name"] in WITH_ADDEND else 0], "float32")
             key = (event["name"], json.dumps(dims), json.dumps(strides), dtype)
             ops[key] += 1 / steps
     return dict(ops)
@@ -105,20 +110,27 @@ def flops(op: str, dims: list) -> float:
 
 
 def time_alone(op: str, dims: list, strides: list, dtype: str, device, repeats: int = 10) -> float:
-    """Median seconds of one such matmul on its own (inputs with the trace's strides)."""
+    """Median seconds of one such matmul on its own (inputs with the trace's strides; ``dtype`` of
+    both operands, or ``"a,b"`` for ``_scaled_mm``'s)."""
     import torch
 
-    def tensor(shape, stride):
+    def tensor(shape, stride, dtype):
+        dtype = getattr(torch, dtype)
         if stride is None or len(stride) != len(shape):
-            return torch.randn(shape, dtype=getattr(torch, dtype), device=device)
+            return torch.randn(shape, device=device).to(dtype)
         size = 1 + sum((n - 1) * s for n, s in zip(shape, stride))
-        return torch.randn(size, dtype=getattr(torch, dtype), device=device).as_strided(shape, stride)
+        return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
 
     (a_dims, b_dims), index = operands(op, dims), (1, 2) if op in WITH_ADDEND else (0, 1)
-    a, b = tensor(a_dims, strides[index[0]]), tensor(b_dims, strides[index[1]])
-    run = {"aten::mm": torch.mm, "aten::bmm": torch.bmm}.get(op)
+    a_dtype, _, b_dtype = dtype.partition(",")
+    a, b = tensor(a_dims, strides[index[0]], a_dtype), tensor(b_dims, strides[index[1]], b_dtype or a_dtype)
+    if op == SCALED:
+        one = torch.ones((), device=device)
+        run = lambda x, y: torch._scaled_mm(x, y, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    else:
+        run = {"aten::mm": torch.mm, "aten::bmm": torch.bmm}.get(op)
     if run is None:  # addmm(_)/baddbmm: the added tensor as the trace had it
-        addend = tensor(dims[0], strides[0])
+        addend = tensor(dims[0], strides[0], a_dtype)
         run = (lambda x, y: torch.baddbmm(addend, x, y)) if op == "aten::baddbmm" else (lambda x, y: torch.addmm(addend, x, y))
     return _seconds(lambda: run(a, b), device, repeats)
 

@@ -8,15 +8,16 @@ from fastllm.kernels.activation import ACTIVATIONS, activation, geglu, gated, ge
 from fastllm.kernels.attention import attention
 from fastllm.kernels.cast import cast, sum_rows
 from fastllm.kernels.cross_entropy import VocabShard, fused_linear_cross_entropy
+from fastllm.kernels.fp8 import fp8_linear
 from fastllm.kernels.grouped_matmul import grouped_matmul
 from fastllm.kernels.moe import Routing, make_routing, moe_combine, moe_dispatch, moe_experts
 from fastllm.kernels.norm import layer_norm, rms_norm
 from fastllm.kernels.optim import adamw_step, global_norm
-from fastllm.kernels.registry import OPS, Choice, KernelConfig, resolve, select
+from fastllm.kernels.registry import OPS, Choice, KernelConfig, Matmul, resolve, select
 from fastllm.kernels.rotary import apply_rotary
 
 __all__ = [
-    "Choice", "KernelConfig", "OPS", "resolve", "select",
+    "Choice", "KernelConfig", "Matmul", "OPS", "resolve", "select",
     "rms_norm", "layer_norm",
     "apply_rotary",
     "ACTIVATIONS", "activation", "gated", "swiglu", "geglu", "gelu",
@@ -25,4 +26,5 @@ __all__ = [
     "Routing", "make_routing", "moe_dispatch", "moe_combine", "moe_experts", "grouped_matmul",
     "attention",
     "cast", "sum_rows",
+    "fp8_linear",
 ]

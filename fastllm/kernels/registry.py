@@ -4,6 +4,10 @@ Every op has a Triton kernel and a pure-torch reference. ``"auto"`` picks Triton
 live on CUDA and Triton imports, the reference otherwise; ``"triton"`` forces the kernel (on CPU it
 runs in Triton's interpreter, so ``TRITON_INTERPRET=1`` must be set); ``"torch"`` forces the
 reference, which is how one debugs a suspected kernel: flip one field of the config.
+
+``matmul`` is the one field that changes the arithmetic rather than who does it: ``"fp8"`` runs the
+blocks' projections (q, k, v, o; up, gate, down) through :func:`fastllm.kernels.fp8.fp8_linear`
+instead of matmuls in the compute dtype; the LM head, the router and the experts stay as they are.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ import torch
 
 from fastllm.kernels import _triton
 
-__all__ = ["Choice", "KernelConfig", "OPS", "select", "resolve"]
+__all__ = ["Choice", "KernelConfig", "Matmul", "OPS", "select", "resolve"]
 
 Choice = Literal["auto", "triton", "torch"]
 CHOICES = ("auto", "triton", "torch")
+Matmul = Literal["compute", "fp8"]
+MATMULS = ("compute", "fp8")
 
 
 @dataclass(frozen=True)
@@ -35,22 +41,26 @@ class KernelConfig:
     adamw: Choice = "auto"
     grad_norm: Choice = "auto"
     attention: Choice = "auto"  # "triton" here means PyTorch's fused kernels (flash SDPA, FlexAttention)
+    matmul: Matmul = "compute"  # the blocks' projections: in the compute dtype, or "fp8"
 
     def __post_init__(self):
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
+        for name in OPS:
+            value = getattr(self, name)
             if value not in CHOICES:
-                raise ValueError(f"kernels.{spec.name}: must be one of {CHOICES}, got {value!r}")
+                raise ValueError(f"kernels.{name}: must be one of {CHOICES}, got {value!r}")
+        if self.matmul not in MATMULS:
+            raise ValueError(f"kernels.matmul: must be one of {MATMULS}, got {self.matmul!r}")
 
     @classmethod
     def all(cls, choice: Choice) -> "KernelConfig":
+        """Every op's implementation set to ``choice`` (``matmul``, not an implementation, as is)."""
         return cls(**{name: choice for name in OPS})
 
     def replace(self, **changes) -> "KernelConfig":
         return dataclasses.replace(self, **changes)
 
 
-OPS = tuple(spec.name for spec in dataclasses.fields(KernelConfig))
+OPS = tuple(spec.name for spec in dataclasses.fields(KernelConfig) if spec.name != "matmul")
 
 
 def resolve(choice: Choice, device: torch.device | str) -> Literal["triton", "torch"]:

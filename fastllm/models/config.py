@@ -90,8 +90,8 @@ class ModelConfig:
     moe: Optional[MoEConfig] = None
     init_std: float = 0.02
     family: str = "llama"  # which Hugging Face architecture save() writes
-    # which implementation runs each op ("auto": Triton on CUDA, the torch reference elsewhere);
-    # not part of the maths, so Hugging Face export ignores it
+    # which implementation runs each op ("auto": Triton on CUDA, the torch reference elsewhere) and
+    # the projections' precision (matmul="fp8"); not part of the model, so Hugging Face export ignores it
     kernels: KernelConfig = field(default_factory=KernelConfig)
 
     def __post_init__(self):

@@ -71,7 +71,7 @@ class Attention:
     window: Optional[int] = None
     std: float = 0.02
     out_std: Optional[float] = None
-    kernels: KernelConfig = KernelConfig()  # which implementation runs rotary and attention
+    kernels: KernelConfig = KernelConfig()  # which implementation runs rotary and attention; matmul precision
 
     def __post_init__(self):
         if self.n_kv_heads is None:
@@ -159,7 +159,8 @@ def apply(
     ``(output, cache extended by x's keys and values)``.
     """
     q, k, v = ops.projections(layout, x, ops.STREAM, [(p[w], AXES[w], p.get(b)) for w, b in
-                                                      (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))])
+                                                      (("wq", "bq"), ("wk", "bk"), ("wv", "bv"))],
+                              matmul=layer.kernels.matmul)
     if cache is not None:
         if layout is not None:
             raise ValueError("decoding with a KV cache runs on one device (layout=None)")
@@ -170,7 +171,7 @@ def apply(
         args += [ops.data(segment_ids, ("batch", "seq"))] if segment_ids is not None else []
         core = _core(layer, rope is not None, segment_ids is not None)
         out = ops.local(layout, core, args, [Q_AXES], whole=("seq",), name="attention")[0]
-    out = ops.dense(layout, out, Q_AXES, p["wo"], AXES["wo"], p.get("bo"))
+    out = ops.dense(layout, out, Q_AXES, p["wo"], AXES["wo"], p.get("bo"), matmul=layer.kernels.matmul)
     return out if cache is None else (out, cache)
 
 

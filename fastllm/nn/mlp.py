@@ -5,7 +5,7 @@ Activations match transformers' names: ``gelu`` is the exact erf GELU, ``gelu_ta
 approximation (GPT-2's ``gelu_new``, StarCoder's ``gelu_pytorch_tanh``), ``silu``, ``relu``.
 The activations are defined once, in :mod:`fastllm.kernels.activation`: where the layer's
 ``kernels.activation`` resolves to Triton, ``act(gate) * up`` (or ``act(up)``) is one fused elementwise
-pass, else its torch reference runs; the matmuls stay cuBLAS.
+pass, else its torch reference runs; the matmuls stay cuBLAS (FP8 ones with ``kernels.matmul="fp8"``).
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MLP:
     bias: bool = False
     std: float = 0.02
     out_std: Optional[float] = None
-    kernels: KernelConfig = KernelConfig()  # which implementation runs the activation
+    kernels: KernelConfig = KernelConfig()  # which implementation runs the activation; matmul precision
 
     def __post_init__(self):
         activation(self.activation)  # validates the name
@@ -88,7 +88,8 @@ def apply(
 ) -> Float[Tensor, "*batch embed"]:
     """``layout`` (see :mod:`fastllm.nn.ops`): ``x``'s dims are ``x_axes`` (the residual stream)."""
     projected = [("w_up", "b_up")] + ([("w_gate", "b_gate")] if "w_gate" in p else [])
-    up, *gate = ops.projections(layout, x, x_axes, [(p[w], AXES[w], p.get(b)) for w, b in projected])
+    up, *gate = ops.projections(layout, x, x_axes, [(p[w], AXES[w], p.get(b)) for w, b in projected],
+                                matmul=layer.kernels.matmul)
     hidden = activate(layer.activation, up, gate[0] if gate else None, kernels=layer.kernels)  # [..., mlp]
     return ops.dense(layout, hidden, ops.dense_axes(x_axes, AXES["w_up"]), p["w_down"], AXES["w_down"],
-                     p.get("b_down"))
+                     p.get("b_down"), matmul=layer.kernels.matmul)

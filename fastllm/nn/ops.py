@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
-from fastllm.kernels import Choice, VocabShard
+from fastllm.kernels import Choice, Matmul, VocabShard, fp8_linear
 from fastllm.nn.loss import cross_entropy as _cross_entropy
 from fastllm.nn.loss import linear_cross_entropy as _linear_cross_entropy
 
@@ -183,11 +183,17 @@ def _contracted(x_axes: Axes, w_axes: Axes) -> int:
     return k
 
 
-def _matmul(k: int, x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
-    """``x`` ``[..., K1..Kk]`` times ``w`` ``[N1..Nm, K1..Kk]`` as one ``F.linear`` (cuBLAS' layout)."""
+def _matmul(k: int, x: Tensor, w: Tensor, b: Optional[Tensor] = None, fp8: bool = False) -> Tensor:
+    """``x`` ``[..., K1..Kk]`` times ``w`` ``[N1..Nm, K1..Kk]`` as one ``F.linear`` (cuBLAS' layout),
+    or with ``fp8`` as one :func:`fastllm.kernels.fp8.fp8_linear`."""
     out_shape = w.shape[:w.ndim - k]
-    y = F.linear(x.flatten(x.ndim - k) if k > 1 else x, w.reshape(math.prod(out_shape), -1),
-                 None if b is None else b.reshape(-1))
+    x = x.flatten(x.ndim - k) if k > 1 else x
+    w = w.reshape(math.prod(out_shape), -1)
+    if fp8:
+        y = fp8_linear(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], -1)
+        y = y if b is None else y + b.reshape(-1)
+    else:
+        y = F.linear(x, w, None if b is None else b.reshape(-1))
     return y.unflatten(-1, out_shape) if len(out_shape) != 1 else y
 
 
@@ -196,16 +202,20 @@ def projections(
     x: Tensor,
     x_axes: Axes,
     weights: Sequence[tuple[Tensor, Axes, Optional[Tensor]]],
+    *,
+    matmul: Matmul = "compute",
 ) -> list[Tensor]:
     """``[dense(x, w, b) for (w, w_axes, b) in weights]``, in one operation: one move of ``x`` for
-    all of them (the q, k and v projections share theirs, and so its gradient's sum)."""
+    all of them (the q, k and v projections share theirs, and so its gradient's sum). ``matmul``:
+    in ``x``'s dtype, or ``"fp8"`` (:mod:`fastllm.kernels.fp8`)."""
     counts = [_contracted(x_axes, w_axes) for _, w_axes, _ in weights]
+    fp8 = matmul == "fp8"
     if layout is None:
-        return [_matmul(k, x, w, b) for k, (w, _, b) in zip(counts, weights)]
+        return [_matmul(k, x, w, b, fp8) for k, (w, _, b) in zip(counts, weights)]
     out_axes = [dense_axes(x_axes, w_axes) for _, w_axes, _ in weights]
 
     def matmuls(shards: Shards, x: Tensor, *ws: Tensor) -> tuple[Tensor, ...]:
-        return tuple(_matmul(k, x, w) for k, w in zip(counts, ws))
+        return tuple(_matmul(k, x, w, fp8=fp8) for k, w in zip(counts, ws))
 
     args = [activation(x, x_axes)] + [param(w, w_axes) for w, w_axes, _ in weights]
     name = "dense " + ", ".join(" ".join(w_axes) for _, w_axes, _ in weights)
@@ -215,14 +225,15 @@ def projections(
 
 
 def dense(
-    layout: Optional[Layout], x: Tensor, x_axes: Axes, w: Tensor, w_axes: Axes, b: Optional[Tensor] = None
+    layout: Optional[Layout], x: Tensor, x_axes: Axes, w: Tensor, w_axes: Axes, b: Optional[Tensor] = None,
+    *, matmul: Matmul = "compute",
 ) -> Tensor:
     """``x W^T + b`` over the dims ``x`` and ``w`` share at their ends; ``w`` is ``[out..., in...]``.
 
     ``dense(layout, x, ("batch", "seq", "heads", "head_dim"), wo, ("embed", "heads", "head_dim"))``
     is attention's output projection: its result is ``("batch", "seq", "embed")``.
     """
-    return projections(layout, x, x_axes, [(w, w_axes, b)])[0]
+    return projections(layout, x, x_axes, [(w, w_axes, b)], matmul=matmul)[0]
 
 
 def _rows(shards: Shards, table: Tensor, ids: Tensor, name: str) -> Tensor:

@@ -26,6 +26,8 @@ def _trace():
         op("aten::addmm", [[32], [128, 64], [64, 32], [], []], ["c10::BFloat16"] * 3 + ["Scalar", "Scalar"], 1990),
         op("aten::addmm_", [[64, 32], [64, 128], [128, 32], [], []], ["c10::BFloat16"] * 3 + ["Scalar", "Scalar"], 3),
         op("aten::linear", [[128, 64], [32, 64]], ["c10::BFloat16"] * 2, 5),  # not a leaf matmul: not counted
+        op("aten::_scaled_mm", [[128, 64], [64, 32], [], [], [], []],
+           ["c10::Float8_e5m2", "c10::Float8_e4m3fn", "float", "float", "", ""], 6),
         {"ph": "i", "name": "instant", "ts": 7}]}
 
 
@@ -40,15 +42,17 @@ def test_summary_divides_per_step_and_sorts_kinds(profile_train):
 
 def test_matmul_ops_and_flops(profile_train):
     ops = profile_train.summarize(_trace(), steps=2)["matmuls"]
-    assert sorted(op for op, *_ in ops) == ["aten::addmm", "aten::addmm_", "aten::mm"]
-    assert all(dtype == "bfloat16" and calls == 0.5 for (_, _, _, dtype), calls in ops.items())
+    assert sorted(op for op, *_ in ops) == ["aten::_scaled_mm", "aten::addmm", "aten::addmm_", "aten::mm"]
+    assert {dtype for (*_, dtype) in ops} == {"bfloat16", "float8_e5m2,float8_e4m3fn"}
+    assert all(calls == 0.5 for calls in ops.values())
     total = sum(calls * profile_train.flops(op, json.loads(dims)) for (op, dims, _, _), calls in ops.items())
-    assert total == 0.5 * (2 * (2 * 128 * 64 * 32) + 2 * 64 * 128 * 32)  # the added tensor is not an operand
+    assert total == 0.5 * (3 * (2 * 128 * 64 * 32) + 2 * 64 * 128 * 32)  # the added tensor is not an operand
     assert profile_train.flops("aten::bmm", [[4, 8, 16], [4, 16, 2]]) == 2 * 4 * 8 * 16 * 2
     import torch
 
     for (op, dims, strides, dtype), _ in ops.items():  # each re-runs alone with its operands in place
-        assert profile_train.time_alone(op, json.loads(dims), json.loads(strides), "float32", torch.device("cpu"), 2) > 0
+        dtype = dtype if op == "aten::_scaled_mm" else "float32"  # CPU builds run FP8 operands only there
+        assert profile_train.time_alone(op, json.loads(dims), json.loads(strides), dtype, torch.device("cpu"), 2) > 0
 
 
 def test_cpu_run_counts_the_models_matmuls(profile_train, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Checks of compiled blocks (fastllm/train/compile.py) against eager; run by test_compile_blocks.py in
 a subprocess with FASTLLM_TYPECHECK=0 (dynamo cannot trace the beartype checks):
-``python compile_checks.py single|packed|batches|distributed``.
+``python compile_checks.py single|fp8|packed|batches|distributed``.
 
 Backend ``aot_eager``: dynamo's capture and AOTAutograd's forward/backward graphs (the parts our
 code shapes) in seconds; inductor's codegen is torch's to test. ``main`` prints one JSON line.
@@ -80,6 +80,20 @@ def single_device() -> dict:
     torch.testing.assert_close(states[True][1], states[False][1], **TOLERANCE)
     assert_trees_close(states[True][0], states[False][0], "params after a compiled step")
     return "ok"
+
+
+def fp8_single() -> dict:
+    """tiny-llama with FP8 projections (``kernels.matmul="fp8"``): compiled blocks give eager's loss
+    and gradients, the FP8 autograd function traced into the block's one graph."""
+    from fastllm.kernels import KernelConfig
+
+    config = models.preset("tiny-llama", kernels=KernelConfig(matmul="fp8"))
+    eager = _gradients(config, Mesh.local(), False, False)
+    counters.clear()
+    compiled = _gradients(config, Mesh.local(), True, False)
+    torch.testing.assert_close(compiled[1], eager[1], **TOLERANCE)
+    assert_trees_close(compiled[0], eager[0], "fp8 gradient")
+    return graph_counts()
 
 
 def distributed_rank() -> dict:
@@ -181,9 +195,10 @@ def packed_batches() -> dict:
 
 
 def main(part: str) -> None:
-    """Print ``{"result": ..., "seconds": ...}`` of ``part``: "single", "packed", "batches" or "distributed" (2 ranks)."""
+    """Print ``{"result": ..., "seconds": ...}`` of ``part``: "single", "fp8", "packed", "batches" or
+    "distributed" (2 ranks)."""
     started = time.perf_counter()
-    parts = {"single": single_device, "packed": packed_graphs, "batches": packed_batches,
+    parts = {"single": single_device, "fp8": fp8_single, "packed": packed_graphs, "batches": packed_batches,
              "distributed": lambda: testing.run(distributed_rank, 2, timeout_s=240.0)}
     result = parts[part]()
     print(json.dumps({"result": result, "seconds": round(time.perf_counter() - started, 1)}))

@@ -28,6 +28,10 @@ def test_single_device_loss_gradients_and_step_equal_eager_in_one_graph():
     assert run_checks("single") == "ok"
 
 
+def test_fp8_projections_compile_into_the_block_graph_and_equal_eager():
+    assert run_checks("fp8") == {"graph_breaks": 0, "unique_graphs": 1}
+
+
 def test_packed_documents_keep_one_graph_per_block():
     """FlexAttention's block mask of packed documents is built before the compiled block, neither
     looked up inside it (a graph break: a fusion barrier and a saved activation in every block) nor
