@@ -42,6 +42,27 @@ def test_planted_group_boundary_is_caught(gen):
     assert_caught(planted(_grouped(_offsets([5, 0, 17, 3])), _grouped(late)), (x, w), torch.float32)
 
 
+def test_vendor_grouped_matmul_equals_reference_with_gradients(monkeypatch, gen):
+    """``torch._grouped_mm`` (what bf16 on Hopper runs) through ``grouped_matmul``, an empty group
+    included: values and both gradients equal the loop over groups. CPU builds have the op too."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("this torch has no _grouped_mm")
+    assert not GROUPED_MATMUL._vendor(torch.zeros(4, 8, dtype=torch.bfloat16), torch.zeros(2, 8, 8, dtype=torch.bfloat16))
+    monkeypatch.setattr(GROUPED_MATMUL, "_vendor", lambda x, w: True)
+    offsets = _offsets([5, 0, 17, 18])
+    x = torch.randn(40, 32, generator=gen).bfloat16().requires_grad_()
+    w = torch.randn(4, 48, 32, generator=gen).bfloat16().requires_grad_()
+    dy = torch.randn(40, 48, generator=gen).bfloat16()
+    got = grouped_matmul(x, w, offsets, impl="triton")
+    assert "GroupedMm" in type(got.grad_fn).__name__, got.grad_fn  # torch's op, not the Triton kernel
+    got_grads = torch.autograd.grad(got, (x, w), dy)
+    want = GROUPED_MATMUL.grouped_matmul_reference(x, w, offsets)
+    want_grads = torch.autograd.grad(want, (x, w), dy)
+    for a, b in zip((got, *got_grads), (want, *want_grads)):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+    assert got_grads[1][1].abs().max() == 0  # the empty group's weight gets no gradient
+
+
 def test_sixteen_bit_tiles_are_upcast_in_the_interpreter_only():
     """The bf16 tl.dot path is the one GPUs run (tests/gpu checks it); the interpreter gets it wrong."""
     assert GROUPED_MATMUL.upcast_tiles(torch.device("cpu"))
