@@ -87,10 +87,47 @@ def test_grouped_matmul_runs_the_16_bit_dot_on_cuda(dtype, gen, device, monkeypa
     counts = [130, 0, 257, 3, 64]  # full and partial 128-row tiles, an empty group
     x, w = _randn(gen, device, sum(counts), 192), _randn(gen, device, len(counts), 320, 192, scale=0.1)
     offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=device)
+    monkeypatch.setattr(GROUPED_MATMUL, "_vendor", lambda x, w: False)  # the Triton kernel (bf16 on Hopper: below)
     flags = _recording_upcast(monkeypatch)
     compare(lambda x, w, impl: grouped_matmul(x, w, offsets, impl=impl), (x, w), dtype)
     assert not GROUPED_MATMUL.upcast_tiles(x.device)  # the decision, and what the launches did with it:
     assert flags and not any(flags), f"UPCAST flags of the launches: {flags}"  # tiles fed to tl.dot as they are
+
+
+@pytest.mark.cuda_only("torch._grouped_mm's CUDA kernels")
+def test_grouped_matmul_bf16_on_hopper_is_torch_grouped_mm(gen, device):
+    """bf16 on compute capability 9.x takes ``torch._grouped_mm`` (faster there), which must equal
+    the float64 reference as the Triton kernel does, forward and both gradients."""
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("torch._grouped_mm is taken on compute capability 9.x only")
+    counts = [130, 0, 257, 3, 64]
+    x, w = _randn(gen, device, sum(counts), 192), _randn(gen, device, len(counts), 320, 192, scale=0.1)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], device=device)
+    assert GROUPED_MATMUL._vendor(x.bfloat16(), w.bfloat16())
+    y = grouped_matmul(x.bfloat16().requires_grad_(), w.bfloat16(), offsets, impl="triton")
+    assert "GroupedMm" in type(y.grad_fn).__name__, y.grad_fn
+    compare(lambda x, w, impl: grouped_matmul(x, w, offsets, impl=impl), (x, w), torch.bfloat16)
+
+
+@pytest.mark.cuda_only("FP8 tensor cores")
+def test_fp8_linear_takes_scaled_mm_and_equals_the_emulation(gen, device):
+    """On compute capability 8.9+ ``fp8_linear`` runs ``torch._scaled_mm``; its output and both
+    gradients equal the emulated product (operands rounded through FP8, fp32 product) to within
+    the bf16 rounding of the results."""
+    fp8 = importlib.import_module("fastllm.kernels.fp8")
+    if torch.cuda.get_device_capability(device) < (8, 9):
+        pytest.skip("no FP8 tensor cores")
+    x = _randn(gen, device, 256, 512).bfloat16()
+    w = _randn(gen, device, 384, 512, scale=0.02).bfloat16()
+    dy = _randn(gen, device, 256, 384).bfloat16()
+    assert fp8._native(x, w.t())
+    results = {}
+    for where in ("cuda", "cpu"):  # the CPU takes the emulation
+        xs, ws = x.to(where).requires_grad_(), w.to(where).requires_grad_()
+        y = fp8.fp8_linear(xs, ws)
+        results[where] = [t.float().cpu() for t in (y, *torch.autograd.grad(y, (xs, ws), dy.to(where)))]
+    for got, want in zip(results["cuda"], results["cpu"]):
+        assert ((got - want).norm() / want.norm()).item() < 1e-2
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
