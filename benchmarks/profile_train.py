@@ -12,8 +12,10 @@ matmuls are from the matmul ceiling measured on the same device in the same call
 * Device kernels are grouped by name (ms and calls per step, share of the busy time) and by kind:
   matmul, attention, optimizer, Triton (compiled or hand-written fused kernels), copy, communication,
   other. ``busy`` is the kernels' time per step; ``span`` the profiled wall time per step.
-* The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm/_scaled_mm`` of the trace (FP8 projections
-  call ``_scaled_mm``) with its input dims, strides and dtypes (2*M*N*K FLOPs each), each distinct one re-run alone on the same device (timed as
+* The matmul ceiling: every ``aten::mm/addmm/addmm_/bmm/baddbmm/_scaled_mm/_grouped_mm`` of the trace (FP8
+  projections call ``_scaled_mm``, MoE experts ``_grouped_mm`` on Hopper) with its input dims, strides and
+  dtypes (2*M*N*K FLOPs each; a grouped GEMM is re-timed with groups of equal size, since the trace
+  does not record the routing), each distinct one re-run alone on the same device (timed as
   benchmarks/kernels.py times kernels: calls queued back to back), so ``matmul_vs_alone`` is the time the step's matmuls took over the time the
   same matmuls take in isolation; ``dense_tflops`` is an 8192^3 bf16 matmul's rate, the device's
   practical peak.
@@ -37,7 +39,9 @@ sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
 _spec = importlib.util.spec_from_file_location("benchmarks_train_vs_peer", HERE / "train_vs_peer.py")
 train_vs_peer = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(train_vs_peer)  # its train command and sibling loader
-MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm",
+              "aten::_grouped_mm")
+GROUPED = "aten::_grouped_mm"  # the experts' GEMM: rows (or, for the weight gradient, the contraction) in groups
 SCALED = "aten::_scaled_mm"  # FP8 operands, each with its own dtype (e4m3 or e5m2)
 WITH_ADDEND = ("aten::addmm", "aten::addmm_", "aten::baddbmm")  # the added tensor comes first
 # Checked in order: the first kind whose pattern a kernel's lowercased name matches.
@@ -127,12 +131,23 @@ def time_alone(op: str, dims: list, strides: list, dtype: str, device, repeats: 
     if op == SCALED:
         one = torch.ones((), device=device)
         run = lambda x, y: torch._scaled_mm(x, y, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+    elif op == GROUPED:
+        ends = _even_ends(a_dims[0] if len(b_dims) == 3 else a_dims[1], dims[2][0], device)
+        run = lambda x, y: torch._grouped_mm(x, y, offs=ends)  # noqa: E731
     else:
         run = {"aten::mm": torch.mm, "aten::bmm": torch.bmm}.get(op)
     if run is None:  # addmm(_)/baddbmm: the added tensor as the trace had it
         addend = tensor(dims[0], strides[0], a_dtype)
         run = (lambda x, y: torch.baddbmm(addend, x, y)) if op == "aten::baddbmm" else (lambda x, y: torch.addmm(addend, x, y))
     return _seconds(lambda: run(a, b), device, repeats)
+
+
+def _even_ends(rows: int, groups: int, device):
+    """Each group's end row (int32) for ``groups`` groups of ``rows`` of about equal size, multiples of 16."""
+    import torch
+
+    ends = [min(rows, (rows * (g + 1) // groups) // 16 * 16) for g in range(groups - 1)] + [rows]
+    return torch.tensor(ends, dtype=torch.int32, device=device)
 
 
 def _seconds(fn, device, repeats: int) -> float:

@@ -28,6 +28,8 @@ def _trace():
         op("aten::linear", [[128, 64], [32, 64]], ["c10::BFloat16"] * 2, 5),  # not a leaf matmul: not counted
         op("aten::_scaled_mm", [[128, 64], [64, 32], [], [], [], []],
            ["c10::Float8_e5m2", "c10::Float8_e4m3fn", "float", "float", "", ""], 6),
+        op("aten::_grouped_mm", [[128, 64], [4, 64, 32], [4], [], []], ["c10::BFloat16"] * 2 + ["int"] + ["", ""], 7),
+        op("aten::_grouped_mm", [[32, 128], [128, 64], [4], [], []], ["c10::BFloat16"] * 2 + ["int"] + ["", ""], 8),
         {"ph": "i", "name": "instant", "ts": 7}]}
 
 
@@ -42,16 +44,18 @@ def test_summary_divides_per_step_and_sorts_kinds(profile_train):
 
 def test_matmul_ops_and_flops(profile_train):
     ops = profile_train.summarize(_trace(), steps=2)["matmuls"]
-    assert sorted(op for op, *_ in ops) == ["aten::_scaled_mm", "aten::addmm", "aten::addmm_", "aten::mm"]
+    assert sorted(op for op, *_ in ops) == ["aten::_grouped_mm"] * 2 + ["aten::_scaled_mm", "aten::addmm", "aten::addmm_",
+                                                                      "aten::mm"]
     assert {dtype for (*_, dtype) in ops} == {"bfloat16", "float8_e5m2,float8_e4m3fn"}
     assert all(calls == 0.5 for calls in ops.values())
     total = sum(calls * profile_train.flops(op, json.loads(dims)) for (op, dims, _, _), calls in ops.items())
-    assert total == 0.5 * (3 * (2 * 128 * 64 * 32) + 2 * 64 * 128 * 32)  # the added tensor is not an operand
+    # the added tensor is not an operand; grouped: rows in groups, and the weight gradient's grouped contraction
+    assert total == 0.5 * (3 * (2 * 128 * 64 * 32) + 2 * 64 * 128 * 32 + 2 * 128 * 64 * 32 + 2 * 32 * 128 * 64)
     assert profile_train.flops("aten::bmm", [[4, 8, 16], [4, 16, 2]]) == 2 * 4 * 8 * 16 * 2
     import torch
 
     for (op, dims, strides, dtype), _ in ops.items():  # each re-runs alone with its operands in place
-        dtype = dtype if op == "aten::_scaled_mm" else "float32"  # CPU builds run FP8 operands only there
+        dtype = {"aten::_scaled_mm": dtype, "aten::_grouped_mm": dtype}.get(op, "float32")  # as the op takes them
         assert profile_train.time_alone(op, json.loads(dims), json.loads(strides), dtype, torch.device("cpu"), 2) > 0
 
 
