@@ -416,6 +416,31 @@ def bench_moe(bench: Bench, tokens: int, top_k: int, experts: int, embed: int, m
                       bytes=combined, shape=shape))
 
 
+def bench_fp8(bench: Bench, shapes: list[tuple[int, int, int]]):
+    """One projection ``[tokens, in] x [out, in]``, forward and backward, in FP8 (``fp8_linear``,
+    compiled as in a compiled block: the amax, scale and cast fuse) against bf16 ``F.linear``."""
+    import torch.nn.functional as F
+
+    from fastllm import kernels
+
+    dev = bench.device
+    fp8 = compiled(kernels.fp8_linear, bench) or kernels.fp8_linear
+    for tokens, d_in, d_out in shapes:
+        x = _param(torch.randn(tokens, d_in, device=dev, dtype=torch.bfloat16))
+        w = _param(0.02 * torch.randn(d_out, d_in, device=dev, dtype=torch.bfloat16))
+        shape, flops = f"[{tokens}, {d_in}] x [{d_out}, {d_in}] bf16", 2 * tokens * d_in * d_out
+        impls = {"fastllm": fp8, "eager": lambda x, w: F.linear(x, w),
+                 "compile": compiled(lambda x, w: F.linear(x, w), bench)}
+        check = max_error(impls["fastllm"], impls["eager"], (x, w))  # FP8's rounding: percent-level
+        for name, fn in impls.items():
+            if fn is None:
+                bench.skip("fp8_linear", "fwd", name, "not available")
+                continue
+            bench.record(Case("fp8_linear", "fwd", name, lambda fn=fn: fn(x, w), flops=flops, shape=shape),
+                         note=check if name == "fastllm" else "")
+            bench.record(Case("fp8_linear", "bwd", name, grad_of(fn, (x, w)), flops=2 * flops, shape=shape))
+
+
 def bench_attention(bench: Bench, batch: int, heads: int, kv_heads: int, seq: int, head_dim: int, window: int):
     from fastllm import kernels
 
@@ -521,7 +546,7 @@ def main(argv=None):
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="start no new suite after this many seconds (the table is still written)")
     parser.add_argument("--only", default="", help="comma-separated subset: cast,norms,activations,rotary,"
-                        "cross_entropy,optim,moe,attention")
+                        "cross_entropy,optim,moe,attention,fp8")
     args = parser.parse_args(argv)
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -546,6 +571,9 @@ def main(argv=None):
         "optim": lambda: bench_optim(bench, *((3, 70000) if tiny else (128, 1 << 21))),
         "moe": lambda: bench_moe(bench, *((12, 2, 4, 32, 48) if tiny else (16384, 2, 8, 4096, 14336))),
         "attention": lambda: bench_attention(bench, *((1, 4, 2, 32, 16, 8) if tiny else (4, 32, 8, 4096, 128, 1024))),
+        # the 8B block's widest and narrowest projections, SmolLM2's widest
+        "fp8": lambda: bench_fp8(bench, [(32, 48, 64)] if tiny else [(8192, 4096, 14336), (8192, 4096, 1024),
+                                                                     (131072, 576, 1536)]),
     }
     chosen = [s for s in args.only.split(",") if s] or list(suites)
     bench_copy(bench, 1 << 12 if tiny else 1 << 29)
