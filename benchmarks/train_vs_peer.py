@@ -21,6 +21,9 @@
 
 Both print tokens/s/GPU, step time, MFU (``fastllm.models.flops_per_token``, DESIGN.md, against
 989 TFLOP/s), peak memory and first and last loss, so that one call compares them on one machine.
+``--variant "key=value ..."`` (repeatable) adds a fastllm run with those overrides on top (an
+option such as ``model.kernels.matmul=fp8`` beside the plain run); a last line gives each fastllm
+run's tokens/s over the fastest peer's.
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="the peer's unmeasured first steps")
     parser.add_argument("--peer-loss", default="ce", help="the dense peer's losses, comma-separated: ce (logits, "
                         "then cross-entropy), flce (Liger's fused linear cross-entropy); each is one peer run")
+    parser.add_argument("--variant", action="append", default=[], metavar="OVERRIDES",
+                        help="one more fastllm run with these space-separated overrides on top (repeatable)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -89,10 +94,10 @@ def train_command(recipe: str, overrides: list[str], data: str, steps: int, log_
             f"train.steps={steps}", f"train.log_every={log_every}", *QUIET, f"run.dir={run_dir}"]
 
 
-def fastllm_run(args) -> dict:
-    """``fastllm train`` as a user runs it; the numbers its metrics log holds."""
+def fastllm_run(args, variant: tuple[str, ...] = ()) -> dict:
+    """``fastllm train`` as a user runs it (the overrides, then ``variant``'s); the numbers its metrics log holds."""
     run_dir = Path(tempfile.mkdtemp(prefix="train_vs_peer-"))
-    command = train_command(args.recipe, args.overrides, args.data, args.steps, args.log_every, run_dir)
+    command = train_command(args.recipe, [*args.overrides, *variant], args.data, args.steps, args.log_every, run_dir)
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode}: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ''}"}
@@ -155,20 +160,38 @@ def peer_run(args, loss: str = "ce") -> dict:
     return {**out, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
+def runs(args) -> list[tuple[str, tuple[str, ...], str | None]]:
+    """(system, extra overrides, peer loss) of each run ``args`` asks for, in order."""
+    ours = [("fastllm", (), None)] + [("fastllm", tuple(v.split()), None) for v in args.variant]
+    peers = [("peer", (), loss) for loss in args.peer_loss.split(",")]
+    return {"both": ours + peers, "fastllm": ours, "peer": peers}[args.system]
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    """Each fastllm run's tokens/s over the fastest peer's (keyed by its variant, "" for the plain run)."""
+    peers = [r["tokens_per_s_per_gpu"] for r in rows if r["system"] == "peer" and "tokens_per_s_per_gpu" in r]
+    if not peers:
+        return {}
+    return {r.get("variant", ""): round(r["tokens_per_s_per_gpu"] / max(peers), 3)
+            for r in rows if r["system"] == "fastllm" and "tokens_per_s_per_gpu" in r}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("FASTLLM_TYPECHECK", "0")
-    failed = False
-    peers = [("peer", loss) for loss in args.peer_loss.split(",")]
-    for system, loss in [("fastllm", None), *peers] if args.system == "both" else (
-            peers if args.system == "peer" else [("fastllm", None)]):
+    rows = []
+    for system, variant, loss in runs(args):
         try:
-            fields = fastllm_run(args) if system == "fastllm" else {"loss": loss, **peer_run(args, loss)}
+            fields = fastllm_run(args, variant) if system == "fastllm" else {"loss": loss, **peer_run(args, loss)}
         except Exception as error:  # noqa: BLE001 - report, go on with the other system
             fields = {"error": f"{type(error).__name__}: {error}"}
-        failed |= "error" in fields
-        print(json.dumps({"system": system, "recipe": args.recipe, "overrides": args.overrides, **fields}), flush=True)
-    return 1 if failed else 0
+        row = {"system": system, "recipe": args.recipe, "overrides": args.overrides,
+               **({"variant": " ".join(variant)} if variant else {}), **fields}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if found := ratios(rows):
+        print(json.dumps({"ratio_to_fastest_peer": found}), flush=True)
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":
