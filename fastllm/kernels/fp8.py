@@ -1,4 +1,4 @@
-"""``x W^T`` with FP8 operands: the three matmuls of a linear layer's step at twice bf16's rate.
+"""``x W^T`` with FP8 operands: the three matmuls of a linear layer's step on FP8 tensor cores.
 
 Hopper's tensor cores multiply FP8 at about twice their bf16 rate. Each operand is scaled so that
 its largest magnitude lands on the format's largest finite value, rounded to FP8, and multiplied by
@@ -14,8 +14,8 @@ amax): nothing carries over between steps, so the op is a pure function.
 A scale is per tensor *of this call*, so a micro-batch's or a rank's share of the tokens sets its
 own: layouts and micro-batch splits agree within FP8 rounding, not bf16 rounding.
 ``_scaled_mm`` needs every dim a multiple of 16 and, on CUDA, compute capability 8.9 or later;
-elsewhere :func:`fp8_linear_reference` computes the same numbers (operands rounded through FP8,
-product in fp32), which is also the reference the tests hold the fast path to.
+elsewhere the product is emulated with the same numbers (operands rounded through FP8, product in
+fp32), which is also what the GPU tests hold the fast path to.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-__all__ = ["fp8_linear", "fp8_linear_reference", "quantize"]
+__all__ = ["fp8_linear", "quantize"]
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 _TINY = 1e-12  # amax floor: an all-zero tensor gets a finite scale
@@ -86,9 +86,3 @@ def fp8_linear(x: Float[Tensor, "tokens in_dim"], w: Float[Tensor, "out_dim in_d
         raise ValueError(f"fp8_linear: x [tokens, in] and w [out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
     return _FP8Linear.apply(x, w)
 
-
-def fp8_linear_reference(x: Float[Tensor, "tokens in_dim"], w: Float[Tensor, "out_dim in_dim"]) -> Float[Tensor, "tokens out_dim"]:
-    """The forward of :func:`fp8_linear` in plain torch: operands rounded through FP8, product in fp32."""
-    x8, x_inverse = quantize(x, E4M3)
-    w8, w_inverse = quantize(w, E4M3)
-    return ((x8.float() * x_inverse) @ (w8.float() * w_inverse).t()).to(x.dtype)
