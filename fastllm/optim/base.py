@@ -49,11 +49,12 @@ Reduce = Optional[Callable[[Tensor], Tensor]]
 class GradientTransformation(NamedTuple):
     """``init(params) -> state`` and ``update(updates, state, params=None) -> (updates, state)``.
 
-    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale, apply)`` does
-    ``update`` and ``apply_updates`` in one pass, writing the new params and state tensors IN PLACE,
-    and returns ``(params, state)``, a state equal in structure and meaning to ``update``'s (the old
-    values where the 0-d bool ``apply`` is False); or ``None`` (having changed nothing) when it
-    cannot take these leaves. See :func:`apply_gradients`.
+    ``fused`` (optional): ``fused(grads, state, params, *, kernels, grad_scale, apply, model_copy)``
+    does ``update`` and ``apply_updates`` in one pass, writing the new params and state tensors IN
+    PLACE (and the new params, rounded, into ``model_copy`` when given), and returns ``(params,
+    state)``, a state equal in structure and meaning to ``update``'s (the old values where the 0-d
+    bool ``apply`` is False); or ``None`` (having changed nothing) when it cannot take these leaves.
+    See :func:`apply_gradients`.
     """
 
     init: Callable[[PyTree], Any]
@@ -101,6 +102,7 @@ def apply_gradients(
     kernels: Optional[KernelConfig] = None,
     grad_scale: Optional[Tensor] = None,
     apply: Optional[Tensor] = None,
+    model_copy: Optional[PyTree] = None,
 ) -> tuple[PyTree, Any]:
     """One optimizer step: ``(new params, new state)`` from the gradients.
 
@@ -111,19 +113,25 @@ def apply_gradients(
     factor applied to ``grads`` first (a clipping factor computed by the caller); ``kernels``:
     Triton or the torch reference for the fused path (fields ``adamw`` and ``grad_norm``).
     ``apply``: a 0-d bool tensor; False returns ``params`` and ``state`` with their old values (a
-    skipped step, e.g. a non-finite gradient), decided on the device.
+    skipped step, e.g. a non-finite gradient), decided on the device. ``model_copy``: a tree like
+    ``params`` in a narrower dtype (mixed precision's compute copy), overwritten with the new params
+    rounded to it: by the fused pass itself, else by a cast afterwards.
     """
     if transform.fused is not None:
-        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale, apply=apply)
+        done = transform.fused(grads, state, params, kernels=kernels, grad_scale=grad_scale, apply=apply,
+                               model_copy=model_copy)
         if done is not None:
             return done
     if grad_scale is not None and tree.leaves(grads):
         grads = tree.with_leaves(grads, _multi.mul(tree.leaves(grads), grad_scale))
     updates, new_state = transform.update(grads, state, params)
     new_params = apply_updates(params, updates)
-    if apply is None:
-        return new_params, new_state
-    return select_tree(apply, (new_params, new_state), (params, state))
+    if apply is not None:
+        new_params, new_state = select_tree(apply, (new_params, new_state), (params, state))
+    if model_copy is not None:
+        with torch.no_grad():
+            torch._foreach_copy_(tree.leaves(model_copy), tree.leaves(new_params))
+    return new_params, new_state
 
 
 def global_norm(updates: PyTree, reduce: Reduce = None) -> Float[Tensor, ""]:

@@ -9,11 +9,12 @@ launches on a large model). The fused path computes the same step (Loshchilov & 
     p <- p (1 - lr_t wd) - lr_t (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
 with ``kernels.global_norm`` and ``kernels.adamw_step`` (decayed and non-decayed leaves: two
-launches), writing params and moments in place. ``lr_t``, ``t`` and ``c`` stay 0-d device tensors.
-The returned state is the chain's, leaf for leaf: the same NamedTuples, counters advanced the same
-way, the pre-clip norm in ``ClipByGlobalNormState``. Leaves the kernel cannot take (non-fp32
-params or moments, mixed gradient dtypes, non-contiguous tensors, several devices, one tensor at
-two leaves) and tracing under ``torch.compile`` return ``None``: the caller runs the chain.
+launches), writing params and moments in place, and with ``model_copy`` the new params rounded to
+the compute dtype in the same pass (the next forward reads them: no separate cast). ``lr_t``, ``t``
+and ``c`` stay 0-d device tensors. The returned state is the chain's, leaf for leaf: the same
+NamedTuples, counters advanced the same way, the pre-clip norm in ``ClipByGlobalNormState``. Leaves
+the kernel cannot take (non-fp32 params or moments, mixed gradient dtypes, non-contiguous tensors,
+several devices, one tensor at two leaves) and tracing under ``torch.compile`` return ``None``: the caller runs the chain.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def _fusable(params: list, grads: list, mu: list, nu: list) -> bool:
     return True
 
 
+def _copies_fit(copies: list, params: list) -> bool:
+    """Whether the kernel can write these model copies: one float dtype, shaped and placed like
+    their params, contiguous."""
+    if len(copies) != len(params) or not all(isinstance(c, Tensor) for c in copies):
+        return False
+    return len({c.dtype for c in copies}) == 1 and all(
+        c.dtype.is_floating_point and c.shape == p.shape and c.device == p.device and c.is_contiguous()
+        for c, p in zip(copies, params))
+
+
 def _learning_rate(learning_rate, schedule_state) -> float | Tensor:
     """The step's learning rate, rounded to fp32 as ``scale_by_schedule`` rounds it."""
     if not callable(learning_rate):
@@ -77,13 +88,20 @@ def _clip_factor(grads: list, max_grad_norm: float, grad_scale: Optional[Tensor]
     return (factor if grad_scale is None else factor * grad_scale), norm
 
 
-def _adamw_by_decay(leaves: tuple[list, ...], decays: list[bool], weight_decay: float, **hyper) -> None:
+def _adamw_by_decay(leaves: tuple[list, ...], copies: Optional[list], decays: list[bool], weight_decay: float,
+                    **hyper) -> None:
     """``kernels.adamw_step`` on (params, grads, m, v) leaves: one launch for the decayed ones, one
-    for the rest (weight decay is a scalar of the kernel)."""
+    for the rest (weight decay is a scalar of the kernel). ``copies``: the params' narrower model
+    copies, which the same pass writes (the kernel's ``params``, with ours as its fp32 ``master``)."""
     for decay, rate in ((True, weight_decay), (False, 0.0)):
         chosen = [i for i, d in enumerate(decays) if d == decay]
-        if chosen:
-            adamw_step(*([role[i] for i in chosen] for role in leaves), weight_decay=rate, **hyper)
+        if not chosen:
+            continue
+        params, grads, mu, nu = ([role[i] for i in chosen] for role in leaves)
+        if copies is None:
+            adamw_step(params, grads, mu, nu, weight_decay=rate, **hyper)
+        else:
+            adamw_step([copies[i] for i in chosen], grads, mu, nu, params, weight_decay=rate, **hyper)
 
 
 def fused_adamw(
@@ -99,14 +117,16 @@ def fused_adamw(
     clips = max_grad_norm is not None
 
     def fused(grads, state, params, *, kernels: Optional[KernelConfig] = None, grad_scale: Optional[Tensor] = None,
-              apply: Optional[Tensor] = None):
+              apply: Optional[Tensor] = None, model_copy: Optional[PyTree] = None):
         if not isinstance(state, tuple) or len(state) != 3 + clips:
             raise ValueError(f"adamw (fused): expected the adamw chain's state ({3 + clips} parts), got "
                              f"{type(state).__name__} {state!r:.80}")
         adam, decay_state, schedule_state = state[clips:]
         p_leaves, spec = optree.tree_flatten(params)
         leaves = (p_leaves, tree.leaves(grads), tree.leaves(adam.mu), tree.leaves(adam.nu))
-        if optree.tree_structure(grads) != spec or not _fusable(*leaves):
+        copies = None if model_copy is None else tree.leaves(model_copy)
+        if optree.tree_structure(grads) != spec or not _fusable(*leaves) or (
+                copies is not None and not _copies_fit(copies, p_leaves)):
             return None
         device = p_leaves[0].device
         scale, clip_state = grad_scale, ()
@@ -118,7 +138,7 @@ def fused_adamw(
         kept = count if apply is None else adam.count + apply.to(adam.count.dtype)
         decays = [weight_decay > 0 and mask(path, p) for path, p in tree.leaves_with_path(params)]
         with torch.no_grad():  # params may be autograd leaves: this is the optimizer's own write
-            _adamw_by_decay(leaves, decays, weight_decay,
+            _adamw_by_decay(leaves, copies, decays, weight_decay,
                             lr=_learning_rate(learning_rate, schedule_state),
                             beta1=b1, beta2=b2, eps=eps, step=count, grad_scale=1.0 if scale is None else scale,
                             apply=apply, impl=select(kernels, "adamw", device))

@@ -16,6 +16,9 @@ the parameters under bf16/fp16, under accumulation (``grad_accum > 1``) one fres
 as large as the largest parameter (autograd adds each leaf's fresh gradient into the accumulated
 one as soon as it is computed, so no more than one is alive at a time), and under ZeRO 3 the
 gathered parameters of the two largest parts (one in use, one prefetched).
+Gradients are counted in fp32 everywhere: where the step keeps a bf16 compute copy (one device,
+one micro-batch, :mod:`fastllm.train.compute_copy`) they are bf16, and the plan is an upper bound
+(5% over on CPU where the weights dominate, 1% where activations do).
 tests/train/test_memory_plan.py checks the total against the peak of the CPU allocations of real
 steps (torch's memory profiler).
 

@@ -20,6 +20,8 @@ gradient norm is not finite is skipped the same way (params and optimizer state,
 keep their values) and flagged in the metrics as ``nonfinite``.
 
 On one device every collective is the identity and none of this costs anything: the same code.
+There, with one micro-batch in bf16, the step differentiates a compute copy that the optimizer
+keeps up to date in its own pass instead of casting the masters (:mod:`fastllm.train.compute_copy`).
 Metrics are 0-d tensors; reading them is the caller's (the Trainer's) choice of sync point.
 """
 
@@ -38,6 +40,7 @@ from fastllm import nn, optim, random, tree
 from fastllm.nn.loss import IGNORE_INDEX
 from fastllm.sharding import pipeline, zero
 from fastllm.sharding.partitioner import Partitioner, Plan
+from fastllm.train.compute_copy import ComputeCopy, keeps_copy
 from fastllm.train.pipeline import PipelineExecutor, sum_over_stages
 from fastllm.train.state import TrainState
 
@@ -163,6 +166,10 @@ class TrainStep:
         self.overlap_stats: dict[str, int] = {}  # of the last step (fastllm.sharding.overlap)
         self.schedule = schedule
         self.pipeline = _pipeline(model, self.plan, partitioner, self.dtype)
+        # one device, one micro-batch, bf16: the masters' gradient is the compute copy's, widened
+        # (fastllm.train.compute_copy), so the copy is differentiated and kept from step to step
+        kept = keeps_copy(precision, grad_accum, partitioner.mesh.world_size, donate)
+        self.compute_copy = ComputeCopy(self.dtype) if kept else None
         if self.pipeline is not None:  # checked now: a schedule that cannot run is an error at build time
             pipeline.schedule(schedule, partitioner.mesh.size("pipe"), grad_accum, partitioner.virtual_stages)
 
@@ -189,7 +196,9 @@ class TrainStep:
         tokens = _sum_over(sum(target_weight(m) for m in micro_batches), "data", p)
         if self.pipeline is not None:
             return self._pipeline_gradients(state, micro_batches, tokens)
-        masters = tree.map(lambda t: t.detach().requires_grad_(True), state.params)
+        # the leaves differentiated: the masters, or the kept compute copy (its cast below is a no-op)
+        leaves = state.params if self.compute_copy is None else self.compute_copy.of(state.params)
+        masters = tree.map(lambda t: t.detach().requires_grad_(True), leaves)
         reduction = p.gradient_reduction(self.plan, tree.flatten(masters), self.gather)
         total = tokens.clamp(min=1.0)
         scale = 1.0 if state.loss_scale is None else state.loss_scale.scale
@@ -252,9 +261,12 @@ class TrainStep:
             factor = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
         owned = self._owned(state.params)
         if self.donate and loss_scale is None:  # fused (AdamW) when it can: params and moments in place
+            copy = None if self.compute_copy is None else self.compute_copy.copy
             owned, opt_state = optim.apply_gradients(self.optimizer, grads, state.opt_state, owned,
                                                      kernels=getattr(self.model.config, "kernels", None),
-                                                     grad_scale=factor, apply=apply)
+                                                     grad_scale=factor, apply=apply, model_copy=copy)
+            if copy is not None:
+                self.compute_copy.written(owned)
         else:  # the pure chain: the input state stays as it was, and a skipped step keeps it
             grads = grads if factor is None else tree.map(lambda g: g * factor, grads)
             updates, opt_state = self.optimizer.update(grads, state.opt_state, owned)

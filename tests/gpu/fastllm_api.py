@@ -65,3 +65,18 @@ def train_step(config, params, data: dict, *, compile: bool):
     fresh = tree.map(torch.clone, params)  # the step writes the new params into its input (fused AdamW)
     state, metrics = step(TrainState(fresh, optimizer.init(fresh), 0, random.key(1)), data)
     return tree.flatten(state.params), metrics["loss"]
+
+
+def bf16_steps(config, params, batches: list[dict], *, keep_copy: bool):
+    """(losses, final params, the step) of AdamW steps in bf16, one micro-batch each; ``keep_copy``
+    False casts the masters every step (the step's compute copy switched off)."""
+    optimizer = optim.adamw(1e-3, weight_decay=0.1, eps=1e-3)  # eps: see train_step
+    step = _step(config, tree.leaves(params)[0].device, optimizer, precision="bf16", max_grad_norm=1.0)
+    if not keep_copy:
+        step.compute_copy = None
+    fresh = tree.map(torch.clone, params)
+    state, losses = TrainState(fresh, optimizer.init(fresh), 0, random.key(1)), []
+    for data in batches:
+        state, metrics = step(state, data)
+        losses.append(metrics["loss"])
+    return losses, tree.flatten(state.params), step
