@@ -3,6 +3,9 @@
 :func:`fastllm.data.make_loader` yields micro-batches (``grad_accum`` per step); the train step
 takes the whole step's batch and splits it again itself, so :class:`StepBatches` concatenates the
 micro-batches of a step along the batch dimension. Positions resume through the loader's state.
+The loader pins its batches on CUDA (``data.pin_memory``) so that the Trainer's copy to the device
+need not wait for the GPU; a concatenation is a new pageable tensor, so a step of several
+micro-batches is pinned again and a step of one is passed on as the loader made it.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ class StepBatches:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         micro = [next(self.loader) for _ in range(self.grad_accum)]
-        return {name: torch.cat([m[name] for m in micro], dim=0) for name in micro[0]}
+        if len(micro) == 1:
+            return micro[0]
+        return {name: _pinned_like(torch.cat([m[name] for m in micro], dim=0), micro[0][name]) for name in micro[0]}
 
     def state_dict(self) -> dict[str, Any]:
         return self.loader.state_dict()
@@ -39,6 +44,10 @@ class StepBatches:
         close = getattr(self.loader, "close", None)
         if close is not None:
             close()
+
+
+def _pinned_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return tensor.pin_memory() if like.is_pinned() else tensor
 
 
 def _data_config(config):
