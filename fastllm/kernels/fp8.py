@@ -85,4 +85,3 @@ def fp8_linear(x: Float[Tensor, "tokens in_dim"], w: Float[Tensor, "out_dim in_d
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"fp8_linear: x [tokens, in] and w [out, in], got {tuple(x.shape)} and {tuple(w.shape)}")
     return _FP8Linear.apply(x, w)
-

@@ -14,7 +14,8 @@ the compute dtype in the same pass (the next forward reads them: no separate cas
 and ``c`` stay 0-d device tensors. The returned state is the chain's, leaf for leaf: the same
 NamedTuples, counters advanced the same way, the pre-clip norm in ``ClipByGlobalNormState``. Leaves
 the kernel cannot take (non-fp32 params or moments, mixed gradient dtypes, non-contiguous tensors,
-several devices, one tensor at two leaves) and tracing under ``torch.compile`` return ``None``: the caller runs the chain.
+several devices, one tensor at two leaves) and tracing under ``torch.compile`` return ``None``:
+the caller runs the chain.
 """
 
 from __future__ import annotations
